@@ -1,0 +1,39 @@
+"""Variant names ("vit_b16", "resnet50", "swin_t") mapped to model classes and their arguments."""
+
+import dataclasses
+import difflib
+import fnmatch
+
+import flax.linen as nn
+
+from lvm_jax.models import resnet, swin, vit
+
+_FAMILIES = (
+    (vit.VisionTransformer, vit.VARIANTS),
+    (resnet.ResNet, resnet.VARIANTS),
+    (swin.SwinTransformer, swin.VARIANTS),
+)
+_MODELS = {name: (cls, args) for cls, variants in _FAMILIES for name, args in variants.items()}
+
+
+def list_models(pattern: str = "*") -> list[str]:
+  """Registered variant names matching a glob pattern, e.g. list_models("vit_*")."""
+  return sorted(name for name in _MODELS if fnmatch.fnmatch(name, pattern))
+
+
+def model_fields(cls: type) -> list[str]:
+  return [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+  """Builds a registered variant; keyword overrides replace its arguments (num_classes, dtype, drop_path, ...)."""
+  if name not in _MODELS:
+    close = difflib.get_close_matches(name, _MODELS, n=5, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"Unknown model {name!r}.{hint} Known models: {', '.join(list_models())}.")
+  cls, args = _MODELS[name]
+  unknown = sorted(set(overrides) - set(model_fields(cls)))
+  if unknown:
+    raise TypeError(f"{cls.__name__} ({name}) has no argument {', '.join(map(repr, unknown))}; "
+                    f"its arguments are: {', '.join(model_fields(cls))}.")
+  return cls(**{**args, **overrides})

@@ -1,0 +1,155 @@
+"""Vision Transformer (Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words")."""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lvm_jax.models import layers
+
+# name -> (width, depth, mlp_dim, num_heads), from the paper's Table 1 and the AugReg / big_vision releases.
+_SIZES = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+}
+
+
+def vit_args(variant: str) -> dict:
+  """Decodes "B/16" into the constructor arguments of that variant."""
+  size, _, patch = variant.partition("/")
+  if size not in _SIZES or not patch.isdigit():
+    raise ValueError(f"Unknown ViT variant {variant!r}: expected SIZE/PATCH with SIZE in {sorted(_SIZES)}.")
+  width, depth, mlp_dim, heads = _SIZES[size]
+  return dict(patch_size=int(patch), width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+  num_heads: int
+  mlp_dim: int
+  dropout: float
+  attention_dropout: float
+  drop_path: float
+  layer_norm_eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    y = layers.layer_norm(self.layer_norm_eps, name="norm1", **kw)(x)
+    y = layers.Attention(self.num_heads, dropout=self.attention_dropout, name="attn", **kw)(y, train=train)
+    y = nn.Dropout(self.dropout, deterministic=not train)(y)
+    x = x + layers.DropPath(self.drop_path)(y, train=train)
+    y = layers.layer_norm(self.layer_norm_eps, name="norm2", **kw)(x)
+    y = layers.Mlp(self.mlp_dim, dropout=self.dropout, name="mlp", **kw)(y, train=train)
+    x = x + layers.DropPath(self.drop_path)(y, train=train)
+    return layers.constrain(x, ("batch", "length", "embed"))
+
+
+class VisionTransformer(nn.Module):
+  """ViT classifier or backbone.
+
+  pooling: "token" (class token, as HF and the original release) or "gap" (mean of patch tokens).
+  fc_norm: with "gap", normalise after pooling instead of before (timm's avg-pool ViTs, MAE).
+  no_embed_class: position embeddings cover patches only, the class token gets none (big_vision style).
+  representation_size: optional pre-logits Dense + tanh (the ImageNet-21k releases).
+  num_classes=0 returns the pooled features instead of logits.
+  With `return_features=True` the call returns {"grid": [B, h, w, width] normalised patch tokens,
+  "pooled": [B, width] features before the head}.
+  """
+  num_classes: int = 1000
+  image_size: int = 224
+  patch_size: int = 16
+  width: int = 768
+  depth: int = 12
+  mlp_dim: int = 3072
+  num_heads: int = 12
+  pooling: str = "token"
+  fc_norm: bool = False
+  no_embed_class: bool = False
+  representation_size: Optional[int] = None
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  drop_path: float = 0.0
+  layer_norm_eps: float = 1e-6
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
+    if self.pooling not in ("token", "gap"):
+      raise ValueError(f"ViT pooling must be 'token' or 'gap', got {self.pooling!r}.")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    p = self.patch_size
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", name="patch_embed",
+                kernel_init=layers.partitioned(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                bias_init=layers.partitioned(layers.zeros, ("embed",)), **kw)(x.astype(self.dtype))
+    batch, h, w, _ = x.shape
+    if (h, w) != (self.grid_size, self.grid_size):
+      raise ValueError(
+          f"ViT built for {self.image_size}x{self.image_size} images (a {self.grid_size}x{self.grid_size} patch "
+          f"grid) got a {h}x{w} grid; build it with image_size={h * p} (from_pretrained(..., image_size=) "
+          f"resizes the position embeddings).")
+    x = x.reshape(batch, h * w, self.width)
+
+    use_cls = self.pooling == "token"
+    num_pos = h * w + (1 if use_cls and not self.no_embed_class else 0)
+    pos = self.param("pos_embed", layers.partitioned(layers.trunc_normal_02, (None, "length", "embed")),
+                     (1, num_pos, self.width), self.param_dtype).astype(self.dtype)
+    if use_cls:
+      cls = self.param("cls_token", layers.partitioned(layers.zeros, (None, None, "embed")),
+                       (1, 1, self.width), self.param_dtype).astype(self.dtype)
+      cls = jnp.broadcast_to(cls, (batch, 1, self.width))
+      if self.no_embed_class:
+        x = jnp.concatenate([cls, x + pos], axis=1)
+      else:
+        x = jnp.concatenate([cls, x], axis=1) + pos
+    else:
+      x = x + pos
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = layers.constrain(x, ("batch", "length", "embed"))
+
+    for i in range(self.depth):
+      x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout,
+                       self.drop_path * i / max(self.depth - 1, 1), self.layer_norm_eps,
+                       name=f"block_{i}", **kw)(x, train=train)
+
+    prefix = 1 if use_cls else 0
+    if self.fc_norm:
+      grid = x[:, prefix:]
+      pooled = layers.layer_norm(self.layer_norm_eps, name="fc_norm", **kw)(grid.mean(axis=1))
+    else:
+      x = layers.layer_norm(self.layer_norm_eps, name="norm", **kw)(x)
+      grid = x[:, prefix:]
+      pooled = x[:, 0] if use_cls else grid.mean(axis=1)
+
+    if self.representation_size is not None:
+      pooled = nn.Dense(self.representation_size, name="pre_logits",
+                        kernel_init=layers.partitioned(nn.initializers.lecun_normal(), ("embed", "mlp")),
+                        bias_init=layers.partitioned(layers.zeros, ("mlp",)), **kw)(pooled)
+      pooled = jnp.tanh(pooled)
+
+    if return_features:
+      return {"grid": grid.reshape(batch, h, w, self.width), "pooled": pooled}
+    if self.num_classes == 0:
+      return pooled
+    return nn.Dense(self.num_classes, name="head",
+                    kernel_init=layers.partitioned(layers.zeros, ("embed", "classes")),
+                    bias_init=layers.partitioned(layers.zeros, ("classes",)), **kw)(pooled)
+
+
+VARIANTS = {
+    f"vit_{size.lower()}{patch}": vit_args(f"{size}/{patch}")
+    for size, patch in (("Ti", 16), ("S", 16), ("S", 32), ("B", 16), ("B", 32), ("L", 16), ("L", 32),
+                        ("H", 14), ("g", 14))
+}
