@@ -37,3 +37,12 @@ def create_model(name: str, **overrides) -> nn.Module:
     raise TypeError(f"{cls.__name__} ({name}) has no argument {', '.join(map(repr, unknown))}; "
                     f"its arguments are: {', '.join(model_fields(cls))}.")
   return cls(**{**args, **overrides})
+
+
+def abstract_variables(model: nn.Module) -> dict:
+  """The model's variables as shapes only (jax.eval_shape: no memory), with logical-axis boxes removed."""
+  import jax
+  import jax.numpy as jnp
+  size = getattr(model, "image_size", 224)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32)))
+  return nn.meta.unbox(shapes)

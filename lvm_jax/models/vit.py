@@ -56,6 +56,7 @@ class VisionTransformer(nn.Module):
   """ViT classifier or backbone.
 
   pooling: "token" (class token, as HF and the original release) or "gap" (mean of patch tokens).
+  class_token: prepend a learned class token (needed by "token" pooling; optional with "gap", as in timm).
   fc_norm: with "gap", normalise after pooling instead of before (timm's avg-pool ViTs, MAE).
   no_embed_class: position embeddings cover patches only, the class token gets none (big_vision style).
   representation_size: optional pre-logits Dense + tanh (the ImageNet-21k releases).
@@ -71,6 +72,7 @@ class VisionTransformer(nn.Module):
   mlp_dim: int = 3072
   num_heads: int = 12
   pooling: str = "token"
+  class_token: bool = True
   fc_norm: bool = False
   no_embed_class: bool = False
   representation_size: Optional[int] = None
@@ -89,6 +91,8 @@ class VisionTransformer(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
     if self.pooling not in ("token", "gap"):
       raise ValueError(f"ViT pooling must be 'token' or 'gap', got {self.pooling!r}.")
+    if self.pooling == "token" and not self.class_token:
+      raise ValueError("ViT pooling='token' needs class_token=True.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     p = self.patch_size
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", name="patch_embed",
@@ -102,7 +106,7 @@ class VisionTransformer(nn.Module):
           f"resizes the position embeddings).")
     x = x.reshape(batch, h * w, self.width)
 
-    use_cls = self.pooling == "token"
+    use_cls = self.class_token
     num_pos = h * w + (1 if use_cls and not self.no_embed_class else 0)
     pos = self.param("pos_embed", layers.partitioned(layers.trunc_normal_02, (None, "length", "embed")),
                      (1, num_pos, self.width), self.param_dtype).astype(self.dtype)
@@ -131,7 +135,7 @@ class VisionTransformer(nn.Module):
     else:
       x = layers.layer_norm(self.layer_norm_eps, name="norm", **kw)(x)
       grid = x[:, prefix:]
-      pooled = x[:, 0] if use_cls else grid.mean(axis=1)
+      pooled = x[:, 0] if self.pooling == "token" else grid.mean(axis=1)
 
     if self.representation_size is not None:
       pooled = nn.Dense(self.representation_size, name="pre_logits",

@@ -1,0 +1,1 @@
+"""Task-level code built on the backbones: classification, and later detection and style transfer."""

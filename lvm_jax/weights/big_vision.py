@@ -1,0 +1,104 @@
+"""ViT checkpoints as .npz files from big_vision and google-research/vision_transformer (incl. AugReg).
+
+The architecture is read off the tensor shapes, so any released size loads without a config. Both naming
+generations are understood: vision_transformer's (MultiHeadDotProductAttention_1, MlpBlock_3, LayerNorm_0/2,
+class token inside the position embedding) and big_vision's (..._0, MlpBlock_0, LayerNorm_0/1, position
+embedding for patches only).
+"""
+
+import pathlib
+import re
+
+import numpy as np
+
+from lvm_jax.models import registry
+from lvm_jax.models.vit import VisionTransformer
+from lvm_jax.weights import files, mapping
+from lvm_jax.weights.mapping import Tensor
+from lvm_jax.weights.preprocessing import Preprocessing
+
+# Both releases train on images scaled to [-1, 1].
+PREPROCESSING = Preprocessing(size=(224, 224), interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+_PREFIXES = ("", "params/", "opt/target/")
+
+
+def _names(tensors: dict) -> tuple[str, str, str, str, str]:
+  """(prefix, attention, mlp, first norm, second norm) module names used by this file."""
+  for prefix in _PREFIXES:
+    if prefix + "embedding/kernel" in tensors:
+      break
+  else:
+    raise ValueError("not a ViT checkpoint: no 'embedding/kernel' (nor 'params/embedding/kernel').")
+  block = prefix + "Transformer/encoderblock_0/"
+  if block + "MultiHeadDotProductAttention_1/query/kernel" in tensors:
+    return prefix, "MultiHeadDotProductAttention_1", "MlpBlock_3", "LayerNorm_0", "LayerNorm_2"
+  if block + "MultiHeadDotProductAttention_0/query/kernel" in tensors:
+    return prefix, "MultiHeadDotProductAttention_0", "MlpBlock_0", "LayerNorm_0", "LayerNorm_1"
+  raise ValueError(f"no attention weights under {block}: expected MultiHeadDotProductAttention_0 or _1.")
+
+
+def model_args(tensors: dict) -> dict:
+  prefix, attn, mlp, _, _ = _names(tensors)
+  kernel = tensors[prefix + "embedding/kernel"]
+  patch, width = kernel.shape[0], kernel.shape[-1]
+  depth = len({m.group(1) for n in tensors if (m := re.match(re.escape(prefix) + r"Transformer/encoderblock_(\d+)/", n))})
+  heads = tensors[f"{prefix}Transformer/encoderblock_0/{attn}/query/kernel"].shape[1]
+  mlp_dim = tensors[f"{prefix}Transformer/encoderblock_0/{mlp}/Dense_0/kernel"].shape[1]
+  pos_name = prefix + "Transformer/posembed_input/pos_embedding"
+  if prefix + "MAPHead_0/probe" in tensors:
+    raise ValueError("ViT with a MAP (attention-pooling) head is not supported yet; 'token' and 'gap' are.")
+  has_cls = prefix + "cls" in tensors
+  tokens = tensors[pos_name].shape[1]
+  grid = int(round((tokens - has_cls) ** 0.5))
+  no_embed_class = has_cls and grid * grid == tokens
+  if no_embed_class:
+    grid = int(round(tokens ** 0.5))
+  if grid * grid not in (tokens, tokens - 1):
+    raise ValueError(f"{pos_name} has {tokens} tokens: not a square patch grid.")
+  head = tensors.get(prefix + "head/kernel")
+  pre_logits = tensors.get(prefix + "pre_logits/kernel")
+  return dict(
+      image_size=grid * patch, patch_size=patch, width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
+      pooling="token" if has_cls else "gap", class_token=has_cls, no_embed_class=no_embed_class,
+      representation_size=None if pre_logits is None else pre_logits.shape[1],
+      num_classes=0 if head is None else head.shape[1], layer_norm_eps=1e-6)
+
+
+def table(model: VisionTransformer, tensors: dict) -> list[Tensor]:
+  """Our paths against the .npz names; the arrays are already in Flax layout."""
+  prefix, attn, mlp, ln1, ln2 = _names(tensors)
+  p = ("params",)
+  rows = [(("patch_embed", "kernel"), "embedding/kernel"), (("patch_embed", "bias"), "embedding/bias"),
+          (("pos_embed",), "Transformer/posembed_input/pos_embedding"),
+          (("norm", "scale"), "Transformer/encoder_norm/scale"), (("norm", "bias"), "Transformer/encoder_norm/bias")]
+  if model.class_token:
+    rows.append((("cls_token",), "cls"))
+  per_block = [(("norm1", "scale"), f"{ln1}/scale"), (("norm1", "bias"), f"{ln1}/bias"),
+               (("norm2", "scale"), f"{ln2}/scale"), (("norm2", "bias"), f"{ln2}/bias")]
+  for ours, theirs in ((("attn", "query"), f"{attn}/query"), (("attn", "key"), f"{attn}/key"),
+                       (("attn", "value"), f"{attn}/value"), (("attn", "out"), f"{attn}/out"),
+                       (("mlp", "fc1"), f"{mlp}/Dense_0"), (("mlp", "fc2"), f"{mlp}/Dense_1")):
+    per_block += [(ours + ("kernel",), f"{theirs}/kernel"), (ours + ("bias",), f"{theirs}/bias")]
+  for i in range(model.depth):
+    rows += [((f"block_{i}",) + ours, f"Transformer/encoderblock_{i}/{theirs}") for ours, theirs in per_block]
+  if model.representation_size is not None:
+    rows += [(("pre_logits", "kernel"), "pre_logits/kernel"), (("pre_logits", "bias"), "pre_logits/bias")]
+  if model.num_classes:
+    rows += [(("head", "kernel"), "head/kernel"), (("head", "bias"), "head/bias")]
+  return [Tensor(p + path, prefix + name) for path, name in rows]
+
+
+def load(path: pathlib.Path, **overrides):
+  """(model, variables) from a big_vision / vision_transformer .npz file."""
+  tensors = files.read_npz(path)
+  try:
+    args = model_args(tensors)
+  except (ValueError, KeyError) as e:
+    raise ValueError(f"{path}: {e}") from None
+  model = VisionTransformer(**{**args, **overrides})
+  # Optimizer state and other training leftovers in the file are not part of the model.
+  prefix = _names(tensors)[0]
+  tensors = {k: v for k, v in tensors.items() if k.startswith(prefix) and not k.startswith(prefix + "opt/")}
+  variables = mapping.load_variables(table(model, tensors), tensors, registry.abstract_variables(model),
+                                     source=str(path))
+  return model, variables

@@ -1,0 +1,99 @@
+"""from_pretrained / save_pretrained: one entry point for every weight source lvm_jax reads."""
+
+import dataclasses
+import pathlib
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lvm_jax.weights import big_vision, files, hf, timm, transfer
+from lvm_jax.weights.preprocessing import Preprocessing
+
+
+@dataclasses.dataclass
+class Checkpoint:
+  """A loaded checkpoint: the model, its variables, class names and the input preprocessing it was trained with."""
+  model: nn.Module
+  variables: dict
+  labels: Optional[list[str]]
+  preprocessing: Preprocessing
+  source: str
+
+
+def _hub_folder(source: str) -> pathlib.Path:
+  folder = files.resolve_folder(source, hf.WEIGHT_FILES)
+  if not any(folder.glob("*.safetensors")) and not (folder / files.SAFETENSORS_INDEX).exists():
+    folder = files.resolve_folder(source, (files.TORCH_BIN, files.TORCH_BIN_INDEX, "pytorch_model-*.bin"))
+  return folder
+
+
+def load_checkpoint(source: str, **overrides: Any) -> Checkpoint:
+  """Reads a checkpoint exactly as saved. `source` is one of:
+
+  - a Hugging Face transformers folder or hub id (config.json with model_type vit / swin / resnet),
+  - a timm folder or hub id such as "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k" (config.json with
+    "architecture"),
+  - a big_vision / vision_transformer .npz file (ViT; the architecture is read from the tensor shapes).
+  `overrides` replace model arguments that do not change the weights (dtype, drop_path, dropout, ...).
+  """
+  source = str(source)
+  path = pathlib.Path(source).expanduser()
+  if path.suffix == ".npz":
+    if not path.is_file():
+      raise FileNotFoundError(f"{source} does not exist.")
+    model, variables = big_vision.load(path, **overrides)
+    labels, preprocessing = None, big_vision.PREPROCESSING
+  else:
+    folder = _hub_folder(source)
+    config = files.read_json(folder / "config.json")
+    if hf.is_hf_config(config):
+      model, variables, labels = hf.load(folder, config, **overrides)
+      preprocessing = Preprocessing.from_hf(folder / "preprocessor_config.json", model)
+    elif timm.is_timm_config(config):
+      model, variables = timm.load(folder, config, **overrides)
+      labels = timm.labels_from_config(config)
+      preprocessing = Preprocessing.from_timm(config)
+    else:
+      raise ValueError(f"{folder / 'config.json'} is neither a Hugging Face transformers config (no "
+                       "'model_type') nor a timm config (no 'architecture').")
+  variables = jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), variables)
+  return Checkpoint(model, variables, labels, preprocessing, source)
+
+
+def from_pretrained(source: str, *, num_classes: Optional[int] = None, image_size: Optional[int] = None,
+                    seed: int = 0, **overrides: Any):
+  """(model, variables) from a pretrained checkpoint, optionally re-targeted for transfer learning.
+
+  num_classes: a new head, freshly initialised (0 removes the head: the model returns pooled features).
+  image_size: ViT position embeddings are resized; Swin's window becomes image_size // 32 (7 at 224,
+  12 at 384, as the released models) and its relative position bias tables are resized.
+  """
+  ckpt = load_checkpoint(source, **overrides)
+  return retarget(ckpt.model, ckpt.variables, num_classes=num_classes, image_size=image_size, seed=seed)
+
+
+def retarget(model, variables, *, num_classes=None, image_size=None, seed=0):
+  changes = {}
+  if num_classes is not None and num_classes != model.num_classes:
+    changes["num_classes"] = num_classes
+  if image_size is not None and image_size != getattr(model, "image_size", image_size):
+    changes["image_size"] = image_size
+    if hasattr(model, "window_size"):
+      changes["window_size"] = image_size // 32
+  if not changes:
+    return model, variables
+  target = model.clone(**changes)
+  new_variables = transfer.transfer(jax.tree.map(np.asarray, variables), model, target, jax.random.key(seed))
+  return target, jax.tree.map(lambda x: jnp.asarray(x, target.param_dtype), new_variables)
+
+
+def save_pretrained(model, variables, folder, *, labels=None, preprocessing: Optional[Preprocessing] = None):
+  """Writes a Hugging Face transformers checkpoint folder (config.json, model.safetensors and, when given,
+  preprocessor_config.json) that transformers loads into the same network with the same outputs."""
+  folder = hf.save(model, variables, folder, labels=labels)
+  if preprocessing is not None:
+    files.write_json(preprocessing.to_hf(), folder / "preprocessor_config.json")
+  return folder
