@@ -77,6 +77,7 @@ def _model_type(model) -> str:
 
 def load(folder: pathlib.Path, config: dict, **overrides):
   """(model, variables, labels) from a transformers folder whose config.json is `config`."""
+  _family(config, str(folder))  # an unsupported architecture is reported before reading any weights
   tensors = files.read_weights(folder)
   model = build_model(config, set(tensors), str(folder), **overrides)
   converter = FAMILIES[config["model_type"]][0]

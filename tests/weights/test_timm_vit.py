@@ -1,0 +1,56 @@
+"""ViT from timm checkpoints, against logits timm computed (fixtures made by tests/fixtures/timm/make_timm_fixtures.py)."""
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+import lvm_jax
+
+FIXTURES = pathlib.Path(__file__).parent.parent / "fixtures" / "timm"
+
+
+def reference(name):
+  with np.load(FIXTURES / name / "reference.npz") as data:
+    return {k: data[k] for k in data.files}
+
+
+@pytest.mark.parametrize("name,pooling,class_token,fc_norm", [("vit_token", "token", True, False),
+                                                                ("vit_gap", "gap", False, True)])
+def test_logits_match_timm(name, pooling, class_token, fc_norm):
+  model, variables = lvm_jax.from_pretrained(FIXTURES / name)
+  assert (model.pooling, model.class_token, model.fc_norm) == (pooling, class_token, fc_norm)
+  assert (model.image_size, model.patch_size, model.width, model.depth) == (32, 8, 48, 2)
+  ref = reference(name)
+  np.testing.assert_allclose(model.apply(variables, ref["input"]), ref["logits"], atol=1e-4, rtol=0)
+
+
+def test_token_grid_matches_timm_intermediates():
+  # timm's last intermediate is the last block's output before the final norm; ours is after it,
+  # so compare through the norm: equal up to the LayerNorm of the same tokens.
+  model, variables = lvm_jax.from_pretrained(FIXTURES / "vit_token")
+  ref = reference("vit_token")
+  grid = model.apply(variables, ref["input"], return_features=True)["grid"]
+  last = ref["features_1"]
+  norm = variables["params"]["norm"]
+  mean, var = last.mean(-1, keepdims=True), last.var(-1, keepdims=True)
+  expected = (last - mean) / np.sqrt(var + 1e-6) * norm["scale"] + norm["bias"]
+  np.testing.assert_allclose(grid, expected, atol=1e-4, rtol=0)
+
+
+def test_timm_preprocessing_comes_from_pretrained_cfg():
+  ckpt = lvm_jax.load_checkpoint(FIXTURES / "vit_token")
+  assert ckpt.preprocessing.size == (32, 32)
+  assert ckpt.preprocessing.interpolation == "bicubic"
+  assert tuple(ckpt.preprocessing.mean) == (0.5, 0.5, 0.5)
+
+
+def test_unknown_timm_architecture_is_a_clear_error(tmp_path):
+  shutil.copytree(FIXTURES / "vit_token", tmp_path / "ckpt")
+  config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+  config["architecture"] = "convnext_tiny.fb_in1k"
+  (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match="timm architecture 'convnext_tiny.fb_in1k' is not supported"):
+    lvm_jax.from_pretrained(tmp_path / "ckpt")
