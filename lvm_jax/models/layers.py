@@ -76,7 +76,7 @@ class Attention(nn.Module):
   """
   num_heads: int
   dropout: float = 0.0
-  use_bias: bool = True
+  qkv_bias: bool = True  # the output projection always has a bias, as in every reference
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -89,7 +89,7 @@ class Attention(nn.Module):
 
     def project(name):
       return nn.DenseGeneral(
-          (self.num_heads, head_dim), use_bias=self.use_bias, dtype=self.dtype,
+          (self.num_heads, head_dim), use_bias=self.qkv_bias, dtype=self.dtype,
           param_dtype=self.param_dtype, name=name,
           kernel_init=partitioned(xavier_uniform, ("embed", "heads", "kv")),
           bias_init=partitioned(zeros, ("heads", "kv")))(x)
@@ -109,7 +109,7 @@ class Attention(nn.Module):
       # Lets the backend pick a fused kernel (cuDNN flash attention on GPU, Pallas/XLA on TPU).
       out = jax.nn.dot_product_attention(q, k, v, bias=bias)
     return nn.DenseGeneral(
-        width, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+        width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
         name="out", kernel_init=partitioned(xavier_uniform, ("heads", "kv", "embed")),
         bias_init=partitioned(zeros, ("embed",)))(out)
 

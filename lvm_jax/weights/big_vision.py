@@ -17,8 +17,13 @@ from lvm_jax.weights import files, mapping
 from lvm_jax.weights.mapping import Tensor
 from lvm_jax.weights.preprocessing import Preprocessing
 
-# Both releases train on images scaled to [-1, 1].
-PREPROCESSING = Preprocessing(size=(224, 224), interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def preprocessing(model: VisionTransformer) -> Preprocessing:
+  """Both releases train on images resized to the model's size and scaled to [-1, 1]."""
+  return Preprocessing(size=(model.image_size, model.image_size), interpolation="bilinear",
+                       mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
 _PREFIXES = ("", "params/", "opt/target/")
 
 

@@ -19,8 +19,9 @@ class Checkpoint:
   model: nn.Module
   variables: dict
   labels: Optional[list[str]]
-  preprocessing: Preprocessing
+  preprocessing: Optional[Preprocessing]  # None when the checkpoint's preprocessor config is one we cannot apply
   source: str
+  preprocessing_error: Optional[str] = None
 
 
 def _hub_folder(source: str) -> pathlib.Path:
@@ -45,22 +46,26 @@ def load_checkpoint(source: str, **overrides: Any) -> Checkpoint:
     if not path.is_file():
       raise FileNotFoundError(f"{source} does not exist.")
     model, variables = big_vision.load(path, **overrides)
-    labels, preprocessing = None, big_vision.PREPROCESSING
+    labels, read_preprocessing = None, lambda: big_vision.preprocessing(model)
   else:
     folder = _hub_folder(source)
     config = files.read_json(folder / "config.json")
     if hf.is_hf_config(config):
       model, variables, labels = hf.load(folder, config, **overrides)
-      preprocessing = Preprocessing.from_hf(folder / "preprocessor_config.json", model)
+      read_preprocessing = lambda: Preprocessing.from_hf(folder / "preprocessor_config.json", model)
     elif timm.is_timm_config(config):
       model, variables = timm.load(folder, config, **overrides)
       labels = timm.labels_from_config(config)
-      preprocessing = Preprocessing.from_timm(config)
+      read_preprocessing = lambda: Preprocessing.from_timm(config)
     else:
       raise ValueError(f"{folder / 'config.json'} is neither a Hugging Face transformers config (no "
                        "'model_type') nor a timm config (no 'architecture').")
   variables = jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), variables)
-  return Checkpoint(model, variables, labels, preprocessing, source)
+  try:
+    preprocessing, error = read_preprocessing(), None
+  except ValueError as e:  # the weights are still usable; only classifying raw images needs this
+    preprocessing, error = None, str(e)
+  return Checkpoint(model, variables, labels, preprocessing, source, error)
 
 
 def from_pretrained(source: str, *, num_classes: Optional[int] = None, image_size: Optional[int] = None,
@@ -68,8 +73,8 @@ def from_pretrained(source: str, *, num_classes: Optional[int] = None, image_siz
   """(model, variables) from a pretrained checkpoint, optionally re-targeted for transfer learning.
 
   num_classes: a new head, freshly initialised (0 removes the head: the model returns pooled features).
-  image_size: ViT position embeddings are resized; Swin's window becomes image_size // 32 (7 at 224,
-  12 at 384, as the released models) and its relative position bias tables are resized.
+  image_size: ViT position embeddings are resized; a Swin whose window is image_size // 32 (7 at 224,
+  12 at 384, as the released models) keeps that rule, with its relative position bias tables resized.
   """
   ckpt = load_checkpoint(source, **overrides)
   return retarget(ckpt.model, ckpt.variables, num_classes=num_classes, image_size=image_size, seed=seed)
@@ -81,8 +86,8 @@ def retarget(model, variables, *, num_classes=None, image_size=None, seed=0):
     changes["num_classes"] = num_classes
   if image_size is not None and image_size != getattr(model, "image_size", image_size):
     changes["image_size"] = image_size
-    if hasattr(model, "window_size"):
-      changes["window_size"] = image_size // 32
+    if hasattr(model, "window_size") and model.window_size == model.image_size // 32:
+      changes["window_size"] = image_size // 32  # the released Swins: window 7 at 224, 12 at 384
   if not changes:
     return model, variables
   target = model.clone(**changes)

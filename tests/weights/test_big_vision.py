@@ -73,4 +73,10 @@ def test_not_a_vit_npz(tmp_path):
   np.savez(tmp_path / "other.npz", weights=np.zeros(3))
   with pytest.raises(ValueError, match="no 'embedding/kernel'"):
     lvm_jax.from_pretrained(tmp_path / "other.npz")
-  assert big_vision.PREPROCESSING.mean == (0.5, 0.5, 0.5)
+
+
+
+def test_npz_preprocessing_follows_the_model_size(tmp_path):
+  ckpt = lvm_jax.load_checkpoint(NPZ / "model.npz")
+  assert ckpt.preprocessing.size == (32, 32) and tuple(ckpt.preprocessing.mean) == (0.5, 0.5, 0.5)
+  assert big_vision.preprocessing(ckpt.model.clone(image_size=384)).size == (384, 384)

@@ -1,0 +1,108 @@
+"""The command line: `python main.py --mode=predict --pretrained=... --image=... [--top_k] [--json]`."""
+
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import skimage.data
+from absl import app
+from absl import flags
+
+import main
+from tests.tasks.test_classify import LABELS, pipeline_top_k, save_tiny_vit
+
+REPO = pathlib.Path(__file__).parents[1]
+TEXT_LINE = re.compile(r"^ *(\d+\.\d\d)%  (.+)  \[(\d+)\]$")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  return save_tiny_vit(tmp_path_factory.mktemp("tiny_vit"))
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+  path = tmp_path_factory.mktemp("photos") / "chelsea.jpg"
+  PIL.Image.fromarray(skimage.data.chelsea()).save(path)
+  return path
+
+
+@pytest.fixture
+def run_main(capsys):
+  """Runs main.main in this process with the given flags; returns what it printed."""
+  def run(*args):
+    try:
+      main.main(flags.FLAGS(["main.py", *args]))
+    finally:
+      flags.FLAGS.unparse_flags()
+    return capsys.readouterr().out
+  return run
+
+
+def test_json_output_equals_the_pipeline(run_main, checkpoint, photo):
+  printed = json.loads(run_main(f"--pretrained={checkpoint}", f"--image={photo}", "--json"))
+  indices, probabilities = pipeline_top_k(checkpoint, photo)
+  assert [p["index"] for p in printed] == indices
+  assert [p["label"] for p in printed] == [LABELS[i] for i in indices]
+  np.testing.assert_allclose([p["probability"] for p in printed], probabilities, atol=1e-5, rtol=0)
+
+
+def test_text_output_is_one_line_per_class(run_main, checkpoint, photo):
+  lines = run_main("--mode=predict", f"--pretrained={checkpoint}", f"--image={photo}", "--top_k=3").splitlines()
+  indices, probabilities = pipeline_top_k(checkpoint, photo, top_k=3)
+  assert len(lines) == 3
+  parsed = [TEXT_LINE.match(line).groups() for line in lines]
+  assert [int(index) for _, _, index in parsed] == indices
+  assert [label for _, label, _ in parsed] == [LABELS[i] for i in indices]
+  np.testing.assert_allclose([float(p) / 100 for p, _, _ in parsed], probabilities, atol=5e-5, rtol=0)
+
+
+def test_predict_is_the_default_mode(run_main, checkpoint, photo):
+  assert len(run_main(f"--pretrained={checkpoint}", f"--image={photo}").splitlines()) == 5
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, r"missing\.jpg does not exist; expected an image file"),
+    (b"not an image", r"notes\.jpg is not an image file"),
+    ("truncated", r"cut\.jpg is a truncated or corrupt JPEG file"),
+])
+def test_bad_images_exit_with_the_reason(run_main, checkpoint, photo, tmp_path, content, message):
+  name = {None: "missing.jpg", b"not an image": "notes.jpg", "truncated": "cut.jpg"}[content]
+  path = tmp_path / name
+  if content == "truncated":
+    path.write_bytes(photo.read_bytes()[:2000])
+  elif content is not None:
+    path.write_bytes(content)
+  with pytest.raises(SystemExit) as exit_info:
+    run_main(f"--pretrained={checkpoint}", f"--image={path}")
+  assert re.match(rf"error: .*{message}", exit_info.value.code)
+
+
+def test_missing_flags_are_usage_errors(run_main, checkpoint):
+  with pytest.raises(app.UsageError, match="--pretrained is required"):
+    run_main("--image=cat.jpg")
+  with pytest.raises(app.UsageError, match="--image is required"):
+    run_main(f"--pretrained={checkpoint}")
+  with pytest.raises(flags.IllegalFlagValueError):
+    run_main("--mode=dance")
+
+
+def test_command_line_end_to_end(checkpoint, photo, tmp_path):
+  command = [sys.executable, "main.py", f"--pretrained={checkpoint}", "--top_k=2"]
+  done = subprocess.run(command + [f"--image={photo}", "--json"], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 0, done.stderr
+  indices, probabilities = pipeline_top_k(checkpoint, photo, top_k=2)
+  printed = json.loads(done.stdout)
+  assert [p["index"] for p in printed] == indices
+  np.testing.assert_allclose([p["probability"] for p in printed], probabilities, atol=1e-5, rtol=0)
+
+  failed = subprocess.run(command + [f"--image={tmp_path / 'missing.jpg'}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert failed.returncode == 1 and failed.stdout == ""
+  assert "missing.jpg does not exist" in failed.stderr and "Traceback" not in failed.stderr
