@@ -1,4 +1,4 @@
-"""Swin tensor names and layouts in Hugging Face transformers checkpoints (SwinForImageClassification, SwinModel).
+"""Swin tensor names and layouts in Hugging Face transformers (SwinForImageClassification, SwinModel) and timm checkpoints.
 
 Names are the ones on disk (every released checkpoint, and what transformers 5 still writes), not the
 renamed in-memory names of transformers 5 (attention.q_proj, mlp.fc1, ...).
@@ -112,3 +112,72 @@ def hf_config(model: SwinTransformer) -> dict:
       attention_probs_dropout_prob=model.attention_dropout, drop_path_rate=model.drop_path,
       encoder_stride=model.patch_size * 2 ** (len(model.depths) - 1),
   )
+
+
+# timm: swin_{size}_patch4_window{W}_{image}[.tag]
+_TIMM_SIZES = {
+    "tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
+    "small": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
+    "base": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
+    "large": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
+}
+TIMM_IGNORE = ("relative_position_index", "attn_mask")  # buffers timm recomputes, as we do
+
+
+def timm_model_args(architecture: str, model_args: dict, global_pool: str | None = None) -> dict:
+  import re
+  match = re.fullmatch(r"swin_(tiny|small|base|large)_patch(\d+)_window(\d+)_(\d+)", architecture)
+  if not match:
+    raise ValueError(f"timm architecture {architecture!r} is not a Swin this loader knows "
+                     "(swin_{tiny,small,base,large}_patch{P}_window{W}_{SIZE}).")
+  size, patch, window, image = match.groups()
+  embed_dim, depths, heads = _TIMM_SIZES[size]
+  pool = model_args.get("global_pool", global_pool) or "avg"
+  if pool != "avg" or model_args.get("in_chans", 3) != 3 or model_args.get("ape") or model_args.get("absolute_pos_embed"):
+    raise ValueError(f"timm Swin model_args not supported (average pooling, RGB, relative positions only): {model_args}.")
+  img = model_args.get("img_size", int(image))
+  return dict(
+      image_size=img if isinstance(img, int) else int(img[0]),
+      patch_size=int(model_args.get("patch_size", patch)),
+      window_size=int(model_args.get("window_size", window)),
+      embed_dim=int(model_args.get("embed_dim", embed_dim)),
+      depths=tuple(model_args.get("depths", depths)),
+      num_heads=tuple(model_args.get("num_heads", heads)),
+      mlp_ratio=float(model_args.get("mlp_ratio", 4.0)),
+      qkv_bias=bool(model_args.get("qkv_bias", True)),
+      layer_norm_eps=1e-5,
+  )
+
+
+def timm_table(model: SwinTransformer) -> list[Tensor]:
+  """timm names; its fused qkv is split into attn.q / attn.k / attn.v by the timm loader beforehand.
+  timm merges patches at the start of the next stage (layers.{s+1}.downsample), we at the end of stage s."""
+  p = ("params",)
+  table = [
+      Tensor(p + ("patch_embed", "kernel"), "patch_embed.proj.weight", "conv"),
+      Tensor(p + ("patch_embed", "bias"), "patch_embed.proj.bias"),
+      *_norm(p + ("patch_norm",), "patch_embed.norm"),
+      *_norm(p + ("norm",), "norm"),
+  ]
+  for stage, depth in enumerate(model.depths):
+    for i in range(depth):
+      ours, theirs = p + (f"stage_{stage}_block_{i}",), f"layers.{stage}.blocks.{i}."
+      attn = ours + ("attn",)
+      table += [
+          *_norm(ours + ("norm1",), theirs + "norm1"),
+          *_dense(attn + ("query",), theirs + "attn.q", bias=model.qkv_bias),
+          *_dense(attn + ("key",), theirs + "attn.k", bias=model.qkv_bias),
+          *_dense(attn + ("value",), theirs + "attn.v", bias=model.qkv_bias),
+          Tensor(attn + ("relative_position_bias_table",), theirs + "attn.relative_position_bias_table"),
+          *_dense(attn + ("out",), theirs + "attn.proj", "linear2"),
+          *_norm(ours + ("norm2",), theirs + "norm2"),
+          *_dense(ours + ("mlp", "fc1"), theirs + "mlp.fc1"),
+          *_dense(ours + ("mlp", "fc2"), theirs + "mlp.fc2"),
+      ]
+    if stage < len(model.depths) - 1:
+      theirs = f"layers.{stage + 1}.downsample."
+      table += [*_norm(p + (f"merge_{stage}", "norm"), theirs + "norm"),
+                *_dense(p + (f"merge_{stage}", "reduction"), theirs + "reduction", bias=False)]
+  if model.num_classes:
+    table += _dense(p + ("head",), "head.fc")
+  return table

@@ -2,6 +2,8 @@
 
 import pathlib
 
+import numpy as np
+
 from lvm_jax.models import registry
 from lvm_jax.models.resnet import ResNet
 from lvm_jax.models.swin import SwinTransformer
@@ -41,10 +43,23 @@ def build_model(config: dict, source: str, **overrides):
   return converter, cls(**{**args, **overrides})
 
 
+def split_fused_qkv(tensors: dict) -> dict:
+  """timm fuses query/key/value into one `qkv` Linear; split it so each maps onto its own kernel."""
+  out = {}
+  for name, value in tensors.items():
+    if name.endswith((".attn.qkv.weight", ".attn.qkv.bias")):
+      stem, kind = name.rsplit(".qkv.", 1)
+      for part, chunk in zip("qkv", np.split(value, 3, axis=0)):
+        out[f"{stem}.{part}.{kind}"] = chunk
+    else:
+      out[name] = value
+  return out
+
+
 def load(folder: pathlib.Path, config: dict, **overrides):
   """(model, variables) from a timm folder whose config.json is `config`."""
   converter, model = build_model(config, str(folder), **overrides)
-  tensors = converter.timm_prepare(files.read_weights(folder))
+  tensors = split_fused_qkv(files.read_weights(folder))
   variables = mapping.load_variables(converter.timm_table(model), tensors, registry.abstract_variables(model),
                                      source=str(folder), ignore=converter.TIMM_IGNORE)
   return model, variables

@@ -1,7 +1,5 @@
 """ViT tensor names and layouts in Hugging Face transformers and timm checkpoints."""
 
-import numpy as np
-
 from lvm_jax.models.vit import VisionTransformer
 from lvm_jax.weights.mapping import Tensor
 
@@ -148,19 +146,6 @@ def timm_model_args(architecture: str, model_args: dict, global_pool: str | None
   args["fc_norm"] = bool(model_args.get("fc_norm")) if model_args.get("fc_norm") is not None else pool == "avg"
   args["class_token"] = class_token
   return args
-
-
-def timm_prepare(tensors: dict) -> dict:
-  """timm fuses query/key/value into one `qkv` Linear; split it so each maps onto its own kernel."""
-  out = {}
-  for name, value in tensors.items():
-    if name.endswith((".attn.qkv.weight", ".attn.qkv.bias")):
-      stem, kind = name.rsplit(".qkv.", 1)
-      for part, chunk in zip("qkv", np.split(value, 3, axis=0)):
-        out[f"{stem}.{part}.{kind}"] = chunk
-    else:
-      out[name] = value
-  return out
 
 
 def timm_table(model: VisionTransformer) -> list[Tensor]:

@@ -1,4 +1,4 @@
-"""ViT from timm checkpoints, against logits timm computed (fixtures made by tests/fixtures/timm/make_timm_fixtures.py)."""
+"""Models from timm checkpoints, against logits timm computed (fixtures made by tests/fixtures/timm/make_timm_fixtures.py)."""
 
 import json
 import pathlib
@@ -54,3 +54,13 @@ def test_unknown_timm_architecture_is_a_clear_error(tmp_path):
   (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match="timm architecture 'convnext_tiny.fb_in1k' is not supported"):
     lvm_jax.from_pretrained(tmp_path / "ckpt")
+
+
+def test_swin_logits_and_stage_features_match_timm():
+  model, variables = lvm_jax.from_pretrained(FIXTURES / "swin")
+  assert (model.embed_dim, model.depths, model.num_heads, model.window_size) == (32, (2, 2), (2, 4), 4)
+  ref = reference("swin")
+  np.testing.assert_allclose(model.apply(variables, ref["input"]), ref["logits"], atol=1e-4, rtol=0)
+  feats = model.apply(variables, ref["input"], return_features=True)
+  np.testing.assert_allclose(feats["stride_4"], ref["features_0"], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(feats["stride_8"], ref["features_1"], atol=1e-4, rtol=0)
