@@ -64,3 +64,14 @@ def test_swin_logits_and_stage_features_match_timm():
   feats = model.apply(variables, ref["input"], return_features=True)
   np.testing.assert_allclose(feats["stride_4"], ref["features_0"], atol=1e-4, rtol=0)
   np.testing.assert_allclose(feats["stride_8"], ref["features_1"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name,block", [("resnet_basic", "basic"), ("resnet_bottleneck", "bottleneck")])
+def test_resnet_logits_and_stage_features_match_timm(name, block):
+  model, variables = lvm_jax.from_pretrained(FIXTURES / name)
+  assert model.block == block and tuple(model.stage_sizes) == (1, 1, 1, 1)
+  ref = reference(name)
+  np.testing.assert_allclose(model.apply(variables, ref["input"]), ref["logits"], atol=1e-4, rtol=0)
+  feats = model.apply(variables, ref["input"], return_features=True)
+  for i, stride in enumerate((4, 8, 16, 32)):
+    np.testing.assert_allclose(feats[f"stride_{stride}"], ref[f"features_{i}"], atol=1e-4, rtol=0)
