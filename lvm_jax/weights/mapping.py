@@ -31,6 +31,28 @@ class Tensor:
       raise ValueError(f"Unknown layout {self.layout!r} for {self.name}; expected one of {LAYOUTS}.")
 
 
+def dense(ours: Path, theirs: str, layout: str = "linear", bias: bool = True) -> list[Tensor]:
+  """A torch Linear (or Conv with layout="conv") named `theirs` against our kernel/bias under `ours`."""
+  table = [Tensor(ours + ("kernel",), theirs + ".weight", layout)]
+  if bias:
+    table.append(Tensor(ours + ("bias",), theirs + ".bias", "vector"))
+  return table
+
+
+def norm(ours: Path, theirs: str) -> list[Tensor]:
+  """A torch LayerNorm named `theirs` against our scale/bias under `ours`."""
+  return [Tensor(ours + ("scale",), theirs + ".weight"), Tensor(ours + ("bias",), theirs + ".bias")]
+
+
+def square_size(value, field: str) -> int:
+  """A config's image or patch size, an int or a square [h, w] pair."""
+  if isinstance(value, (list, tuple)):
+    if len(set(value)) != 1:
+      raise ValueError(f"config {field}={value}: only square images and patches are supported.")
+    value = value[0]
+  return int(value)
+
+
 class WeightsMismatchError(ValueError):
   """Raised when a checkpoint and a model disagree; the message lists every disagreement."""
 

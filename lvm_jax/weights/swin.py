@@ -5,20 +5,12 @@ renamed in-memory names of transformers 5 (attention.q_proj, mlp.fc1, ...).
 """
 
 from lvm_jax.models.swin import SwinTransformer
-from lvm_jax.weights.mapping import Tensor
+from lvm_jax.weights.mapping import Tensor, dense, norm, square_size
 
 HF_MODEL_TYPE = "swin"
 HF_PREFIX = "swin."
 # Recomputed from window_size (lvm_jax.models.swin.relative_position_index); older checkpoints store it.
 HF_IGNORE = ("relative_position_index",)
-
-
-def _square(value, field: str) -> int:
-  if isinstance(value, (list, tuple)):
-    if len(set(value)) != 1:
-      raise ValueError(f"Swin config {field}={value}: only square images and patches are supported.")
-    value = value[0]
-  return int(value)
 
 
 def hf_model_args(config: dict) -> dict:
@@ -40,8 +32,8 @@ def hf_model_args(config: dict) -> dict:
   if len(depths) != len(heads):
     raise ValueError(f"Swin config depths={list(depths)} and num_heads={list(heads)} differ in length.")
   return dict(
-      image_size=_square(config.get("image_size", 224), "image_size"),
-      patch_size=_square(config.get("patch_size", 4), "patch_size"),
+      image_size=square_size(config.get("image_size", 224), "image_size"),
+      patch_size=square_size(config.get("patch_size", 4), "patch_size"),
       embed_dim=int(config.get("embed_dim", 96)),
       depths=depths,
       num_heads=heads,
@@ -55,47 +47,53 @@ def hf_model_args(config: dict) -> dict:
   )
 
 
-def _dense(ours: tuple, theirs: str, layout: str = "linear", bias: bool = True) -> list[Tensor]:
-  table = [Tensor(ours + ("kernel",), theirs + ".weight", layout)]
-  if bias:
-    table.append(Tensor(ours + ("bias",), theirs + ".bias", "vector"))
+# Where each part of the network lives in the other library; {stage}, {i} and {next} (stage + 1) are filled in.
+_HF_NAMES = dict(
+    patch_embed="swin.embeddings.patch_embeddings.projection", patch_norm="swin.embeddings.norm",
+    norm="swin.layernorm", head="classifier", block="swin.encoder.layers.{stage}.blocks.{i}.",
+    norm1="layernorm_before", query="attention.self.query", key="attention.self.key", value="attention.self.value",
+    bias_table="attention.self.relative_position_bias_table", out="attention.output.dense",
+    norm2="layernorm_after", fc1="intermediate.dense", fc2="output.dense",
+    merge="swin.encoder.layers.{stage}.downsample.")
+# timm merges patches at the start of the next stage (layers.{next}.downsample), we at the end of this one.
+# Its fused qkv is split into attn.q / attn.k / attn.v by the timm loader beforehand.
+_TIMM_NAMES = dict(
+    patch_embed="patch_embed.proj", patch_norm="patch_embed.norm", norm="norm", head="head.fc",
+    block="layers.{stage}.blocks.{i}.", norm1="norm1", query="attn.q", key="attn.k", value="attn.v",
+    bias_table="attn.relative_position_bias_table", out="attn.proj", norm2="norm2", fc1="mlp.fc1", fc2="mlp.fc2",
+    merge="layers.{next}.downsample.")
+
+
+def _table(model: SwinTransformer, names: dict) -> list[Tensor]:
+  p = ("params",)
+  table = [*dense(p + ("patch_embed",), names["patch_embed"], "conv"),
+           *norm(p + ("patch_norm",), names["patch_norm"]), *norm(p + ("norm",), names["norm"])]
+  for stage, depth in enumerate(model.depths):
+    for i in range(depth):
+      ours, theirs = p + (f"stage_{stage}_block_{i}",), names["block"].format(stage=stage, i=i)
+      attn = ours + ("attn",)
+      table += [
+          *norm(ours + ("norm1",), theirs + names["norm1"]),
+          *dense(attn + ("query",), theirs + names["query"], bias=model.qkv_bias),
+          *dense(attn + ("key",), theirs + names["key"], bias=model.qkv_bias),
+          *dense(attn + ("value",), theirs + names["value"], bias=model.qkv_bias),
+          Tensor(attn + ("relative_position_bias_table",), theirs + names["bias_table"]),
+          *dense(attn + ("out",), theirs + names["out"], "linear2"),
+          *norm(ours + ("norm2",), theirs + names["norm2"]),
+          *dense(ours + ("mlp", "fc1"), theirs + names["fc1"]),
+          *dense(ours + ("mlp", "fc2"), theirs + names["fc2"]),
+      ]
+    if stage < len(model.depths) - 1:
+      theirs = names["merge"].format(stage=stage, next=stage + 1)
+      table += [*norm(p + (f"merge_{stage}", "norm"), theirs + "norm"),
+                *dense(p + (f"merge_{stage}", "reduction"), theirs + "reduction", bias=False)]
+  if model.num_classes:
+    table += dense(p + ("head",), names["head"])
   return table
-
-
-def _norm(ours: tuple, theirs: str) -> list[Tensor]:
-  return [Tensor(ours + ("scale",), theirs + ".weight"), Tensor(ours + ("bias",), theirs + ".bias")]
 
 
 def hf_table(model: SwinTransformer) -> list[Tensor]:
-  p = ("params",)
-  table = [
-      Tensor(p + ("patch_embed", "kernel"), "swin.embeddings.patch_embeddings.projection.weight", "conv"),
-      Tensor(p + ("patch_embed", "bias"), "swin.embeddings.patch_embeddings.projection.bias"),
-      *_norm(p + ("patch_norm",), "swin.embeddings.norm"),
-      *_norm(p + ("norm",), "swin.layernorm"),
-  ]
-  for stage, depth in enumerate(model.depths):
-    for i in range(depth):
-      ours, theirs = p + (f"stage_{stage}_block_{i}",), f"swin.encoder.layers.{stage}.blocks.{i}."
-      attn = ours + ("attn",)
-      table += [
-          *_norm(ours + ("norm1",), theirs + "layernorm_before"),
-          *_dense(attn + ("query",), theirs + "attention.self.query", bias=model.qkv_bias),
-          *_dense(attn + ("key",), theirs + "attention.self.key", bias=model.qkv_bias),
-          *_dense(attn + ("value",), theirs + "attention.self.value", bias=model.qkv_bias),
-          Tensor(attn + ("relative_position_bias_table",), theirs + "attention.self.relative_position_bias_table"),
-          *_dense(attn + ("out",), theirs + "attention.output.dense", "linear2"),
-          *_norm(ours + ("norm2",), theirs + "layernorm_after"),
-          *_dense(ours + ("mlp", "fc1"), theirs + "intermediate.dense"),
-          *_dense(ours + ("mlp", "fc2"), theirs + "output.dense"),
-      ]
-    if stage < len(model.depths) - 1:
-      theirs = f"swin.encoder.layers.{stage}.downsample."
-      table += [*_norm(p + (f"merge_{stage}", "norm"), theirs + "norm"),
-                *_dense(p + (f"merge_{stage}", "reduction"), theirs + "reduction", bias=False)]
-  if model.num_classes:
-    table += _dense(p + ("head",), "classifier")
-  return table
+  return _table(model, _HF_NAMES)
 
 
 def hf_config(model: SwinTransformer) -> dict:
@@ -150,34 +148,4 @@ def timm_model_args(architecture: str, model_args: dict, global_pool: str | None
 
 
 def timm_table(model: SwinTransformer) -> list[Tensor]:
-  """timm names; its fused qkv is split into attn.q / attn.k / attn.v by the timm loader beforehand.
-  timm merges patches at the start of the next stage (layers.{s+1}.downsample), we at the end of stage s."""
-  p = ("params",)
-  table = [
-      Tensor(p + ("patch_embed", "kernel"), "patch_embed.proj.weight", "conv"),
-      Tensor(p + ("patch_embed", "bias"), "patch_embed.proj.bias"),
-      *_norm(p + ("patch_norm",), "patch_embed.norm"),
-      *_norm(p + ("norm",), "norm"),
-  ]
-  for stage, depth in enumerate(model.depths):
-    for i in range(depth):
-      ours, theirs = p + (f"stage_{stage}_block_{i}",), f"layers.{stage}.blocks.{i}."
-      attn = ours + ("attn",)
-      table += [
-          *_norm(ours + ("norm1",), theirs + "norm1"),
-          *_dense(attn + ("query",), theirs + "attn.q", bias=model.qkv_bias),
-          *_dense(attn + ("key",), theirs + "attn.k", bias=model.qkv_bias),
-          *_dense(attn + ("value",), theirs + "attn.v", bias=model.qkv_bias),
-          Tensor(attn + ("relative_position_bias_table",), theirs + "attn.relative_position_bias_table"),
-          *_dense(attn + ("out",), theirs + "attn.proj", "linear2"),
-          *_norm(ours + ("norm2",), theirs + "norm2"),
-          *_dense(ours + ("mlp", "fc1"), theirs + "mlp.fc1"),
-          *_dense(ours + ("mlp", "fc2"), theirs + "mlp.fc2"),
-      ]
-    if stage < len(model.depths) - 1:
-      theirs = f"layers.{stage + 1}.downsample."
-      table += [*_norm(p + (f"merge_{stage}", "norm"), theirs + "norm"),
-                *_dense(p + (f"merge_{stage}", "reduction"), theirs + "reduction", bias=False)]
-  if model.num_classes:
-    table += _dense(p + ("head",), "head.fc")
-  return table
+  return _table(model, _TIMM_NAMES)

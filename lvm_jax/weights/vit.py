@@ -1,19 +1,11 @@
 """ViT tensor names and layouts in Hugging Face transformers and timm checkpoints."""
 
 from lvm_jax.models.vit import VisionTransformer
-from lvm_jax.weights.mapping import Tensor
+from lvm_jax.weights.mapping import Tensor, dense, norm, square_size
 
 HF_MODEL_TYPE = "vit"
 HF_PREFIX = "vit."
 HF_IGNORE = ()
-
-
-def _square(value, field: str) -> int:
-  if isinstance(value, (list, tuple)):
-    if len(set(value)) != 1:
-      raise ValueError(f"ViT config {field}={value}: only square images and patches are supported.")
-    value = value[0]
-  return int(value)
 
 
 def hf_model_args(config: dict) -> dict:
@@ -25,8 +17,8 @@ def hf_model_args(config: dict) -> dict:
   if config.get("num_channels", 3) != 3:
     raise ValueError(f"ViT config num_channels={config['num_channels']}: only RGB (3) is supported.")
   return dict(
-      image_size=_square(config.get("image_size", 224), "image_size"),
-      patch_size=_square(config.get("patch_size", 16), "patch_size"),
+      image_size=square_size(config.get("image_size", 224), "image_size"),
+      patch_size=square_size(config.get("patch_size", 16), "patch_size"),
       width=config.get("hidden_size", 768),
       depth=config.get("num_hidden_layers", 12),
       mlp_dim=config.get("intermediate_size", 3072),
@@ -45,46 +37,50 @@ def hf_pooler_args(config: dict) -> dict:
   return dict(representation_size=config.get("pooler_output_size") or config.get("hidden_size", 768))
 
 
-def hf_table(model: VisionTransformer) -> list[Tensor]:
-  if model.pooling != "token" or model.fc_norm or model.no_embed_class:
-    raise ValueError("Hugging Face ViT has a class token with its own position embedding and no fc_norm; "
-                     f"this model has pooling={model.pooling!r}, fc_norm={model.fc_norm}, "
-                     f"no_embed_class={model.no_embed_class}.")
+# Where each part of the network lives in the other library ({i}: the block index).
+_HF_NAMES = dict(
+    cls_token="vit.embeddings.cls_token", pos_embed="vit.embeddings.position_embeddings",
+    patch_embed="vit.embeddings.patch_embeddings.projection", norm="vit.layernorm", fc_norm=None,
+    block="vit.encoder.layer.{i}.", norm1="layernorm_before", norm2="layernorm_after",
+    query="attention.attention.query", key="attention.attention.key", value="attention.attention.value",
+    out="attention.output.dense", fc1="intermediate.dense", fc2="output.dense",
+    pre_logits="vit.pooler.dense", head="classifier")
+# timm's fused qkv is split into attn.q / attn.k / attn.v by the timm loader beforehand.
+_TIMM_NAMES = dict(
+    cls_token="cls_token", pos_embed="pos_embed", patch_embed="patch_embed.proj", norm="norm", fc_norm="fc_norm",
+    block="blocks.{i}.", norm1="norm1", norm2="norm2", query="attn.q", key="attn.k", value="attn.v",
+    out="attn.proj", fc1="mlp.fc1", fc2="mlp.fc2", pre_logits="pre_logits.fc", head="head")
+
+
+def _table(model: VisionTransformer, names: dict) -> list[Tensor]:
   p = ("params",)
-  table = [
-      Tensor(p + ("cls_token",), "vit.embeddings.cls_token"),
-      Tensor(p + ("pos_embed",), "vit.embeddings.position_embeddings"),
-      Tensor(p + ("patch_embed", "kernel"), "vit.embeddings.patch_embeddings.projection.weight", "conv"),
-      Tensor(p + ("patch_embed", "bias"), "vit.embeddings.patch_embeddings.projection.bias"),
-      Tensor(p + ("norm", "scale"), "vit.layernorm.weight"),
-      Tensor(p + ("norm", "bias"), "vit.layernorm.bias"),
-  ]
+  table = [Tensor(p + ("pos_embed",), names["pos_embed"]), *dense(p + ("patch_embed",), names["patch_embed"], "conv")]
+  if model.class_token:
+    table.append(Tensor(p + ("cls_token",), names["cls_token"]))
+  final_norm = "fc_norm" if model.fc_norm else "norm"
+  table += norm(p + (final_norm,), names[final_norm])
   for i in range(model.depth):
-    ours, theirs = p + (f"block_{i}",), f"vit.encoder.layer.{i}."
-    pairs = [
-        (("norm1",), "layernorm_before", None),
-        (("norm2",), "layernorm_after", None),
-        (("attn", "query"), "attention.attention.query", "linear"),
-        (("attn", "key"), "attention.attention.key", "linear"),
-        (("attn", "value"), "attention.attention.value", "linear"),
-        (("attn", "out"), "attention.output.dense", "linear2"),
-        (("mlp", "fc1"), "intermediate.dense", "linear"),
-        (("mlp", "fc2"), "output.dense", "linear"),
-    ]
-    for sub, name, layout in pairs:
-      if layout is None:
-        table += [Tensor(ours + sub + ("scale",), theirs + name + ".weight"),
-                  Tensor(ours + sub + ("bias",), theirs + name + ".bias")]
-      else:
-        table += [Tensor(ours + sub + ("kernel",), theirs + name + ".weight", layout),
-                  Tensor(ours + sub + ("bias",), theirs + name + ".bias", "vector")]
+    ours, theirs = p + (f"block_{i}",), names["block"].format(i=i)
+    table += [*norm(ours + ("norm1",), theirs + names["norm1"]), *norm(ours + ("norm2",), theirs + names["norm2"]),
+              *dense(ours + ("attn", "query"), theirs + names["query"]),
+              *dense(ours + ("attn", "key"), theirs + names["key"]),
+              *dense(ours + ("attn", "value"), theirs + names["value"]),
+              *dense(ours + ("attn", "out"), theirs + names["out"], "linear2"),
+              *dense(ours + ("mlp", "fc1"), theirs + names["fc1"]),
+              *dense(ours + ("mlp", "fc2"), theirs + names["fc2"])]
   if model.representation_size is not None:
-    table += [Tensor(p + ("pre_logits", "kernel"), "vit.pooler.dense.weight", "linear"),
-              Tensor(p + ("pre_logits", "bias"), "vit.pooler.dense.bias")]
+    table += dense(p + ("pre_logits",), names["pre_logits"])
   if model.num_classes:
-    table += [Tensor(p + ("head", "kernel"), "classifier.weight", "linear"),
-              Tensor(p + ("head", "bias"), "classifier.bias")]
+    table += dense(p + ("head",), names["head"])
   return table
+
+
+def hf_table(model: VisionTransformer) -> list[Tensor]:
+  if not model.class_token or model.pooling != "token" or model.fc_norm or model.no_embed_class:
+    raise ValueError("Hugging Face ViT has a class token with its own position embedding and no fc_norm; "
+                     f"this model has pooling={model.pooling!r}, class_token={model.class_token}, "
+                     f"fc_norm={model.fc_norm}, no_embed_class={model.no_embed_class}.")
+  return _table(model, _HF_NAMES)
 
 
 def hf_config(model: VisionTransformer) -> dict:
@@ -149,27 +145,4 @@ def timm_model_args(architecture: str, model_args: dict, global_pool: str | None
 
 
 def timm_table(model: VisionTransformer) -> list[Tensor]:
-  p = ("params",)
-  table = [Tensor(p + ("pos_embed",), "pos_embed"),
-           Tensor(p + ("patch_embed", "kernel"), "patch_embed.proj.weight", "conv"),
-           Tensor(p + ("patch_embed", "bias"), "patch_embed.proj.bias")]
-  if model.class_token:
-    table.append(Tensor(p + ("cls_token",), "cls_token"))
-  norm = "fc_norm" if model.fc_norm else "norm"
-  table += [Tensor(p + (norm, "scale"), f"{norm}.weight"), Tensor(p + (norm, "bias"), f"{norm}.bias")]
-  for i in range(model.depth):
-    ours, theirs = p + (f"block_{i}",), f"blocks.{i}."
-    for sub in ("norm1", "norm2"):
-      table += [Tensor(ours + (sub, "scale"), theirs + sub + ".weight"),
-                Tensor(ours + (sub, "bias"), theirs + sub + ".bias")]
-    for sub, name, layout in ((("attn", "query"), "attn.q", "linear"), (("attn", "key"), "attn.k", "linear"),
-                              (("attn", "value"), "attn.v", "linear"), (("attn", "out"), "attn.proj", "linear2"),
-                              (("mlp", "fc1"), "mlp.fc1", "linear"), (("mlp", "fc2"), "mlp.fc2", "linear")):
-      table += [Tensor(ours + sub + ("kernel",), theirs + name + ".weight", layout),
-                Tensor(ours + sub + ("bias",), theirs + name + ".bias", "vector")]
-  if model.representation_size is not None:
-    table += [Tensor(p + ("pre_logits", "kernel"), "pre_logits.fc.weight", "linear"),
-              Tensor(p + ("pre_logits", "bias"), "pre_logits.fc.bias")]
-  if model.num_classes:
-    table += [Tensor(p + ("head", "kernel"), "head.weight", "linear"), Tensor(p + ("head", "bias"), "head.bias")]
-  return table
+  return _table(model, _TIMM_NAMES)
