@@ -1,0 +1,241 @@
+"""Your own images as a source: root/<split>/<class>/*.jpg|jpeg|png, or root/<class>/* with a held-out fraction.
+
+Labels come from the class folder names, sorted: class_names[i] is label i (save_class_names writes them as
+JSON). Files are found recursively inside each class folder. Where root has no split folders, a file is held
+out when a stable hash of its path relative to root (SHA-256 of "<class>/<name>") falls below
+holdout_fraction: adding or removing files never moves another file between the splits. Process i of n reads
+files i::n of the split's sorted list.
+
+Every file is decoded once, up front, by TensorFlow's own decoder (the one the pipeline uses), so a corrupt,
+truncated or non-image file is found before training and never shifts a label: it is skipped with a warning
+naming it (or is an error with strict=True). Validation runs in parallel in tf.data; with index_path the
+verdicts are kept in a small JSON file keyed by path, size and mtime, so only new or changed files are
+decoded again.
+"""
+
+import hashlib
+import json
+import os
+import posixpath
+import warnings
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from lvm_jax.data import sources
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+LAYOUTS = ("auto", "splits", "classes")
+_INDEX_VERSION = 1
+_LISTED_IN_WARNING = 20
+
+
+class FolderSource(sources.Source):
+  """One split of an image folder tree.
+
+  root: a local or gs:// directory. split: a split folder's name (root/<split>/<class>/...), or, without split
+    folders, `train_split` or `holdout_split`. holdout_fraction: the share of each class held out (no split
+    folders only). layout: "splits" or "classes" to say which tree root is; "auto" tells them apart (split
+    folders contain only folders; class folders contain image files). strict: an unreadable file is an error
+    rather than skipped. index_path: a JSON file caching which files decode, reused across runs.
+  """
+
+  def __init__(self, root: str, split: str = "train", *, holdout_fraction: float = 0.1,
+               holdout_split: str = "validation", train_split: str = "train", layout: str = "auto",
+               strict: bool = False, index_path: Optional[str] = None):
+    root = os.fspath(root)
+    if not tf.io.gfile.isdir(root):
+      what = "is not a directory" if tf.io.gfile.exists(root) else "does not exist"
+      raise FileNotFoundError(f"Image folder root {root} {what}; expected root/<split>/<class>/*.jpg or "
+                              "root/<class>/*.jpg.")
+    if layout not in LAYOUTS:
+      raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+    self.root, self.split = root, split
+    top = _subdirs(root)
+    if not top:
+      raise ValueError(f"Image folder root {root} contains no folders; expected root/<split>/<class>/*.jpg or "
+                       "root/<class>/*.jpg.")
+    if layout == "auto":
+      layout = "splits" if all(_only_folders(_join(root, d)) for d in top) else "classes"
+    self.layout = layout
+    if layout == "splits":
+      self.class_names, candidates, labels = _split_tree(root, top, split)
+    else:
+      self.class_names, candidates, labels = _class_tree(root, top, split, train_split, holdout_split,
+                                                         holdout_fraction)
+    self.skipped = _validate(root, candidates, strict, index_path)  # [(relative path, why)], kept for callers
+    bad = {path for path, _ in self.skipped}
+    kept = [(path, label) for path, label in zip(candidates, labels) if path not in bad]
+    # Sorted by path, so the order (and so each process's shard) depends on nothing but the file names.
+    kept.sort()
+    self.files = [path for path, _ in kept]
+    self.labels = np.array([label for _, label in kept], np.int64)
+    self.num_examples = len(self.files)
+    if not self.num_examples:
+      raise ValueError(f"Split {split!r} of {root} has no readable images.")
+
+  def shard_size(self, process_index: int = 0, process_count: int = 1) -> int:
+    sources.check_shard(process_index, process_count)
+    return len(range(process_index, self.num_examples, process_count))
+
+  def dataset(self, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+    sources.check_shard(process_index, process_count)
+    paths = [_join(self.root, f) for f in self.files[process_index::process_count]]
+    labels = self.labels[process_index::process_count]
+    ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), tf.constant(labels, tf.int64)))
+    return ds.map(lambda path, label: {"image": tf.io.read_file(path), "label": label},
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _join(*parts: str) -> str:
+  return posixpath.join(*parts) if parts[0].startswith("gs://") else os.path.join(*parts)
+
+
+def _hidden(name: str) -> bool:
+  return name.startswith(".")  # .DS_Store, ._resource forks, .ipynb_checkpoints: never data
+
+
+def _subdirs(path: str) -> list[str]:
+  return sorted(n.rstrip("/") for n in tf.io.gfile.listdir(path)
+                if not _hidden(n) and tf.io.gfile.isdir(_join(path, n.rstrip("/"))))
+
+
+def _only_folders(path: str) -> bool:
+  """Whether `path` holds folders and no files; stops at the first file, so a class folder of a million images
+  costs one listing, not a million stat calls."""
+  names = [n for n in tf.io.gfile.listdir(path) if not _hidden(n)]
+  return bool(names) and all(n.endswith("/") or tf.io.gfile.isdir(_join(path, n)) for n in names)
+
+
+def _class_files(root: str, class_dir: str) -> list[str]:
+  """Every non-hidden file under root/class_dir, as paths relative to root ("/"-separated), sorted."""
+  found = []
+  for directory, dirs, names in tf.io.gfile.walk(_join(root, class_dir)):
+    dirs[:] = [d for d in dirs if not _hidden(d.rstrip("/"))]
+    relative = os.path.relpath(directory, root).replace(os.sep, "/") if not root.startswith("gs://") else \
+        directory[len(root.rstrip("/")) + 1:]
+    found.extend(f"{relative}/{n}" for n in names if not _hidden(n))
+  return sorted(found)
+
+
+def _split_tree(root: str, splits: list[str], split: str):
+  if split not in splits:
+    raise ValueError(f"{root} has split folders {', '.join(splits)}; there is no split {split!r}.")
+  classes = {s: set(_subdirs(_join(root, s))) for s in splits}
+  every = set().union(*classes.values())
+  for name in sorted(every):
+    missing = [s for s in splits if name not in classes[s]]
+    if missing:
+      raise ValueError(f"Class {name!r} is in {', '.join(s for s in splits if s not in missing)} but missing from "
+                       f"{', '.join(_join(root, s) for s in missing)}: every split folder needs the same class "
+                       "folders, or labels would mean different classes in different splits.")
+  if not every:
+    raise ValueError(f"The split folders of {root} ({', '.join(splits)}) contain no class folders.")
+  class_names = sorted(every)
+  split_root = _join(root, split)
+  files, labels = [], []
+  for label, name in enumerate(class_names):
+    found = _class_files(root, _join(split, name).replace(os.sep, "/"))
+    if not found:
+      raise ValueError(f"Class folder {_join(split_root, name)} is empty.")
+    files += found
+    labels += [label] * len(found)
+  return class_names, files, labels
+
+
+def holdout_score(relative_path: str) -> float:
+  """A stable number in [0, 1) for a path relative to root: the file is held out when it is < the fraction."""
+  digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
+  return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
+def _class_tree(root: str, class_names: list[str], split: str, train_split: str, holdout_split: str,
+                holdout_fraction: float):
+  if split not in (train_split, holdout_split):
+    raise ValueError(f"{root} has no split folders (its folders are classes), so its splits are "
+                     f"{train_split!r} and {holdout_split!r} (train_split / holdout_split), not {split!r}.")
+  if train_split == holdout_split:
+    raise ValueError(f"train_split and holdout_split are both {train_split!r}.")
+  if not 0 < holdout_fraction < 1:
+    raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction!r}.")
+  held_out = split == holdout_split
+  files, labels = [], []
+  for label, name in enumerate(class_names):
+    found = _class_files(root, name)
+    if not found:
+      raise ValueError(f"Class folder {_join(root, name)} is empty.")
+    chosen = [f for f in found if (holdout_score(f) < holdout_fraction) == held_out]
+    files += chosen
+    labels += [label] * len(chosen)
+  return class_names, files, labels
+
+
+def _decode_failures(paths: list[str]) -> set[int]:
+  """Indices of the files that TensorFlow's decoder rejects, found in one parallel pass."""
+  if not paths:
+    return set()
+  table = tf.constant(paths, tf.string)
+
+  def decode(i):
+    image = tf.io.decode_image(tf.io.read_file(table[i]), channels=3, expand_animations=False)
+    return i, tf.shape(image)
+
+  ds = tf.data.Dataset.range(len(paths)).map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  ok = {int(i) for i, _ in ds.ignore_errors().as_numpy_iterator()}
+  return set(range(len(paths))) - ok
+
+
+def _decode_error(path: str) -> str:
+  """Why one file does not decode, in one line (only asked of the few files that failed)."""
+  try:
+    tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+  except tf.errors.OpError as e:
+    return e.message.strip().splitlines()[-1].split("}}")[-1].strip() or type(e).__name__
+  return "failed to decode"
+
+
+def _load_index(index_path: Optional[str], root: str) -> dict:
+  if not index_path or not tf.io.gfile.exists(index_path):
+    return {}
+  try:
+    with tf.io.gfile.GFile(index_path) as f:
+      index = json.load(f)
+  except (ValueError, tf.errors.OpError):
+    warnings.warn(f"Ignoring the unreadable validation index {index_path}; it will be rewritten.")
+    return {}
+  if index.get("version") != _INDEX_VERSION or index.get("root") != root:
+    return {}  # another format or another tree: trust nothing in it
+  return index.get("files", {})
+
+
+def _validate(root: str, files: list[str], strict: bool, index_path: Optional[str]) -> list[tuple[str, str]]:
+  """[(file, why)] for the files that are not images the pipeline can decode."""
+  bad = {f: f"not a {'/'.join(IMAGE_EXTENSIONS)} file" for f in files
+         if not f.lower().endswith(IMAGE_EXTENSIONS)}
+  images = [f for f in files if f not in bad]
+  index = _load_index(index_path, root)
+  stamps = {}
+  if index_path:
+    for f in images:
+      stat = tf.io.gfile.stat(_join(root, f))
+      stamps[f] = [stat.length, stat.mtime_nsec]
+  known = {f: index[f][2] for f in images if f in index and index[f][:2] == stamps.get(f)}
+  unknown = [f for f in images if f not in known]
+  failed = {unknown[i] for i in _decode_failures([_join(root, f) for f in unknown])}
+  for f in unknown:
+    known[f] = _decode_error(_join(root, f)) if f in failed else None
+  bad.update({f: why for f, why in known.items() if why is not None})
+  if index_path and unknown:
+    entries = {**index, **{f: stamps[f] + [known[f]] for f in images}}
+    with tf.io.gfile.GFile(index_path, "w") as out:
+      json.dump({"version": _INDEX_VERSION, "root": root, "files": entries}, out)
+  skipped = sorted(bad.items())
+  if skipped:
+    listed = "; ".join(f"{_join(root, f)} ({why})" for f, why in skipped[:_LISTED_IN_WARNING])
+    more = f"; and {len(skipped) - _LISTED_IN_WARNING} more" if len(skipped) > _LISTED_IN_WARNING else ""
+    summary = f"{len(skipped)} of {len(files)} files in {root} are not readable images: {listed}{more}."
+    if strict:
+      raise ValueError(f"{summary} (strict=True; remove them, or pass strict=False to skip them.)")
+    warnings.warn(f"Skipped {summary}", stacklevel=3)
+  return skipped

@@ -1,0 +1,236 @@
+"""Per-example preprocessing ops: decode, resize, crops, flip, normalize, onehot.
+
+Every op is a factory: `name(*args, **kwargs)` returns a function example -> example on one unbatched example
+(a dict of tf tensors, see lvm_jax/data/pp.py). Random ops draw only from stateless TF random ops seeded by
+example["rng"], taking one half of a split and putting the other half back, so an example's output depends on
+its seed alone. Images stay uint8 until normalize (or value_range) turns them into float32.
+"""
+
+import math
+from typing import Sequence, Union
+
+import tensorflow as tf
+
+Size = Union[int, Sequence[int]]
+
+# In 0..1 units, the same numbers lvm_jax.weights.preprocessing uses for timm and transformers checkpoints.
+NORMALIZATIONS = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+RESIZE_METHODS = ("bilinear", "bicubic", "nearest", "area", "lanczos3", "lanczos5", "gaussian", "mitchellcubic")
+
+
+def take_rng(example: dict) -> tuple[tf.Tensor, dict]:
+  """A fresh seed for this op, and the example with the other half of the split as its new rng."""
+  if "rng" not in example:
+    raise KeyError("Random preprocessing ops need example['rng'] (a tf.int64 [2] stateless seed); the pipeline "
+                   "adds it before the ops run.")
+  use, rest = tf.unstack(tf.random.experimental.stateless_split(example["rng"], 2))
+  return use, {**example, "rng": rest}
+
+
+def _size(size: Size, op: str) -> tuple[int, int]:
+  """(height, width) from an int or a pair, with a clear error for anything else."""
+  pair = (size, size) if isinstance(size, int) else tuple(size)
+  if len(pair) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in pair):
+    raise ValueError(f"{op}: size must be a positive int or a (height, width) pair of them, got {size!r}.")
+  return pair
+
+
+def _to_uint8(image: tf.Tensor) -> tf.Tensor:
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def _resize_uint8(image, size, method="bilinear", antialias=True):
+  if method not in RESIZE_METHODS:
+    raise ValueError(f"resize: method must be one of {RESIZE_METHODS}, got {method!r}.")
+  return _to_uint8(tf.image.resize(image, size, method=method, antialias=antialias))
+
+
+def decode():
+  """Encoded JPEG/PNG/GIF/BMP bytes -> RGB uint8 [H, W, 3].
+
+  tf.io.decode_image with channels=3 replicates grayscale, drops alpha (as PIL's convert("RGB")), expands
+  palettes, converts CMYK JPEGs (within 2 levels of PIL) and takes the high byte of 16-bit PNGs
+  (65535 -> 255, like lvm_jax.tasks.images). Animated GIFs give their first frame.
+  """
+  def op(example):
+    image = tf.io.decode_image(example["image"], channels=3, dtype=tf.uint8, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return {**example, "image": image}
+  return op
+
+
+def resize(size: Size, method: str = "bilinear", antialias: bool = True):
+  """Resize to exactly `size` (an int for a square); antialiased so downscaling does not alias, like PIL."""
+  size = _size(size, "resize")
+  _resize_uint8(tf.zeros([1, 1, 3]), size, method, antialias)  # fail at parse time on a bad method
+
+  def op(example):
+    return {**example, "image": _resize_uint8(example["image"], size, method, antialias)}
+  return op
+
+
+def _resize_shorter(image, size, method, antialias):
+  """Shorter side to `size`, longer side rounded down (torchvision's Resize(int), timm's eval)."""
+  shape = tf.shape(image)
+  h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
+  scale = size / tf.minimum(h, w)
+  new_h = tf.where(h <= w, size, tf.cast(tf.floor(h * scale), tf.int32))
+  new_w = tf.where(w < h, size, tf.cast(tf.floor(w * scale), tf.int32))
+  return _resize_uint8(image, tf.stack([new_h, new_w]), method, antialias)
+
+
+def resize_small(size: int, method: str = "bilinear", antialias: bool = True):
+  """Resize so the shorter side is `size`, keeping the aspect ratio."""
+  if not isinstance(size, int) or size <= 0:
+    raise ValueError(f"resize_small: size must be a positive int (the shorter side), got {size!r}.")
+  _resize_uint8(tf.zeros([1, 1, 3]), (1, 1), method, antialias)
+
+  def op(example):
+    return {**example, "image": _resize_shorter(example["image"], size, method, antialias)}
+  return op
+
+
+def _center_crop(image, size, rounding="floor"):
+  shape = tf.shape(image)
+  tf.debugging.assert_greater_equal(shape[:2], tf.constant(size), message="central_crop: image smaller than crop")
+  margin = tf.cast(shape[:2] - tf.constant(size), tf.float64) / 2
+  # torchvision's CenterCrop rounds half margins to even (Python's round); big_vision floors.
+  top_left = tf.cast(tf.round(margin) if rounding == "round" else tf.floor(margin), tf.int32)
+  return tf.slice(image, tf.concat([top_left, [0]], 0), [size[0], size[1], -1])
+
+
+def central_crop(size: Size):
+  """The central `size` crop (an odd margin puts the extra pixel at the bottom/right, as big_vision)."""
+  size = _size(size, "central_crop")
+
+  def op(example):
+    return {**example, "image": _center_crop(example["image"], size)}
+  return op
+
+
+def center_crop_fraction(size: Size, crop_fraction: float = 0.875, method: str = "bilinear",
+                         antialias: bool = True):
+  """timm's eval transform: shorter side to floor(size / crop_fraction), then the central `size` crop."""
+  size = _size(size, "center_crop_fraction")
+  if not 0 < crop_fraction <= 1:
+    raise ValueError(f"center_crop_fraction: crop_fraction must be in (0, 1], got {crop_fraction!r}.")
+  shorter = math.floor(max(size) / crop_fraction)
+  _resize_uint8(tf.zeros([1, 1, 3]), (1, 1), method, antialias)
+
+  def op(example):
+    image = _resize_shorter(example["image"], shorter, method, antialias)
+    return {**example, "image": _center_crop(image, size, rounding="round")}
+  return op
+
+
+def inception_crop(size: Size, area_min: float = 0.08, area_max: float = 1.0,
+                   ratio: Sequence[float] = (3 / 4, 4 / 3), method: str = "bilinear", antialias: bool = True):
+  """Random resized crop (Szegedy et al. 2015; timm's RandomResizedCrop), resized to `size`.
+
+  Samples an area fraction uniformly in [area_min, area_max] and a log-uniform aspect ratio (width / height)
+  in `ratio`; the first of 10 draws that fits the image wins, otherwise the largest central crop whose ratio
+  is clamped into `ratio`.
+  """
+  size = _size(size, "inception_crop")
+  if not 0 < area_min <= area_max <= 1:
+    raise ValueError(f"inception_crop: need 0 < area_min <= area_max <= 1, got {area_min!r}, {area_max!r}.")
+  if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+    raise ValueError(f"inception_crop: ratio must be (min, max) with 0 < min <= max, got {ratio!r}.")
+  _resize_uint8(tf.zeros([1, 1, 3]), (1, 1), method, antialias)
+
+  def op(example):
+    rng, example = take_rng(example)
+    image = example["image"]
+    top, left, ch, cw = inception_crop_box(tf.shape(image)[:2], rng, area_min, area_max, ratio)
+    crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([ch, cw, -1]))
+    return {**example, "image": _resize_uint8(crop, size, method, antialias)}
+  return op
+
+
+def inception_crop_box(image_size: tf.Tensor, rng: tf.Tensor, area_min: float, area_max: float,
+                       ratio: Sequence[float], tries: int = 10) -> tuple[tf.Tensor, ...]:
+  """(top, left, height, width) of an inception crop of an image of `image_size` (height, width)."""
+  h, w = tf.cast(image_size[0], tf.float32), tf.cast(image_size[1], tf.float32)
+  area_rng, ratio_rng, y_rng, x_rng = tf.unstack(tf.random.experimental.stateless_split(rng, 4))
+  area = h * w * tf.random.stateless_uniform([tries], area_rng, area_min, area_max)
+  aspect = tf.exp(tf.random.stateless_uniform([tries], ratio_rng, math.log(ratio[0]), math.log(ratio[1])))
+  crop_w = tf.round(tf.sqrt(area * aspect))
+  crop_h = tf.round(tf.sqrt(area / aspect))
+  fits = (crop_w >= 1) & (crop_w <= w) & (crop_h >= 1) & (crop_h <= h)
+  first = tf.argmax(tf.cast(fits, tf.int32))  # 0 when none fits; then the fallback below is used
+  # Fallback: the whole image, narrowed to the nearest allowed aspect ratio, centred.
+  image_ratio = w / h
+  fb_w = tf.where(image_ratio > ratio[1], tf.round(h * ratio[1]), w)
+  fb_h = tf.where(image_ratio < ratio[0], tf.round(w / ratio[0]), h)
+  any_fit = tf.reduce_any(fits)
+  ch = tf.cast(tf.where(any_fit, crop_h[first], fb_h), tf.int32)
+  cw = tf.cast(tf.where(any_fit, crop_w[first], fb_w), tf.int32)
+  height, width = tf.cast(image_size[0], tf.int32), tf.cast(image_size[1], tf.int32)
+  top = tf.where(any_fit, tf.random.stateless_uniform([], y_rng, 0, height - ch + 1, tf.int32), (height - ch) // 2)
+  left = tf.where(any_fit, tf.random.stateless_uniform([], x_rng, 0, width - cw + 1, tf.int32), (width - cw) // 2)
+  return top, left, ch, cw
+
+
+def flip_lr(p: float = 0.5):
+  """Mirror left-right with probability p."""
+  if not 0 <= p <= 1:
+    raise ValueError(f"flip_lr: p must be a probability in [0, 1], got {p!r}.")
+
+  def op(example):
+    rng, example = take_rng(example)
+    image = example["image"]
+    flip = tf.random.stateless_uniform([], rng) < p
+    return {**example, "image": tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)}
+  return op
+
+
+def normalize(mean: Union[str, float, Sequence[float]] = "imagenet", std: Union[float, Sequence[float], None] = None):
+  """uint8 -> float32 (x / 255 - mean) / std; mean/std in 0..1 units, or a preset name: 'imagenet', 'inception'."""
+  if isinstance(mean, str):
+    if mean not in NORMALIZATIONS or std is not None:
+      raise ValueError(f"normalize: a preset is one of {sorted(NORMALIZATIONS)} with no std, or pass numeric "
+                       f"(mean, std); got mean={mean!r}, std={std!r}.")
+    mean, std = NORMALIZATIONS[mean]
+  if std is None:
+    raise ValueError(f"normalize: numeric mean {mean!r} needs a std.")
+  mean_t, std_t = tf.constant(mean, tf.float32), tf.constant(std, tf.float32)
+  if mean_t.shape.rank > 1 or std_t.shape.rank > 1 or tf.reduce_any(std_t <= 0):
+    raise ValueError(f"normalize: mean and std must be scalars or per-channel lists (std > 0), got {mean!r}, {std!r}.")
+
+  def op(example):
+    image = tf.cast(example["image"], tf.float32) / 255.0
+    return {**example, "image": (image - mean_t) / std_t}
+  return op
+
+
+def value_range(vmin: float = -1.0, vmax: float = 1.0):
+  """uint8 0..255 -> float32 linearly onto [vmin, vmax] (value_range(-1, 1) equals normalize('inception'))."""
+  if not vmin < vmax:
+    raise ValueError(f"value_range: need vmin < vmax, got {vmin!r}, {vmax!r}.")
+
+  def op(example):
+    image = tf.cast(example["image"], tf.float32) / 255.0
+    return {**example, "image": image * (vmax - vmin) + vmin}
+  return op
+
+
+def onehot(num_classes: int, smoothing: float = 0.0):
+  """int label -> float32 [num_classes]: (1 - smoothing) * onehot + smoothing / num_classes."""
+  if not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f"onehot: num_classes must be a positive int, got {num_classes!r}.")
+  if not 0 <= smoothing < 1:
+    raise ValueError(f"onehot: smoothing must be in [0, 1), got {smoothing!r}.")
+
+  def op(example):
+    label = tf.cast(example["label"], tf.int64)
+    # tf.one_hot silently gives all zeros for an out-of-range label; a wrong num_classes must fail loudly.
+    with tf.control_dependencies([
+        tf.debugging.assert_greater_equal(label, tf.constant(0, tf.int64), message="onehot: negative label"),
+        tf.debugging.assert_less(label, tf.constant(num_classes, tf.int64),
+                                 message=f"onehot: label >= num_classes={num_classes}")]):
+      hot = tf.one_hot(label, num_classes, dtype=tf.float32)
+    return {**example, "label": hot * (1 - smoothing) + smoothing / num_classes}
+  return op

@@ -1,0 +1,129 @@
+"""Train and eval tf.data pipelines over a source's per-process shard.
+
+Training is an endless, deterministic stream: epoch e of this process's shard is shuffled with a seed derived
+from (seed, e), every example gets its own stateless rng from (seed, process, e, position), and a run that
+resumes after `start` examples skips exactly those (before decoding), so it sees the batches an
+uninterrupted run would have seen. Evaluation visits every example of the split exactly once across all
+processes, pads the last batches with masked examples, and gives every process the same number of steps.
+"""
+
+import dataclasses
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import tensorflow as tf
+
+from lvm_jax.data import pp
+
+Op = Callable[[dict], dict]
+PpSpec = Union[str, Sequence[str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+  """Which part of the data this process reads."""
+  index: int = 0
+  count: int = 1
+
+  @classmethod
+  def current(cls) -> "Shard":
+    import jax
+    return cls(jax.process_index(), jax.process_count())
+
+
+def local_batch_size(global_batch_size: int, shard: Shard) -> int:
+  if global_batch_size % shard.count:
+    raise ValueError(f"global batch size {global_batch_size} is not divisible by the {shard.count} processes.")
+  return global_batch_size // shard.count
+
+
+def _split_ops(spec: PpSpec) -> tuple[list[Op], list[Op]]:
+  """(per-example ops, batch ops): batch-level ops (mixup, cutmix) run after batching."""
+  ops = pp.parse(spec)
+  per_example = [op for op in ops if not pp.is_batch_op(op)]
+  batch = [op for op in ops if pp.is_batch_op(op)]
+  first_batch_op = next((i for i, op in enumerate(ops) if pp.is_batch_op(op)), len(ops))
+  if any(not pp.is_batch_op(op) for op in ops[first_batch_op:]):
+    raise ValueError(f"pp {spec!r}: batch ops (mixup, cutmix) must come last.")
+  return per_example, batch
+
+
+def _chain(ops: Sequence[Op]) -> Op:
+  def apply(example):
+    for op in ops:
+      example = op(example)
+    return example
+  return apply
+
+
+def _example_rng(seed: int, shard: Shard, epoch, position) -> tf.Tensor:
+  """A stateless seed unique to (run seed, process, epoch, position in the epoch)."""
+  base = tf.constant([seed, shard.index], tf.int64)
+  rng = tf.random.experimental.stateless_fold_in(base, tf.cast(epoch, tf.int64))
+  return tf.random.experimental.stateless_fold_in(rng, tf.cast(position, tf.int64))
+
+
+def train_dataset(source, spec: PpSpec, *, global_batch_size: int, seed: int, start: int = 0,
+                  shard: Optional[Shard] = None, shuffle_buffer: int = 10_000,
+                  prefetch: int = 2) -> tf.data.Dataset:
+  """Batches of this process's share of `global_batch_size`, forever.
+
+  `start` is how many examples this process already consumed (step * local batch size on resume).
+  """
+  shard = shard or Shard.current()
+  local_batch = local_batch_size(global_batch_size, shard)
+  shard_size = source.shard_size(shard.index, shard.count)
+  if shard_size == 0:
+    raise ValueError(f"process {shard.index} of {shard.count} has no training examples.")
+  per_example, batch_ops = _split_ops(spec)
+  first_epoch, offset = divmod(int(start), shard_size)
+  base = source.dataset(shard.index, shard.count)
+
+  def epoch_examples(epoch):
+    key = tf.random.experimental.stateless_fold_in(tf.constant([seed, 1], tf.int64), epoch)
+    epoch_seed = tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
+    shuffled = base.shuffle(min(shuffle_buffer, shard_size), seed=epoch_seed, reshuffle_each_iteration=False)
+    return shuffled.enumerate().map(
+        lambda i, ex: {**ex, "rng": _example_rng(seed, shard, epoch, i)})
+
+  ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_examples)
+  ds = ds.skip(offset)  # on encoded bytes: a resume reads, but never decodes, the skipped examples
+  ds = ds.map(_chain(per_example), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  if batch_ops:
+    ds = ds.map(_chain(batch_ops), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(lambda batch: {k: v for k, v in batch.items() if k != "rng"})
+  return ds.prefetch(prefetch)
+
+
+def eval_steps(source, global_batch_size: int, shard_count: int) -> int:
+  """Steps that cover the largest shard: every process runs this many, padding where it runs out."""
+  local_batch = global_batch_size // shard_count
+  largest = max(source.shard_size(i, shard_count) for i in range(shard_count))
+  return max(1, math.ceil(largest / local_batch))
+
+
+def eval_dataset(source, spec: PpSpec, *, global_batch_size: int, shard: Optional[Shard] = None,
+                 prefetch: int = 2) -> tf.data.Dataset:
+  """Every example of the split exactly once across processes, in batches with a "mask" (1 real, 0 padding).
+
+  All processes yield eval_steps(...) batches, so collective computations line up.
+  """
+  shard = shard or Shard.current()
+  local_batch = local_batch_size(global_batch_size, shard)
+  per_example, batch_ops = _split_ops(spec)
+  if batch_ops:
+    raise ValueError(f"pp {spec!r}: batch ops (mixup, cutmix) are for training, not evaluation.")
+  steps = eval_steps(source, global_batch_size, shard.count)
+  fixed_rng = tf.constant([0, 0], tf.int64)  # eval ops are deterministic; the key is there for the contract
+  ds = source.dataset(shard.index, shard.count).map(lambda ex: {**ex, "rng": fixed_rng})
+  ds = ds.map(_chain(per_example), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(lambda ex: {**{k: v for k, v in ex.items() if k != "rng"}, "mask": tf.constant(1, tf.int32)})
+  if any(None in s.shape for s in ds.element_spec.values()):
+    raise ValueError(f"pp {spec!r} leaves examples of unknown shape {ds.element_spec}; end it with a fixed-size "
+                     "resize or crop so examples can be batched.")
+  padding = steps * local_batch - source.shard_size(shard.index, shard.count)
+  blank = {k: tf.zeros(s.shape, s.dtype) for k, s in ds.element_spec.items()}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
+  return ds.batch(local_batch, drop_remainder=True).prefetch(prefetch)
