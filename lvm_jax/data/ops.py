@@ -126,26 +126,60 @@ def center_crop_fraction(size: Size, crop_fraction: float = 0.875, method: str =
   return op
 
 
+def _check_inception_args(op, area_min, area_max, ratio, method, antialias):
+  if not 0 < area_min <= area_max <= 1:
+    raise ValueError(f"{op}: need 0 < area_min <= area_max <= 1, got {area_min!r}, {area_max!r}.")
+  if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+    raise ValueError(f"{op}: ratio must be (min, max) with 0 < min <= max, got {ratio!r}.")
+  _resize_uint8(tf.zeros([1, 1, 3]), (1, 1), method, antialias)
+
+
 def inception_crop(size: Size, area_min: float = 0.08, area_max: float = 1.0,
-                   ratio: Sequence[float] = (3 / 4, 4 / 3), method: str = "bilinear", antialias: bool = True):
+                   ratio: Sequence[float] = (3 / 4, 4 / 3), method: str = "bilinear", antialias: bool = False):
   """Random resized crop (Szegedy et al. 2015; timm's RandomResizedCrop), resized to `size`.
 
   Samples an area fraction uniformly in [area_min, area_max] and a log-uniform aspect ratio (width / height)
   in `ratio`; the first of 10 draws that fits the image wins, otherwise the largest central crop whose ratio
-  is clamped into `ratio`.
+  is clamped into `ratio`. No antialiasing by default (as big_vision): it costs more than the JPEG decode on
+  a CPU host, and a random crop is an augmentation, not a reference rendering.
   """
   size = _size(size, "inception_crop")
-  if not 0 < area_min <= area_max <= 1:
-    raise ValueError(f"inception_crop: need 0 < area_min <= area_max <= 1, got {area_min!r}, {area_max!r}.")
-  if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
-    raise ValueError(f"inception_crop: ratio must be (min, max) with 0 < min <= max, got {ratio!r}.")
-  _resize_uint8(tf.zeros([1, 1, 3]), (1, 1), method, antialias)
+  _check_inception_args("inception_crop", area_min, area_max, ratio, method, antialias)
 
   def op(example):
     rng, example = take_rng(example)
     image = example["image"]
     top, left, ch, cw = inception_crop_box(tf.shape(image)[:2], rng, area_min, area_max, ratio)
     crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([ch, cw, -1]))
+    return {**example, "image": _resize_uint8(crop, size, method, antialias)}
+  return op
+
+
+def decode_inception_crop(size: Size, area_min: float = 0.08, area_max: float = 1.0,
+                          ratio: Sequence[float] = (3 / 4, 4 / 3), method: str = "bilinear",
+                          antialias: bool = False):
+  """decode|inception_crop(...) in one op that decodes only the crop window of a JPEG
+  (tf.image.decode_and_crop_jpeg), so the usual training crop skips most of the decode. Same rng, same
+  window; pixels equal except a few levels at the window's edge from JPEG chroma upsampling."""
+  size = _size(size, "decode_inception_crop")
+  _check_inception_args("decode_inception_crop", area_min, area_max, ratio, method, antialias)
+  full_decode = decode()
+
+  def op(example):
+    rng, example = take_rng(example)
+    data = example["image"]
+
+    def crop_jpeg():
+      top, left, ch, cw = inception_crop_box(tf.image.extract_jpeg_shape(data)[:2], rng, area_min, area_max, ratio)
+      return tf.image.decode_and_crop_jpeg(data, tf.stack([top, left, ch, cw]), channels=3)
+
+    def crop_decoded():
+      image = full_decode({"image": data})["image"]
+      top, left, ch, cw = inception_crop_box(tf.shape(image)[:2], rng, area_min, area_max, ratio)
+      return tf.slice(image, tf.stack([top, left, 0]), tf.stack([ch, cw, -1]))
+
+    crop = tf.cond(tf.io.is_jpeg(data), crop_jpeg, crop_decoded)
+    crop.set_shape([None, None, 3])
     return {**example, "image": _resize_uint8(crop, size, method, antialias)}
   return op
 

@@ -23,6 +23,7 @@ OPS: dict[str, Callable] = {
     "central_crop": ops.central_crop,
     "center_crop_fraction": ops.center_crop_fraction,
     "inception_crop": ops.inception_crop,
+    "decode_inception_crop": ops.decode_inception_crop,
     "flip_lr": ops.flip_lr,
     "normalize": ops.normalize,
     "value_range": ops.value_range,
