@@ -18,14 +18,19 @@ def _batch_rng(batch: dict) -> tuple[tf.Tensor, dict]:
   return use, {**batch, "rng": tf.tensor_scatter_nd_update(rng, [[0]], rest[None])}
 
 
-def _check(batch: dict, op: str):
+def _check(batch: dict, op: str) -> dict:
+  """The batch, checked; uint8 images become float32 in 0..255 units (normalised later, on the devices)."""
   image, label = batch["image"], batch["label"]
+  if image.dtype == tf.uint8:
+    image = tf.cast(image, tf.float32)
+    batch = {**batch, "image": image}
   if not image.dtype.is_floating or image.shape.rank != 4:
-    raise TypeError(f"{op}: expects a batch of float images [B, H, W, C], got {image.dtype.name} of rank "
-                    f"{image.shape.rank}; put normalize (or value_range) before it and run it after batching.")
+    raise TypeError(f"{op}: expects a batch of images [B, H, W, C] (uint8 or float), got {image.dtype.name} of "
+                    f"rank {image.shape.rank}; run it after batching.")
   if not label.dtype.is_floating or label.shape.rank != 2:
     raise TypeError(f"{op}: expects one-hot labels [B, num_classes], got {label.dtype.name} of rank "
                     f"{label.shape.rank}; put onehot(num_classes) in the pp before it.")
+  return batch
 
 
 def _check_alpha(alpha, op: str, name: str = "alpha"):
@@ -85,7 +90,7 @@ def mixup(alpha: float = 0.2):
 
   @_batch_op
   def op(batch):
-    _check(batch, "mixup")
+    batch = _check(batch, "mixup")
     seed, batch = _batch_rng(batch)
     return _mixup(batch, seed, alpha)
   return op
@@ -97,7 +102,7 @@ def cutmix(alpha: float = 1.0):
 
   @_batch_op
   def op(batch):
-    _check(batch, "cutmix")
+    batch = _check(batch, "cutmix")
     seed, batch = _batch_rng(batch)
     return _cutmix(batch, seed, alpha)
   return op
@@ -116,7 +121,7 @@ def mixup_cutmix(mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, switch_pro
 
   @_batch_op
   def op(batch):
-    _check(batch, "mixup_cutmix")
+    batch = _check(batch, "mixup_cutmix")
     seed, batch = _batch_rng(batch)
     switch_seed, mix_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     if not cutmix_alpha:

@@ -98,10 +98,21 @@ def test_runs_after_batching_in_tf_data():
   assert mix.mixup_cutmix().batch_op and mix.mixup(0.2).batch_op and mix.cutmix(1.0).batch_op
 
 
+def test_uint8_images_mix_as_float_in_pixel_units():
+  """Pipelines that normalise on the devices mix uint8 batches: the result is float32 in 0..255."""
+  batch = _batch()
+  pixels = tf.cast(tf.round(tf.clip_by_value(batch["image"] * 50 + 128, 0, 255)), tf.uint8)
+  out = mix.mixup(0.4)({**batch, "image": pixels})
+  assert out["image"].dtype == tf.float32
+  as_float = mix.mixup(0.4)({**batch, "image": tf.cast(pixels, tf.float32)})
+  np.testing.assert_allclose(out["image"].numpy(), as_float["image"].numpy(), atol=1e-4)
+  assert 0 <= out["image"].numpy().min() and out["image"].numpy().max() <= 255
+
+
 def test_clear_errors_for_wrong_inputs():
   batch = _batch()
-  with pytest.raises(TypeError, match="put normalize"):
-    mix.mixup(0.2)({**batch, "image": tf.cast(batch["image"], tf.uint8)})
+  with pytest.raises(TypeError, match="expects a batch of images"):
+    mix.mixup(0.2)({**batch, "image": tf.zeros([4, 8, 3], tf.int32)})
   with pytest.raises(TypeError, match="put onehot"):
     mix.cutmix(1.0)({**batch, "label": tf.range(4, dtype=tf.int64)})
   with pytest.raises(ValueError, match="mixup: alpha must be a positive number"):
