@@ -1,0 +1,1 @@
+"""Training: optimizer and schedules, train state, pure train/eval steps, the loop, checkpoints, metrics."""
