@@ -1,5 +1,6 @@
 """Blocks shared by the model families: attention, MLP, stochastic depth, partitioned initialisers."""
 
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -67,6 +68,40 @@ class Mlp(nn.Module):
     return nn.Dropout(self.dropout, deterministic=not train)(x)
 
 
+def _flat_init(init: Callable, in_dims: int) -> Callable:
+  """`init` drawn on the 2-D (fan_in, fan_out) view and reshaped: the numbers nn.DenseGeneral draws."""
+  def flat(key, shape, dtype=jnp.float32):
+    return init(key, (math.prod(shape[:in_dims]), math.prod(shape[in_dims:])), dtype).reshape(shape)
+  return flat
+
+
+class Projection(nn.Module):
+  """x @ kernel over x's last `in_dims` axes, with a kernel of shape in_shape + features.
+
+  nn.DenseGeneral cannot carry logical names on a multi-axis kernel: it boxes the flat 2-D kernel and
+  unboxing that under axis rules and a mesh (flax re-runs the init to check shapes even in apply) applies a
+  3-name constraint to a 2-D array. This draws the same numbers with the names on the real shape.
+  """
+  features: Sequence[int]
+  in_dims: int
+  kernel_names: Sequence[Optional[str]]
+  bias_names: Sequence[Optional[str]]
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = tuple(self.features)
+    kernel = self.param("kernel", partitioned(_flat_init(xavier_uniform, self.in_dims), self.kernel_names),
+                        x.shape[x.ndim - self.in_dims:] + features, self.param_dtype)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    y = jnp.tensordot(x, kernel, axes=self.in_dims)
+    if self.use_bias:
+      y = y + self.param("bias", partitioned(zeros, self.bias_names), features, self.param_dtype).astype(self.dtype)
+    return y
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with separate query/key/value projections split into heads.
 
@@ -88,11 +123,8 @@ class Attention(nn.Module):
     head_dim = width // self.num_heads
 
     def project(name):
-      return nn.DenseGeneral(
-          (self.num_heads, head_dim), use_bias=self.qkv_bias, dtype=self.dtype,
-          param_dtype=self.param_dtype, name=name,
-          kernel_init=partitioned(xavier_uniform, ("embed", "heads", "kv")),
-          bias_init=partitioned(zeros, ("heads", "kv")))(x)
+      return Projection((self.num_heads, head_dim), 1, ("embed", "heads", "kv"), ("heads", "kv"),
+                        use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
 
     q, k, v = project("query"), project("key"), project("value")
     q = constrain(q, ("batch", "length", "heads", "kv"))
@@ -108,10 +140,8 @@ class Attention(nn.Module):
     else:
       # Lets the backend pick a fused kernel (cuDNN flash attention on GPU, Pallas/XLA on TPU).
       out = jax.nn.dot_product_attention(q, k, v, bias=bias)
-    return nn.DenseGeneral(
-        width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-        name="out", kernel_init=partitioned(xavier_uniform, ("heads", "kv", "embed")),
-        bias_init=partitioned(zeros, ("embed",)))(out)
+    return Projection((width,), 2, ("heads", "kv", "embed"), ("embed",), dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="out")(out)
 
 
 def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
