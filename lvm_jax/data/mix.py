@@ -84,28 +84,26 @@ def _batch_op(fn):
   return fn
 
 
-def mixup(alpha: float = 0.2):
-  """Blend each image with its partner with lambda ~ Beta(alpha, alpha); labels with the same lambda."""
-  _check_alpha(alpha, "mixup")
+def _single(name: str, mix, alpha: float):
+  """A batch op that checks the batch, draws its seed and applies `mix` (_mixup or _cutmix)."""
+  _check_alpha(alpha, name)
 
   @_batch_op
   def op(batch):
-    batch = _check(batch, "mixup")
+    batch = _check(batch, name)
     seed, batch = _batch_rng(batch)
-    return _mixup(batch, seed, alpha)
+    return mix(batch, seed, alpha)
   return op
+
+
+def mixup(alpha: float = 0.2):
+  """Blend each image with its partner with lambda ~ Beta(alpha, alpha); labels with the same lambda."""
+  return _single("mixup", _mixup, alpha)
 
 
 def cutmix(alpha: float = 1.0):
   """Paste a box of the partner image covering ~(1 - lambda) of the area; labels weighted by that area."""
-  _check_alpha(alpha, "cutmix")
-
-  @_batch_op
-  def op(batch):
-    batch = _check(batch, "cutmix")
-    seed, batch = _batch_rng(batch)
-    return _cutmix(batch, seed, alpha)
-  return op
+  return _single("cutmix", _cutmix, alpha)
 
 
 def mixup_cutmix(mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, switch_prob: float = 0.5):

@@ -5,6 +5,8 @@ import difflib
 import fnmatch
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from lvm_jax.models import resnet, swin, vit
 
@@ -41,8 +43,6 @@ def create_model(name: str, **overrides) -> nn.Module:
 
 def abstract_variables(model: nn.Module) -> dict:
   """The model's variables as shapes only (jax.eval_shape: no memory), with logical-axis boxes removed."""
-  import jax
-  import jax.numpy as jnp
   size = getattr(model, "image_size", 224)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32)))
   return nn.meta.unbox(shapes)

@@ -160,41 +160,23 @@ def layer_ids(params) -> tuple[dict[str, int], int]:
   paths = param_paths(params)
   tops = {p.split("/")[0] for p in paths}
   family = _family(tops)
+  # Each top-level module's id; every parameter takes the id of the module it lives in.
   if family == "vit":
-    last = 1 + max(int(_VIT_BLOCK.match(t).group(1)) for t in tops if _VIT_BLOCK.match(t))
-    embed = {"patch_embed", "pos_embed", "cls_token"}
-    head = {"norm", "fc_norm", "pre_logits", "head"}
-
-    def of(path):
-      top = path.split("/")[0]
-      if top in embed:
-        return 0
-      if top in head:
-        return last + 1
-      m = _VIT_BLOCK.match(path)
-      return int(m.group(1)) + 1 if m else None
+    body = {t: int(m.group(1)) + 1 for t in tops if (m := _VIT_BLOCK.match(t))}
+    embed, head = {"patch_embed", "pos_embed", "cls_token"}, {"norm", "fc_norm", "pre_logits", "head"}
   else:
-    blocks = sorted({tuple(map(int, _STAGE_BLOCK.match(t).groups()[:2])) for t in tops if _STAGE_BLOCK.match(t)})
+    blocks = sorted((int(m.group(1)), int(m.group(2)), t) for t in tops if (m := _STAGE_BLOCK.match(t)))
     if family == "swin":
-      block_id = {sb: i + 1 for i, sb in enumerate(blocks)}  # one id per block, counted across stages
+      body = {t: i + 1 for i, (_, _, t) in enumerate(blocks)}  # one id per block, counted across stages
+      stage_last = {s: body[t] for s, _, t in blocks}  # sorted: the last write is the stage's last block
+      body.update({t: stage_last[int(m.group(1))] for t in tops if (m := _SWIN_MERGE.match(t))})
       embed, head = {"patch_embed", "patch_norm"}, {"norm", "head"}
     else:
-      block_id = {sb: sb[0] + 1 for sb in blocks}  # one id per stage
+      body = {t: s + 1 for s, _, t in blocks}  # one id per stage
       embed, head = {"stem_conv", "stem_bn"}, {"head"}
-    last = max(block_id.values())
-    stage_last = {s: block_id[(s, i)] for s, i in blocks}  # blocks are sorted: the last write is the last block
-
-    def of(path):
-      top = path.split("/")[0]
-      if top in embed:
-        return 0
-      if top in head:
-        return last + 1
-      if m := _STAGE_BLOCK.match(path):
-        return block_id[(int(m.group(1)), int(m.group(2)))]
-      if family == "swin" and (m := _SWIN_MERGE.match(path)):
-        return stage_last[int(m.group(1))]
-      return None
+  last = max(body.values())
+  top_ids = {**body, **{t: 0 for t in embed}, **{t: last + 1 for t in head}}
+  of = lambda path: top_ids.get(path.split("/")[0])
 
   ids = {p: of(p) for p in paths}
   unknown = [p for p, i in ids.items() if i is None]

@@ -2,6 +2,8 @@
 
 import pathlib
 
+import flax.linen as nn
+import jax
 import numpy as np
 
 from lvm_jax.models import registry
@@ -107,6 +109,4 @@ def save(model, variables, folder, *, labels=None) -> pathlib.Path:
 
 
 def _to_numpy(variables) -> dict:
-  import flax.linen as nn
-  import jax
   return jax.tree.map(lambda x: np.asarray(x, np.float32), nn.meta.unbox(dict(variables)))

@@ -4,6 +4,8 @@ Names are the ones on disk (every released checkpoint, and what transformers 5 s
 renamed in-memory names of transformers 5 (attention.q_proj, mlp.fc1, ...).
 """
 
+import re
+
 from lvm_jax.models.swin import SwinTransformer
 from lvm_jax.weights.mapping import Tensor, dense, norm, square_size
 
@@ -123,7 +125,6 @@ TIMM_IGNORE = ("relative_position_index", "attn_mask")  # buffers timm recompute
 
 
 def timm_model_args(architecture: str, model_args: dict, global_pool: str | None = None) -> dict:
-  import re
   match = re.fullmatch(r"swin_(tiny|small|base|large)_patch(\d+)_window(\d+)_(\d+)", architecture)
   if not match:
     raise ValueError(f"timm architecture {architecture!r} is not a Swin this loader knows "

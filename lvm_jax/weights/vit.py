@@ -1,6 +1,8 @@
 """ViT tensor names and layouts in Hugging Face transformers and timm checkpoints."""
 
-from lvm_jax.models.vit import VisionTransformer
+import re
+
+from lvm_jax.models.vit import VisionTransformer, vit_args
 from lvm_jax.weights.mapping import Tensor, dense, norm, square_size
 
 HF_MODEL_TYPE = "vit"
@@ -107,8 +109,6 @@ TIMM_IGNORE = ()
 
 def timm_model_args(architecture: str, model_args: dict, global_pool: str | None = None) -> dict:
   """timm ViT name + model_args -> our kwargs (without num_classes)."""
-  import re
-  from lvm_jax.models.vit import vit_args
   match = re.fullmatch(r"vit_(tiny|small|base|large|huge|giant)_patch(\d+)_(?:clip_)?(\d+)", architecture)
   if not match:
     raise ValueError(f"timm architecture {architecture!r} is not a plain ViT this loader knows "
