@@ -1,39 +1,94 @@
 r"""The lvm_jax command line. Kept short on purpose: it parses flags and calls into lvm_jax.
 
+  python main.py --config=configs/digits.py --workdir=/tmp/digits [--config.num_epochs=5 ...]   # train (+ resume)
+  python main.py --mode=eval --config=configs/digits.py --workdir=/tmp/digits                   # latest checkpoint
+  python main.py --mode=predict --workdir=/tmp/digits --image=digit.png                         # a trained run
   python main.py --mode=predict --pretrained=google/vit-base-patch16-224 --image=cat.jpg [--top_k=5] [--json]
+
+Several processes (a TPU pod slice, several GPU hosts): pass --distributed on every host. Cloud TPU VMs and
+SLURM are detected; elsewhere give --coordinator_address, --num_processes and --process_id (or the
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables).
 """
+
+import os
 
 from absl import app
 from absl import flags
+from absl import logging
+from ml_collections import config_flags
 
-from lvm_jax.tasks import classify
-
-flags.DEFINE_enum("mode", "predict", ["predict"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to run.")
+config_flags.DEFINE_config_file("config", None, "train/eval: a recipe under configs/, e.g. configs/digits.py:model=vit.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "train/eval: where checkpoints, logs and the config go (resumed when it holds "
+                    "a checkpoint). predict: a trained run's workdir.")
 flags.DEFINE_string("pretrained", None, "predict: a checkpoint lvm_jax.load_checkpoint reads (Hugging Face or timm "
                     "folder or hub id, big_vision .npz file).")
 flags.DEFINE_string("image", None, "predict: the image file to classify.")
 flags.DEFINE_integer("top_k", 5, "predict: how many classes to print.", lower_bound=1)
 flags.DEFINE_bool("json", False, "predict: print a JSON list of {label, index, probability}.")
+flags.DEFINE_bool("distributed", False, "Initialise jax.distributed (one process per host).")
+flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                    "--distributed: host:port of process 0, where the hosts cannot be detected.")
+flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", 0)) or None,
+                     "--distributed: how many processes in all.")
+flags.DEFINE_integer("process_id", int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None,
+                     "--distributed: this process's index.")
 FLAGS = flags.FLAGS
 
 
-def predict() -> None:
-  for name in ("pretrained", "image"):
+def _require(*names: str) -> None:
+  for name in names:
     if not getattr(FLAGS, name):
-      raise app.UsageError(f"--{name} is required with --mode=predict.")
+      raise app.UsageError(f"--{name} is required with --mode={FLAGS.mode}.")
+
+
+def _initialize_distributed() -> None:
+  import jax
+  # CPU hosts need gloo for cross-process collectives; GPU and TPU backends ignore this setting.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+                             process_id=FLAGS.process_id)
+
+
+def train() -> None:
+  _require("config", "workdir")
+  from lvm_jax.train import trainer
+  trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+def evaluate() -> None:
+  _require("config", "workdir")
+  from lvm_jax.train import trainer
+  trainer.evaluate(FLAGS.config, FLAGS.workdir)
+
+
+def predict() -> None:
+  _require("image")
+  if bool(FLAGS.pretrained) == bool(FLAGS.workdir):
+    raise app.UsageError("--mode=predict needs exactly one of --pretrained (a checkpoint) and --workdir (a run).")
+  from lvm_jax.tasks import classify
   try:
-    predictions = classify.classify(FLAGS.pretrained, FLAGS.image, top_k=FLAGS.top_k)[0]
+    source = FLAGS.pretrained
+    if FLAGS.workdir:
+      from lvm_jax.train import workdir_checkpoint
+      source = workdir_checkpoint.load(FLAGS.workdir)
+    predictions = classify.classify(source, FLAGS.image, top_k=FLAGS.top_k)[0]
   except (OSError, ValueError) as e:  # a bad file or checkpoint: the message says which and why
     raise SystemExit(f"error: {e}") from None
   print(classify.format_predictions(predictions, as_json=FLAGS.json))
 
 
-MODES = {"predict": predict}
+MODES = {"train": train, "eval": evaluate, "predict": predict}
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS["verbosity"].present:  # Orbax logs every file operation at INFO; the console has our lines
+    logging.set_verbosity(logging.WARNING)
+  if FLAGS.distributed:
+    _initialize_distributed()
   MODES[FLAGS.mode]()
 
 

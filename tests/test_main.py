@@ -1,4 +1,5 @@
-"""The command line: `python main.py --mode=predict --pretrained=... --image=... [--top_k] [--json]`."""
+"""The command line's predict mode: `python main.py --mode=predict --pretrained=... --image=... [--top_k] [--json]`
+(training through main.py is tested in tests/train/)."""
 
 import json
 import pathlib
@@ -45,7 +46,7 @@ def run_main(capsys):
 
 
 def test_json_output_equals_the_pipeline(run_main, checkpoint, photo):
-  printed = json.loads(run_main(f"--pretrained={checkpoint}", f"--image={photo}", "--json"))
+  printed = json.loads(run_main("--mode=predict", f"--pretrained={checkpoint}", f"--image={photo}", "--json"))
   indices, probabilities = pipeline_top_k(checkpoint, photo)
   assert [p["index"] for p in printed] == indices
   assert [p["label"] for p in printed] == [LABELS[i] for i in indices]
@@ -62,8 +63,10 @@ def test_text_output_is_one_line_per_class(run_main, checkpoint, photo):
   np.testing.assert_allclose([float(p) / 100 for p, _, _ in parsed], probabilities, atol=5e-5, rtol=0)
 
 
-def test_predict_is_the_default_mode(run_main, checkpoint, photo):
-  assert len(run_main(f"--pretrained={checkpoint}", f"--image={photo}").splitlines()) == 5
+def test_train_is_the_default_mode(run_main, checkpoint, photo):
+  with pytest.raises(app.UsageError, match="--config is required with --mode=train"):
+    run_main(f"--pretrained={checkpoint}", f"--image={photo}")
+  assert len(run_main("--mode=predict", f"--pretrained={checkpoint}", f"--image={photo}").splitlines()) == 5
 
 
 @pytest.mark.parametrize("content,message", [
@@ -79,21 +82,21 @@ def test_bad_images_exit_with_the_reason(run_main, checkpoint, photo, tmp_path, 
   elif content is not None:
     path.write_bytes(content)
   with pytest.raises(SystemExit) as exit_info:
-    run_main(f"--pretrained={checkpoint}", f"--image={path}")
+    run_main("--mode=predict", f"--pretrained={checkpoint}", f"--image={path}")
   assert re.match(rf"error: .*{message}", exit_info.value.code)
 
 
 def test_missing_flags_are_usage_errors(run_main, checkpoint):
-  with pytest.raises(app.UsageError, match="--pretrained is required"):
-    run_main("--image=cat.jpg")
+  with pytest.raises(app.UsageError, match="exactly one of --pretrained"):
+    run_main("--mode=predict", "--image=cat.jpg")
   with pytest.raises(app.UsageError, match="--image is required"):
-    run_main(f"--pretrained={checkpoint}")
+    run_main("--mode=predict", f"--pretrained={checkpoint}")
   with pytest.raises(flags.IllegalFlagValueError):
     run_main("--mode=dance")
 
 
 def test_command_line_end_to_end(checkpoint, photo, tmp_path):
-  command = [sys.executable, "main.py", f"--pretrained={checkpoint}", "--top_k=2"]
+  command = [sys.executable, "main.py", "--mode=predict", f"--pretrained={checkpoint}", "--top_k=2"]
   done = subprocess.run(command + [f"--image={photo}", "--json"], cwd=REPO, capture_output=True, text=True,
                         timeout=120)
   assert done.returncode == 0, done.stderr

@@ -151,6 +151,7 @@ def inception_crop(size: Size, area_min: float = 0.08, area_max: float = 1.0,
     image = example["image"]
     top, left, ch, cw = inception_crop_box(tf.shape(image)[:2], rng, area_min, area_max, ratio)
     crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([ch, cw, -1]))
+    crop.set_shape([None, None, image.shape[-1]])  # a -1 slice size would otherwise hide the channel count
     return {**example, "image": _resize_uint8(crop, size, method, antialias)}
   return op
 

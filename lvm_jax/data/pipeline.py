@@ -1,7 +1,7 @@
-"""Train and eval tf.data pipelines over a source's per-process shard.
+"""Train and eval tf.data pipelines over a source's per-process shards.
 
-Training is an endless, deterministic stream: epoch e of this process's shard is shuffled with a seed derived
-from (seed, e), every example gets its own stateless rng from (seed, process, e, position), and a run that
+Training is an endless, deterministic stream: epoch e of each data shard is shuffled with a seed derived
+from (seed, e), every example gets its own stateless rng from (seed, shard, e, position), and a run that
 resumes after `start` examples skips exactly those (before decoding), so it sees the batches an
 uninterrupted run would have seen. Evaluation visits every example of the split exactly once across all
 processes, pads the last batches with masked examples, and gives every process the same number of steps.
@@ -64,19 +64,12 @@ def _example_rng(seed: int, shard: Shard, epoch, position) -> tf.Tensor:
   return tf.random.experimental.stateless_fold_in(rng, tf.cast(position, tf.int64))
 
 
-def train_dataset(source, spec: PpSpec, *, global_batch_size: int, seed: int, start: int = 0,
-                  shard: Optional[Shard] = None, shuffle_buffer: int = 10_000,
-                  prefetch: int = 2) -> tf.data.Dataset:
-  """Batches of this process's share of `global_batch_size`, forever.
-
-  `start` is how many examples this process already consumed (step * local batch size on resume).
-  """
-  shard = shard or Shard.current()
-  local_batch = local_batch_size(global_batch_size, shard)
+def _shard_stream(source, shard: Shard, per_example: list[Op], batch_ops: list[Op], batch_size: int, seed: int,
+                  start: int, shuffle_buffer: int) -> tf.data.Dataset:
+  """One shard's endless stream of batches: per-epoch shuffle, per-example rng, skip `start`, ops, batch."""
   shard_size = source.shard_size(shard.index, shard.count)
   if shard_size == 0:
-    raise ValueError(f"process {shard.index} of {shard.count} has no training examples.")
-  per_example, batch_ops = _split_ops(spec)
+    raise ValueError(f"data shard {shard.index} of {shard.count} has no training examples.")
   first_epoch, offset = divmod(int(start), shard_size)
   base = source.dataset(shard.index, shard.count)
 
@@ -90,10 +83,40 @@ def train_dataset(source, spec: PpSpec, *, global_batch_size: int, seed: int, st
   ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_examples)
   ds = ds.skip(offset)  # on encoded bytes: a resume reads, but never decodes, the skipped examples
   ds = ds.map(_chain(per_example), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds.batch(batch_size, drop_remainder=True)
   if batch_ops:
     ds = ds.map(_chain(batch_ops), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.map(lambda batch: {k: v for k, v in batch.items() if k != "rng"})
+  return ds.map(lambda batch: {k: v for k, v in batch.items() if k != "rng"})
+
+
+def train_dataset(source, spec: PpSpec, *, global_batch_size: int, seed: int, start: int = 0,
+                  shard: Optional[Shard] = None, num_shards: Optional[int] = None, shuffle_buffer: int = 10_000,
+                  prefetch: int = 2) -> tf.data.Dataset:
+  """Batches of this process's share of `global_batch_size`, forever.
+
+  The split is read as `num_shards` data shards (default: one per process), each shuffled and batched on its
+  own (global_batch_size / num_shards examples a step, batch ops such as mixup within it); a process reads only
+  its num_shards / process_count shards and concatenates their batches. The global batch is therefore the same
+  for every process count that divides num_shards: a run can move between 1 host and several and see the same
+  examples in the same order.
+  `start` is how many examples each shard already consumed: step * global_batch_size / num_shards on resume.
+  """
+  shard = shard or Shard.current()
+  num_shards = num_shards or shard.count
+  if num_shards % shard.count:
+    raise ValueError(f"data.num_shards={num_shards} must be a multiple of the {shard.count} processes.")
+  local_batch_size(global_batch_size, shard)
+  if global_batch_size % num_shards:
+    raise ValueError(f"global batch size {global_batch_size} is not divisible by data.num_shards={num_shards}.")
+  per_example, batch_ops = _split_ops(spec)
+  mine = num_shards // shard.count
+  streams = [_shard_stream(source, Shard(shard.index * mine + i, num_shards), per_example, batch_ops,
+                           global_batch_size // num_shards, seed, start, shuffle_buffer) for i in range(mine)]
+  if len(streams) == 1:
+    ds = streams[0]
+  else:
+    ds = tf.data.Dataset.zip(tuple(streams)).map(
+        lambda *parts: {k: tf.concat([p[k] for p in parts], axis=0) for k in parts[0]})
   return ds.prefetch(prefetch)
 
 

@@ -10,12 +10,12 @@ import jax.numpy as jnp
 
 from lvm_jax.models import resnet, swin, vit
 
-_FAMILIES = (
+FAMILIES = (
     (vit.VisionTransformer, vit.VARIANTS),
     (resnet.ResNet, resnet.VARIANTS),
     (swin.SwinTransformer, swin.VARIANTS),
 )
-_MODELS = {name: (cls, args) for cls, variants in _FAMILIES for name, args in variants.items()}
+_MODELS = {name: (cls, args) for cls, variants in FAMILIES for name, args in variants.items()}
 
 
 def list_models(pattern: str = "*") -> list[str]:

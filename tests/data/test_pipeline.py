@@ -111,3 +111,24 @@ def test_eval_with_uneven_process_shards_gives_all_processes_the_same_steps(test
 def test_batch_not_divisible_by_processes_is_a_clear_error(train):
   with pytest.raises(ValueError, match="global batch size 10 is not divisible by the 4 processes"):
     pipeline.train_dataset(train, TRAIN_PP, global_batch_size=10, seed=0, shard=pipeline.Shard(0, 4))
+
+
+def test_global_batches_do_not_depend_on_the_process_count(train):
+  """With num_shards=4, one process (4 shards) and two processes (2 shards each) build the same global batches,
+  also when resuming at step 3 (start = 3 * 16 / 4 examples a shard)."""
+  def global_batches(count, start=0):
+    streams = [pipeline.train_dataset(train, TRAIN_PP, global_batch_size=16, seed=3, start=start,
+                                      shard=pipeline.Shard(i, count), num_shards=4).as_numpy_iterator()
+               for i in range(count)]
+    return [{k: np.concatenate([next_[k] for next_ in parts]) for k in parts[0]}
+            for parts in (tuple(next(s) for s in streams) for _ in range(5))]
+
+  one, two = global_batches(1), global_batches(2)
+  for a, b in zip(one, two):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  resumed = global_batches(2, start=3 * 4)
+  for a, b in zip(one[3:], resumed):
+    np.testing.assert_array_equal(a["image"], b["image"])
+  with pytest.raises(ValueError, match="num_shards=3 must be a multiple of the 2 processes"):
+    pipeline.train_dataset(train, TRAIN_PP, global_batch_size=12, seed=0, shard=pipeline.Shard(0, 2), num_shards=3)

@@ -1,0 +1,159 @@
+"""Every setting a training run reads, with its default: recipes under configs/ start from `defaults()` and set
+what differs. `validate` checks a config against this schema before anything is built or compiled, so a typo
+or a wrong type is an error naming the key, not a silently ignored setting.
+
+Blocks whose keys belong to someone else are checked there: `model` (any argument of the model class, checked
+by create_model), `data.train` / `data.eval` (make_source's arguments for the chosen kind), `optimizer`
+(lvm_jax.train.optimizer.read_config), `mesh` (lvm_jax.parallel.mesh_shape) and `sharding` (get_strategy).
+"""
+
+import difflib
+from typing import Any
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+# Blocks passed on whole to the code that owns them (that code rejects unknown keys itself).
+FREE_FORM = ("model_args", "data.train", "data.eval", "optimizer", "mesh", "sharding")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # The model: a registered name plus argument overrides, or a checkpoint to fine-tune (then `model` is ignored
+  # and the checkpoint's own architecture is used; `model_args` still override e.g. drop_path).
+  c.model = "vit_ti16"
+  c.model_args = ml_collections.ConfigDict()   # e.g. {"drop_path": 0.1, "image_size": 32}
+  c.pretrained = placeholder(str)                         # anything lvm_jax.from_pretrained accepts
+  c.num_classes = placeholder(int)                     # None: the training source's class count
+  c.image_size = placeholder(int)                      # None: the model's own; set for fine-tuning at a new resolution
+  c.dtype = "float32"                          # compute dtype; parameters and optimizer state stay float32
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = ml_collections.ConfigDict(dict(kind="digits", split="train"))   # make_source(**train)
+  c.data.eval = ml_collections.ConfigDict(dict(kind="digits", split="test"))     # None: no evaluation
+  c.data.pp_train = "decode|inception_crop(224)|flip_lr"
+  c.data.pp_eval = "decode|resize_small(256)|central_crop(224)"
+  # Normalisation on the device (uint8 crosses to the device, a quarter of the bytes): a preset ("imagenet",
+  # "inception") or None for the pretrained checkpoint's own mean/std. Ignored when the pp normalises itself.
+  c.data.normalize = "imagenet"
+  c.data.batch_size = 128                      # global, over all processes
+  c.data.eval_batch_size = 0                   # 0: same as batch_size
+  # The train split is read as this many shards (0: one per process). A multiple of every process count the run
+  # may use makes the global batches independent of the number of hosts (see data/pipeline.py).
+  c.data.num_shards = 0
+  c.data.shuffle_buffer = 10_000
+  c.data.prefetch = 2
+
+  c.num_steps = 0                              # training length in steps; 0: from num_epochs
+  c.num_epochs = 0.0
+  c.label_smoothing = 0.0                      # for integer labels (a pp with onehot(...) smooths itself)
+
+  c.optimizer = ml_collections.ConfigDict(dict(name="adamw", lr=1e-3, weight_decay=0.05))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1))
+  # preset: "dp", "fsdp", "tp" or "fsdp_tp"; or rules=[(logical name, mesh axes), ...], fsdp_axis, fsdp_min_size
+  c.sharding = ml_collections.ConfigDict(dict(preset="dp"))
+
+  c.log_every_steps = 50
+  c.eval_every_steps = 0                       # 0: evaluate at the end only
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.best_metric = "top1"                       # eval metric whose best checkpoint is kept (None: off)
+  c.async_checkpoints = True
+  c.progress_bar = True                        # shown only when a terminal is attached
+  return c
+
+
+def _flatten(config, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in config.items():
+    path = f"{prefix}{key}"
+    if path in FREE_FORM or not isinstance(value, (ml_collections.ConfigDict, dict)):
+      out[path] = value
+    else:
+      out.update(_flatten(value, path + "."))
+  return out
+
+
+def _type_ok(value, default) -> bool:
+  if default is None or value is None:
+    return True  # optional settings: their users check the value
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(default, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  if isinstance(default, (ml_collections.ConfigDict, dict)):
+    return isinstance(value, (ml_collections.ConfigDict, dict))
+  if isinstance(default, str) and not isinstance(value, str):
+    return False
+  return isinstance(value, type(default))
+
+
+def validate(config) -> ml_collections.ConfigDict:
+  """The config with defaults filled in; raises ValueError on unknown keys, wrong types or bad values."""
+  schema = _flatten(defaults())
+  given = _flatten(config)
+  errors = []
+  for key, value in given.items():
+    if key not in schema:
+      close = difflib.get_close_matches(key, schema, n=1)
+      errors.append(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    elif not _type_ok(value, schema[key]):
+      errors.append(f"{key}={value!r} should be of type {type(schema[key]).__name__}")
+  if errors:
+    raise ValueError("Config errors: " + "; ".join(errors) + ".")
+
+  merged = defaults().to_dict()
+  for key, value in given.items():  # free-form blocks replace the default block whole
+    *parents, name = key.split(".")
+    target = merged
+    for parent in parents:
+      target = target[parent]
+    target[name] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+  full = ml_collections.ConfigDict(merged)
+
+  if full.dtype not in DTYPES:
+    raise ValueError(f"dtype={full.dtype!r} is not one of {DTYPES}.")
+  if (full.num_steps > 0) == (full.num_epochs > 0):
+    raise ValueError(f"Set exactly one of num_steps (> 0) and num_epochs (> 0); got num_steps={full.num_steps}, "
+                     f"num_epochs={full.num_epochs}.")
+  for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    if full[key] < 1:
+      raise ValueError(f"{key} must be >= 1, got {full[key]}.")
+  if full.eval_every_steps < 0:
+    raise ValueError(f"eval_every_steps must be >= 0 (0: at the end only), got {full.eval_every_steps}.")
+  if full.data.batch_size < 1 or full.data.eval_batch_size < 0:
+    raise ValueError(f"data.batch_size must be >= 1 and data.eval_batch_size >= 0, got {full.data.batch_size} "
+                     f"and {full.data.eval_batch_size}.")
+  if not 0.0 <= full.label_smoothing < 1.0:
+    raise ValueError(f"label_smoothing must be in [0, 1), got {full.label_smoothing}.")
+  if full.pretrained is None and full.data.normalize is None:
+    raise ValueError("data.normalize=None means the pretrained checkpoint's mean/std, but no pretrained is set.")
+  return full
+
+
+def parse_arg(arg, **defaults_) -> ml_collections.ConfigDict:
+  """A recipe's `:ARG` ("model=vit,runlocal") -> fields over `defaults_`; a bare name sets a bool flag.
+
+  Values take the type of their default (bool from "true"/"false"/"1"/"0"); unknown names are errors.
+  """
+  values = dict(defaults_)
+  for part in filter(None, (p.strip() for p in (arg or "").split(","))):
+    name, has_value, text = part.partition("=")
+    if name not in defaults_:
+      raise ValueError(f"Unknown config argument {name!r} in {arg!r}; accepted: {', '.join(defaults_)}.")
+    default = defaults_[name]
+    if isinstance(default, bool):
+      if has_value and text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"Config argument {name}={text!r} should be true or false.")
+      values[name] = not has_value or text.lower() in ("true", "1")
+    elif not has_value:
+      raise ValueError(f"Config argument {name!r} needs a value ({name}=...).")
+    else:
+      try:
+        values[name] = type(default)(text) if default is not None else text
+      except ValueError:
+        raise ValueError(f"Config argument {name}={text!r} should be a {type(default).__name__}.") from None
+  return ml_collections.ConfigDict(values)
