@@ -12,6 +12,8 @@ JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variabl
 
 import os
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tf.data only feeds input: keep its C++ notices off the console
+
 from absl import app
 from absl import flags
 from absl import logging

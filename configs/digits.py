@@ -42,8 +42,12 @@ def get_config(arg=None):
 
   c.num_epochs = MODELS[args.model]["num_epochs"]
   c.label_smoothing = 0.1
-  c.optimizer = dict(name="adamw", lr=2e-3, weight_decay=0.05, clip_norm=1.0,
-                     schedule=dict(warmup_steps=100, decay="cosine"))
+  c.optimizer.name = "adamw"
+  c.optimizer.lr = 2e-3
+  c.optimizer.weight_decay = 0.05
+  c.optimizer.clip_norm = 1.0
+  c.optimizer.schedule.warmup_steps = 100
+  c.optimizer.schedule.decay = "cosine"
   c.log_every_steps = 50
   c.eval_every_steps = 225
   c.checkpoint_every_steps = 225

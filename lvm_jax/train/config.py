@@ -13,9 +13,13 @@ from typing import Any
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from lvm_jax.train import optimizer as optimizer_lib
+
 # Blocks passed on whole to the code that owns them (that code rejects unknown keys itself).
 FREE_FORM = ("model_args", "data.train", "data.eval", "optimizer", "mesh", "sharding")
 DTYPES = ("float32", "bfloat16", "float16")
+# Settings whose None means something ("no evaluation", "the checkpoint's own normalisation", "keep no best").
+NULLABLE = ("data.eval", "data.normalize", "best_metric")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -51,7 +55,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.num_epochs = 0.0
   c.label_smoothing = 0.0                      # for integer labels (a pp with onehot(...) smooths itself)
 
-  c.optimizer = ml_collections.ConfigDict(dict(name="adamw", lr=1e-3, weight_decay=0.05))
+  c.optimizer = optimizer_block()
+  c.optimizer.lr = 1e-3
+  c.optimizer.weight_decay = 0.05
   c.mesh = ml_collections.ConfigDict(dict(data=-1))
   # preset: "dp", "fsdp", "tp" or "fsdp_tp"; or rules=[(logical name, mesh axes), ...], fsdp_axis, fsdp_min_size
   c.sharding = ml_collections.ConfigDict(dict(preset="dp"))
@@ -66,11 +72,30 @@ def defaults() -> ml_collections.ConfigDict:
   return c
 
 
+# Types of the optimizer settings whose default is None ("off" / "the optimizer's own"), so that they can still be
+# set from the command line (ml_collections cannot override a plain None).
+_OPTIONAL_TYPES = dict(lr=float, eps=float, clip_norm=float, layer_decay=float, ema_decay=float, frozen=tuple,
+                       no_decay=tuple, total_steps=int)
+
+
+def _typed(block: dict) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({k: placeholder(_OPTIONAL_TYPES[k]) if v is None else v for k, v in block.items()})
+
+
+def optimizer_block() -> ml_collections.ConfigDict:
+  """Every key lvm_jax.train.optimizer reads, at its default: recipes set fields on it (rather than assigning a
+  dict) so that any of them stays settable as --config.optimizer.KEY=VALUE."""
+  block = _typed({k: v for k, v in optimizer_lib.DEFAULTS.items() if k != "schedule"})
+  block.schedule = _typed(optimizer_lib.SCHEDULE_DEFAULTS)
+  return block
+
+
 def _flatten(config, prefix: str = "") -> dict[str, Any]:
   out = {}
   for key, value in config.items():
     path = f"{prefix}{key}"
-    if path in FREE_FORM or not isinstance(value, (ml_collections.ConfigDict, dict)):
+    # An empty block is kept as a key: an unknown one must be reported, not flattened away.
+    if path in FREE_FORM or not isinstance(value, (ml_collections.ConfigDict, dict)) or not value:
       out[path] = value
     else:
       out.update(_flatten(value, path + "."))
@@ -94,12 +119,17 @@ def _type_ok(value, default) -> bool:
 def validate(config) -> ml_collections.ConfigDict:
   """The config with defaults filled in; raises ValueError on unknown keys, wrong types or bad values."""
   schema = _flatten(defaults())
-  given = _flatten(config)
+  blocks = {k.rsplit(".", 1)[0] for k in schema if "." in k}
+  # An empty known block ("data": {}) changes nothing; an empty unknown one is still reported.
+  given = {k: v for k, v in _flatten(config).items() if not (k in blocks and isinstance(v, (dict,
+           ml_collections.ConfigDict)) and not v)}
   errors = []
   for key, value in given.items():
     if key not in schema:
       close = difflib.get_close_matches(key, schema, n=1)
       errors.append(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    elif value is None and schema[key] is not None and key not in NULLABLE:
+      errors.append(f"{key}=None is not allowed: it should be of type {type(schema[key]).__name__}")
     elif not _type_ok(value, schema[key]):
       errors.append(f"{key}={value!r} should be of type {type(schema[key]).__name__}")
   if errors:
@@ -116,6 +146,8 @@ def validate(config) -> ml_collections.ConfigDict:
 
   if full.dtype not in DTYPES:
     raise ValueError(f"dtype={full.dtype!r} is not one of {DTYPES}.")
+  if full.num_steps < 0 or full.num_epochs < 0:
+    raise ValueError(f"num_steps and num_epochs must be >= 0, got {full.num_steps} and {full.num_epochs}.")
   if (full.num_steps > 0) == (full.num_epochs > 0):
     raise ValueError(f"Set exactly one of num_steps (> 0) and num_epochs (> 0); got num_steps={full.num_steps}, "
                      f"num_epochs={full.num_epochs}.")

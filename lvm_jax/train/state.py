@@ -50,7 +50,7 @@ def _new_state(variables: dict, tx: optax.GradientTransformation, rng: jax.Array
 def abstract_state(model: nn.Module, tx, input_shape, *, use_ema: bool) -> tuple[TrainState, dict]:
   """(the TrainState as ShapeDtypeStructs, the model's boxed abstract variables that name its axes)."""
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape, jnp.float32), train=False))
-  state = jax.eval_shape(lambda: _new_state(nn.meta.unbox(boxed), tx, jax.random.key(0), use_ema))
+  state = jax.eval_shape(lambda v: _new_state(v, tx, jax.random.key(0), use_ema), nn.meta.unbox(boxed))
   return state, boxed
 
 
@@ -78,4 +78,5 @@ def create(model: nn.Module, tx, rng: jax.Array, input_shape, state_shardings: T
   placed = {"params": jax.device_put(variables["params"], state_shardings.params)}
   if variables.get("batch_stats"):
     placed["batch_stats"] = jax.device_put(variables["batch_stats"], state_shardings.batch_stats)
-  return jax.jit(lambda v, key: _new_state(v, tx, key, use_ema), out_shardings=state_shardings)(placed, rng)
+  state_key = jax.random.split(rng)[1]  # the same state rng as a fresh init from this key
+  return jax.jit(lambda v, key: _new_state(v, tx, key, use_ema), out_shardings=state_shardings)(placed, state_key)

@@ -92,7 +92,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     metrics = {
         "loss": loss,
         "top1": jnp.mean(jnp.argmax(logits, -1) == _class_ids(batch["label"])),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": schedule(state.step // k),
     }
     return new_state, metrics
@@ -113,7 +113,7 @@ def make_eval_step(model: nn.Module, config: StepConfig) -> Callable[[dict, dict
         "count": jnp.sum(mask),
         "top1": jnp.sum(mask * (jnp.argmax(logits, -1) == labels)),
         "top5": jnp.sum(mask * jnp.any(top5 == labels[:, None], axis=-1)),
-        "loss": jnp.sum(mask * loss),
+        "loss": jnp.sum(jnp.where(mask > 0, loss, 0.0)),  # a padded example never turns the sum into NaN
     }
 
   return eval_step
@@ -123,4 +123,6 @@ def summarize_eval(sums: Sequence[dict]) -> dict:
   """Metric sums of all eval batches -> means over the real examples (top1, top5, loss)."""
   total = {name: sum(float(s[name]) for s in sums) for name in sums[0]}
   count = total.pop("count")
+  if count == 0:
+    raise ValueError("The eval split has no examples (every batch was padding).")
   return {name: value / count for name, value in total.items()}

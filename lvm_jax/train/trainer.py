@@ -62,9 +62,9 @@ def _check_finite(state, checkpoints: checkpoints_lib.Checkpoints) -> None:
 
 
 def _checkpoints(run: setup.Run, workdir: str) -> checkpoints_lib.Checkpoints:
-  return checkpoints_lib.Checkpoints(os.path.join(workdir, workdir_checkpoint.CHECKPOINT_DIR), keep=run.config.keep_checkpoints,
-                                     best_metric=run.config.best_metric, best_mode="max",
-                                     async_save=run.config.async_checkpoints)
+  return checkpoints_lib.Checkpoints(os.path.join(workdir, workdir_checkpoint.CHECKPOINT_DIR),
+                                     keep=run.config.keep_checkpoints, best_metric=run.config.best_metric,
+                                     best_mode="max", async_save=run.config.async_checkpoints)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -75,6 +75,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   start = checkpoints.latest_step()
   state = run.new_state() if start is None else checkpoints.restore(run.abstract_state())
   start = start or 0
+  if start >= run.num_steps:
+    checkpoints.close()
+    if jax.process_index() == 0:
+      print(f"{workdir} already holds the final checkpoint (step {start} of {run.num_steps}): nothing to train. "
+            "Evaluate it with --mode=eval, or raise num_steps / num_epochs to train on.")
+    return {}
   if jax.process_index() == 0:
     reporting.save_config(workdir, run.config)
     run.train_source.save_class_names(os.path.join(workdir, workdir_checkpoint.CLASS_NAMES_FILE))
@@ -145,7 +151,7 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
   checkpoints = _checkpoints(run, workdir)
   step = checkpoints.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"No checkpoint in {os.path.join(workdir, workdir_checkpoint.CHECKPOINT_DIR)} to evaluate.")
+    raise FileNotFoundError(f"No checkpoint in {checkpoints.directory} to evaluate.")
   state = checkpoints.restore(run.abstract_state(), step=step)
   metrics = _evaluate(run, _jit_eval_step(run), state)
   with reporting.MetricLogger(workdir, total_steps=run.num_steps, progress_bar=False) as logger:
