@@ -4,7 +4,7 @@ He et al. 2019 ("Bag of Tricks for Image Classification with Convolutional Neura
 ops: cosine decay, no bias decay, zero-init of each block's last BatchNorm, label smoothing. Expect ~77% top-1.
 
   python main.py --config=configs/resnet50_imagenet.py --workdir=gs://BUCKET/r50 \
-      --config.data.train.data_dir=gs://BUCKET/tensorflow_datasets      # the eval block shares data_dir
+      --config.data.train.data_dir=gs://BUCKET/tensorflow_datasets      # the eval block shares it
   python main.py --config=configs/resnet50_imagenet.py:batch_size=256 ...   # lr and warmup follow the batch
   python main.py --config=configs/resnet50_imagenet.py:runlocal --workdir=/tmp/r50  # the same recipe, toy size
 
@@ -15,11 +15,12 @@ augmentation (Bag of Tricks 2.1); the crop and flip are the same.
 
 import math
 
-from ml_collections.config_dict import placeholder
+from ml_collections.config_dict import FieldReference, placeholder
 
 from lvm_jax.train import config as config_lib
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167   # TFDS imagenet2012 "train"
+RUNLOCAL_BATCH_SIZE = 16              # 2 examples on each of 8 (fake CPU) devices
 NUM_CLASSES = 1000
 EPOCHS = 90                           # He et al. 2016 / Goyal et al. 2017 5.1
 WARMUP_EPOCHS = 5                     # Goyal et al. 2017 2.2 (gradual warmup)
@@ -39,37 +40,39 @@ def _pp_eval(size: int) -> str:
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, batch_size=BATCH_SIZE, runlocal=False)
+  # The lr follows the batch by the paper's linear scaling rule; warmup is in epochs (so steps follow it too).
+  batch_size = RUNLOCAL_BATCH_SIZE if args.runlocal else args.batch_size
   c = config_lib.defaults()
   c.model = "resnet50"
   # gamma = 0 in the last BatchNorm of every residual block (Goyal 5.1, Bag of Tricks 3.1); BatchNorm momentum
   # 0.9 in Flax's convention (torch's 0.1), eps 1e-5.
-  c.model_args = dict(zero_init_last=True, bn_momentum=0.9, bn_eps=1e-5)
+  c.model_args = dict(zero_init_last=True, bn_momentum=0.9, bn_eps=1e-5, drop_path=0.0)   # no stochastic depth
   c.num_classes = NUM_CLASSES
   c.dtype = "bfloat16"               # as Flax's imagenet example on TPU (half_precision); parameters stay float32
 
-  # data_dir is one setting shared by both blocks: --config.data.train.data_dir sets the eval one too.
-  data_dir = placeholder(str)
-  c.data.train = dict(kind="tfds", name="imagenet2012", split="train", data_dir=data_dir, download=False,
-                      manual_dir=placeholder(str))
+  # One FieldReference per setting, in both blocks: --config.data.train.data_dir sets the eval one too.
+  shared = dict(kind="tfds", name="imagenet2012", data_dir=placeholder(str), download=FieldReference(False),
+                manual_dir=placeholder(str))   # imagenet2012's archives must be put in manual_dir by hand
+  c.data.train = dict(shared, split="train")
   # Reported on the 50k "validation" images; for hyper-parameter search hold out a minival instead
   # (big_vision): --config.data.train.split='train[:99%]' --config.data.eval.split='train[99%:]'.
-  c.data.eval = dict(kind="tfds", name="imagenet2012", split="validation", data_dir=data_dir, download=False,
-                     manual_dir=placeholder(str))
+  c.data.eval = dict(shared, split="validation")
   c.data.pp_train = _pp_train(224)
   c.data.pp_eval = _pp_eval(224)
   c.data.normalize = "imagenet"
-  c.data.batch_size = args.batch_size
+  c.data.batch_size = batch_size
   c.data.shuffle_buffer = 50_000
 
-  steps_per_epoch = IMAGENET_TRAIN_EXAMPLES / args.batch_size
+  steps_per_epoch = IMAGENET_TRAIN_EXAMPLES / batch_size
   c.num_epochs = float(EPOCHS)
   c.label_smoothing = 0.1            # Bag of Tricks 5.2
   # SGD with Nesterov momentum 0.9 (Bag of Tricks 2.1; Flax's imagenet example), L2 weight decay 1e-4 (He et al.
   # 2016) on conv and dense kernels only: no decay on biases and BatchNorm scale/bias (Bag of Tricks 3.1).
   # Linear warmup from 0 over 5 epochs, then cosine to 0 (Bag of Tricks 5.1). No clipping.
-  c.optimizer = dict(name="sgd", lr=BASE_LR * args.batch_size / BASE_BATCH, momentum=0.9, nesterov=True,
-                     weight_decay=1e-4,
-                     schedule=dict(warmup_steps=math.ceil(WARMUP_EPOCHS * steps_per_epoch), decay="cosine"))
+  # Set on the default block (not a new dict): every optimizer key stays a --config.optimizer.KEY flag.
+  c.optimizer.update(dict(name="sgd", lr=BASE_LR * batch_size / BASE_BATCH, momentum=0.9, nesterov=True,
+                          weight_decay=1e-4,
+                          schedule=dict(warmup_steps=math.ceil(WARMUP_EPOCHS * steps_per_epoch), decay="cosine")))
   c.log_every_steps = 100
   c.eval_every_steps = math.ceil(5 * steps_per_epoch)    # every 5 epochs
   c.checkpoint_every_steps = 1000
@@ -82,7 +85,6 @@ def get_config(arg=None):
     c.data.eval.update(dict(name="digits", split="test[:64]"))
     c.data.pp_train = _pp_train(32)
     c.data.pp_eval = _pp_eval(32)
-    c.data.batch_size = 16
     c.data.shuffle_buffer = 500
     c.num_epochs = 0.0
     c.num_steps = 4

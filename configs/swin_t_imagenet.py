@@ -3,7 +3,7 @@ Hierarchical Vision Transformer using Shifted Windows", 4.1 and Appendix A2.1; t
 config.py / swin_tiny_patch4_window7_224.yaml where the paper is silent). Swin-T reaches 81.3% top-1 this way.
 
   python main.py --config=configs/swin_t_imagenet.py --workdir=gs://BUCKET/swin_t \
-      --config.data.train.data_dir=gs://BUCKET/tensorflow_datasets      # the eval block shares data_dir
+      --config.data.train.data_dir=gs://BUCKET/tensorflow_datasets      # the eval block shares it
   python main.py --config=configs/swin_t_imagenet.py:batch_size=2048 ...   # lr and warmup follow the batch
   python main.py --config=configs/swin_t_imagenet.py:runlocal --workdir=/tmp/swin   # the same recipe, toy size
 
@@ -18,11 +18,12 @@ float32).
 
 import math
 
-from ml_collections.config_dict import placeholder
+from ml_collections.config_dict import FieldReference, placeholder
 
 from lvm_jax.train import config as config_lib
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167   # TFDS imagenet2012 "train"
+RUNLOCAL_BATCH_SIZE = 16              # 2 examples on each of 8 (fake CPU) devices
 NUM_CLASSES = 1000
 EPOCHS = 300                          # A2.1
 WARMUP_EPOCHS = 20                    # A2.1
@@ -46,36 +47,38 @@ def _pp_eval(size: int) -> str:
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, batch_size=BATCH_SIZE, runlocal=False)
+  # The lr follows the batch by the paper's linear scaling rule; warmup is in epochs (so steps follow it too).
+  batch_size = RUNLOCAL_BATCH_SIZE if args.runlocal else args.batch_size
   c = config_lib.defaults()
   c.model = "swin_t"                 # window 7, patch 4, embed 96, depths (2, 2, 6, 2), heads (3, 6, 12, 24)
   c.model_args.drop_path = 0.2       # stochastic depth 0.2 for Swin-T (A2.1)
   c.num_classes = NUM_CLASSES
   c.dtype = "bfloat16"
 
-  # data_dir is one setting shared by both blocks: --config.data.train.data_dir sets the eval one too.
-  data_dir = placeholder(str)
-  c.data.train = dict(kind="tfds", name="imagenet2012", split="train", data_dir=data_dir, download=False,
-                      manual_dir=placeholder(str))
+  # One FieldReference per setting, in both blocks: --config.data.train.data_dir sets the eval one too.
+  shared = dict(kind="tfds", name="imagenet2012", data_dir=placeholder(str), download=FieldReference(False),
+                manual_dir=placeholder(str))   # imagenet2012's archives must be put in manual_dir by hand
+  c.data.train = dict(shared, split="train")
   # Reported on the 50k "validation" images; for hyper-parameter search hold out a minival instead
   # (big_vision): --config.data.train.split='train[:99%]' --config.data.eval.split='train[99%:]'.
-  c.data.eval = dict(kind="tfds", name="imagenet2012", split="validation", data_dir=data_dir, download=False,
-                     manual_dir=placeholder(str))
+  c.data.eval = dict(shared, split="validation")
   c.data.pp_train = _pp_train(224, NUM_CLASSES)
   c.data.pp_eval = _pp_eval(224)
   c.data.normalize = "imagenet"
-  c.data.batch_size = args.batch_size
+  c.data.batch_size = batch_size
   c.data.shuffle_buffer = 50_000
 
-  steps_per_epoch = IMAGENET_TRAIN_EXAMPLES / args.batch_size
+  steps_per_epoch = IMAGENET_TRAIN_EXAMPLES / batch_size
   c.num_epochs = float(EPOCHS)
   c.label_smoothing = 0.0            # in the pp's onehot: mixup needs the soft labels before mixing
   # AdamW (betas 0.9/0.999, eps 1e-8), weight decay 0.05 not on biases, norms and the relative position bias
   # tables (the repository's skip list), gradient clipping at global norm 5.0, linear warmup then cosine (A2.1).
-  scale = args.batch_size / BASE_BATCH
-  c.optimizer = dict(name="adamw", lr=BASE_LR * scale, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
-                     clip_norm=5.0,
-                     schedule=dict(warmup_steps=math.ceil(WARMUP_EPOCHS * steps_per_epoch), decay="cosine",
-                                   end_lr_fraction=MIN_LR / BASE_LR))
+  scale = batch_size / BASE_BATCH
+  # Set on the default block (not a new dict): every optimizer key stays a --config.optimizer.KEY flag.
+  c.optimizer.update(dict(name="adamw", lr=BASE_LR * scale, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
+                          clip_norm=5.0,
+                          schedule=dict(warmup_steps=math.ceil(WARMUP_EPOCHS * steps_per_epoch), decay="cosine",
+                                        end_lr_fraction=MIN_LR / BASE_LR)))
   c.log_every_steps = 100
   c.eval_every_steps = math.ceil(10 * steps_per_epoch)   # every 10 epochs
   c.checkpoint_every_steps = 1000
@@ -89,7 +92,6 @@ def get_config(arg=None):
     c.data.eval.update(dict(name="digits", split="test[:64]"))
     c.data.pp_train = _pp_train(32, 10)
     c.data.pp_eval = _pp_eval(32)
-    c.data.batch_size = 16
     c.data.shuffle_buffer = 500
     c.num_epochs = 0.0
     c.num_steps = 4

@@ -3,7 +3,7 @@ data-efficient image transformers & distillation through attention", Table 9, De
 DeiT repository's main.py uses where the table is silent). DeiT-B reaches 81.8% top-1 this way.
 
   python main.py --config=configs/vit_b16_imagenet.py --workdir=gs://BUCKET/vit_b16 \
-      --config.data.train.data_dir=gs://BUCKET/tensorflow_datasets      # the eval block shares data_dir
+      --config.data.train.data_dir=gs://BUCKET/tensorflow_datasets      # the eval block shares it
   python main.py --config=configs/vit_b16_imagenet.py:batch_size=4096 ...   # lr and warmup follow the batch
   python main.py --config=configs/vit_b16_imagenet.py:runlocal --workdir=/tmp/vit   # the same recipe, toy size
 
@@ -18,11 +18,12 @@ Mixed precision: DeiT used fp16 AMP; here the compute is bfloat16 (parameters an
 
 import math
 
-from ml_collections.config_dict import placeholder
+from ml_collections.config_dict import FieldReference, placeholder
 
 from lvm_jax.train import config as config_lib
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167   # TFDS imagenet2012 "train"
+RUNLOCAL_BATCH_SIZE = 16              # 2 examples on each of 8 (fake CPU) devices
 NUM_CLASSES = 1000
 EPOCHS = 300                          # DeiT Table 9
 WARMUP_EPOCHS = 5                     # DeiT Table 9
@@ -46,35 +47,37 @@ def _pp_eval(size: int) -> str:
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, batch_size=BATCH_SIZE, runlocal=False)
+  # The lr follows the batch by the paper's linear scaling rule; warmup is in epochs (so steps follow it too).
+  batch_size = RUNLOCAL_BATCH_SIZE if args.runlocal else args.batch_size
   c = config_lib.defaults()
   c.model = "vit_b16"
   c.model_args.drop_path = 0.1       # stochastic depth 0.1, dropout 0 (Table 9)
   c.num_classes = NUM_CLASSES
   c.dtype = "bfloat16"
 
-  # data_dir is one setting shared by both blocks: --config.data.train.data_dir sets the eval one too.
-  data_dir = placeholder(str)
-  c.data.train = dict(kind="tfds", name="imagenet2012", split="train", data_dir=data_dir, download=False,
-                      manual_dir=placeholder(str))
+  # One FieldReference per setting, in both blocks: --config.data.train.data_dir sets the eval one too.
+  shared = dict(kind="tfds", name="imagenet2012", data_dir=placeholder(str), download=FieldReference(False),
+                manual_dir=placeholder(str))   # imagenet2012's archives must be put in manual_dir by hand
+  c.data.train = dict(shared, split="train")
   # The paper's number is on the 50k "validation" images; for hyper-parameter search hold out a minival
   # instead (big_vision): --config.data.train.split='train[:99%]' --config.data.eval.split='train[99%:]'.
-  c.data.eval = dict(kind="tfds", name="imagenet2012", split="validation", data_dir=data_dir, download=False,
-                     manual_dir=placeholder(str))
+  c.data.eval = dict(shared, split="validation")
   c.data.pp_train = _pp_train(224, NUM_CLASSES)
   c.data.pp_eval = _pp_eval(224)
   c.data.normalize = "imagenet"      # timm's IMAGENET_DEFAULT_MEAN / STD
-  c.data.batch_size = args.batch_size
+  c.data.batch_size = batch_size
   c.data.shuffle_buffer = 50_000
 
-  steps_per_epoch = IMAGENET_TRAIN_EXAMPLES / args.batch_size
+  steps_per_epoch = IMAGENET_TRAIN_EXAMPLES / batch_size
   c.num_epochs = float(EPOCHS)
   c.label_smoothing = 0.0            # in the pp's onehot: mixup needs the soft labels before mixing
   # AdamW, betas (0.9, 0.999), eps 1e-8, weight decay 0.05 (not on biases, norms, position embedding, class
   # token), cosine decay after a linear warmup; no gradient clipping, no EMA (Table 9).
-  peak_lr = BASE_LR * args.batch_size / BASE_BATCH
-  c.optimizer = dict(name="adamw", lr=peak_lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
-                     schedule=dict(warmup_steps=math.ceil(WARMUP_EPOCHS * steps_per_epoch), decay="cosine",
-                                   end_lr_fraction=MIN_LR / peak_lr))
+  peak_lr = BASE_LR * batch_size / BASE_BATCH
+  # Set on the default block (not a new dict): every optimizer key stays a --config.optimizer.KEY flag.
+  c.optimizer.update(dict(name="adamw", lr=peak_lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
+                          schedule=dict(warmup_steps=math.ceil(WARMUP_EPOCHS * steps_per_epoch), decay="cosine",
+                                        end_lr_fraction=min(MIN_LR / peak_lr, 1.0))))
   c.log_every_steps = 100
   c.eval_every_steps = math.ceil(10 * steps_per_epoch)   # every 10 epochs
   c.checkpoint_every_steps = 1000
@@ -87,7 +90,6 @@ def get_config(arg=None):
     c.data.eval.update(dict(name="digits", split="test[:64]"))
     c.data.pp_train = _pp_train(32, 10)
     c.data.pp_eval = _pp_eval(32)
-    c.data.batch_size = 16
     c.data.shuffle_buffer = 500
     c.num_epochs = 0.0
     c.num_steps = 4

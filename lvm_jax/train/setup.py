@@ -182,6 +182,11 @@ def build(config) -> Run:
     raise ValueError(f"data.pp_train={config.data.pp_train!r} gives images of unknown size {image_shape}; end it "
                      "with a fixed-size crop or resize.")
   input_shape = (1,) + image_shape
+  if eval_source is not None:
+    eval_shape = tuple(run.eval_dataset().element_spec["image"].shape[1:])
+    if len(eval_shape) != 3 or eval_shape[-1] != 3 or (hasattr(model, "image_size") and eval_shape != image_shape):
+      raise ValueError(f"data.pp_eval={config.data.pp_eval!r} gives images of shape {eval_shape}, but the model "
+                       f"trains on {image_shape}: start the eval pp with decode and end it at the training size.")
   label_shape = tuple(element["label"].shape[1:])
   if label_shape not in ((), (num_classes,)):
     raise ValueError(f"data.pp_train gives labels of shape {label_shape}; the model has {num_classes} classes.")
