@@ -90,15 +90,17 @@ def optimizer_block() -> ml_collections.ConfigDict:
   return block
 
 
-def _flatten(config, prefix: str = "") -> dict[str, Any]:
+def _flatten(config, prefix: str = "", blocks=None) -> dict[str, Any]:
+  """{"data.batch_size": 128, ...}; free-form blocks stay whole. With `blocks` (the schema's block paths) an
+  unknown block is one key too, so a typo in a block's name is one error, not one per key inside it."""
   out = {}
   for key, value in config.items():
     path = f"{prefix}{key}"
-    # An empty block is kept as a key: an unknown one must be reported, not flattened away.
-    if path in FREE_FORM or not isinstance(value, (ml_collections.ConfigDict, dict)) or not value:
-      out[path] = value
+    is_block = isinstance(value, (ml_collections.ConfigDict, dict)) and path not in FREE_FORM
+    if is_block and (path in blocks if blocks is not None else bool(value)):
+      out.update(_flatten(value, path + ".", blocks))
     else:
-      out.update(_flatten(value, path + "."))
+      out[path] = value
   return out
 
 
@@ -120,9 +122,7 @@ def validate(config) -> ml_collections.ConfigDict:
   """The config with defaults filled in; raises ValueError on unknown keys, wrong types or bad values."""
   schema = _flatten(defaults())
   blocks = {k.rsplit(".", 1)[0] for k in schema if "." in k}
-  # An empty known block ("data": {}) changes nothing; an empty unknown one is still reported.
-  given = {k: v for k, v in _flatten(config).items() if not (k in blocks and isinstance(v, (dict,
-           ml_collections.ConfigDict)) and not v)}
+  given = _flatten(config, blocks=blocks)
   errors = []
   for key, value in given.items():
     if key not in schema:

@@ -6,6 +6,7 @@ included), the peak from the vendors' published dense numbers, or, on CPU, a mat
 """
 
 import contextlib
+import functools
 import re
 import time
 
@@ -152,6 +153,12 @@ def peak_flops_per_device(device, dtype) -> float | None:
   return None
 
 
+@functools.cache
+def _host_matmul_peak(dtype: str) -> float:
+  """Measured once a process: the host does not get faster between runs."""
+  return measured_matmul_peak(dtype)
+
+
 def measured_matmul_peak(dtype="float32", size: int = 1024, seconds: float = 0.5) -> float:
   """FLOP/s of a jitted square matmul on the default backend's first device, measured now.
 
@@ -194,5 +201,5 @@ def total_peak_flops(dtype, devices=None) -> float | None:
   if per_device is not None:
     return per_device * len(devices)
   if devices[0].platform == "cpu":
-    return measured_matmul_peak(dtype) * len({d.process_index for d in devices})
+    return _host_matmul_peak(str(dtype)) * len({d.process_index for d in devices})
   return None

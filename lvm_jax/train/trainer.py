@@ -55,6 +55,7 @@ def _evaluate(run: setup.Run, eval_step, state) -> dict[str, dict]:
 def _check_finite(state, checkpoints: checkpoints_lib.Checkpoints) -> None:
   bad = int(state.nonfinite_step)
   if bad >= 0:
+    checkpoints.wait()  # saves still being written are of earlier, finite steps: let them finish
     last = checkpoints.latest_step()
     kept = f"the last good checkpoint is step {last}" if last is not None else "no checkpoint was saved yet"
     raise NonFiniteLossError(f"The training loss became NaN or Inf at step {bad + 1}; stopping without saving "
@@ -71,29 +72,29 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the last eval metrics."""
   run = setup.build(config)
   tf.io.gfile.makedirs(workdir)  # a local path or a gs:// bucket
-  checkpoints = _checkpoints(run, workdir)
-  start = checkpoints.latest_step()
-  state = run.new_state() if start is None else checkpoints.restore(run.abstract_state())
-  start = start or 0
-  if start >= run.num_steps:
-    checkpoints.close()
+  with _checkpoints(run, workdir) as checkpoints:  # on any exit, pending saves finish and Orbax's threads stop
+    start = checkpoints.latest_step() or 0
+    if start >= run.num_steps:
+      if jax.process_index() == 0:
+        print(f"{workdir} already holds the final checkpoint (step {start} of {run.num_steps}): nothing to train. "
+              "Evaluate it with --mode=eval, or raise num_steps / num_epochs to train on.")
+      return {}
+    state = checkpoints.restore(run.abstract_state()) if start else run.new_state()
     if jax.process_index() == 0:
-      print(f"{workdir} already holds the final checkpoint (step {start} of {run.num_steps}): nothing to train. "
-            "Evaluate it with --mode=eval, or raise num_steps / num_epochs to train on.")
-    return {}
-  if jax.process_index() == 0:
-    reporting.save_config(workdir, run.config)
-    run.train_source.save_class_names(os.path.join(workdir, workdir_checkpoint.CLASS_NAMES_FILE))
-    workdir_checkpoint.save_model_description(workdir, run.model, run.step_config.normalize)
+      reporting.save_config(workdir, run.config)
+      run.train_source.save_class_names(os.path.join(workdir, workdir_checkpoint.CLASS_NAMES_FILE))
+      workdir_checkpoint.save_model_description(workdir, run.model, run.step_config.normalize)
+    return _train(run, workdir, checkpoints, state, start)
 
-  train_step = _jit_train_step(run)
-  eval_step = _jit_eval_step(run)
-  batches = device_batches.global_batches(run.train_dataset(start).as_numpy_iterator(), run.batch_sharding,
-                                          prefetch=run.config.data.prefetch)
+
+def _train(run: setup.Run, workdir: str, checkpoints: checkpoints_lib.Checkpoints, state, start: int) -> dict:
   config = run.config
+  batches = device_batches.global_batches(run.train_dataset(start).as_numpy_iterator(), run.batch_sharding,
+                                          prefetch=config.data.prefetch)
   first = next(batches)
   # Compiled ahead once (and only once): the same executable runs every step and tells its FLOPs for the MFU.
-  train_step = train_step.lower(state, first).compile()
+  train_step = _jit_train_step(run).lower(state, first).compile()
+  eval_step = _jit_eval_step(run)
   flops_per_step = throughput.compiled_flops(train_step)
   peak = throughput.total_peak_flops(config.dtype, run.mesh.devices.flatten())
   pending = [first]
@@ -111,35 +112,32 @@ def train_and_evaluate(config, workdir: str) -> dict:
       stopping = watch.should_stop(step)
 
       if step % config.log_every_steps == 0 or last or stopping:
-        _check_finite(state, checkpoints)
         rates = clock.update(step)
         mfu = throughput.mfu(flops_per_step, rates.get("steps_per_sec"), peak)
         values = jax.device_get(metrics)
         logger.write(step, "train", {**{k: values[k] for k in TRAIN_METRICS}, **rates, "mfu": mfu})
+        _check_finite(state, checkpoints)  # after the line: the log shows which metric blew up
 
       evaluated = None
       if run.eval_source is not None and (last or (config.eval_every_steps and
                                                    step % config.eval_every_steps == 0)):
-        clock.pause()
-        _check_finite(state, checkpoints)
-        eval_metrics = _evaluate(run, eval_step, state)
-        for split, values in eval_metrics.items():
-          logger.write(step, split, values)
+        with clock.paused():
+          _check_finite(state, checkpoints)
+          eval_metrics = _evaluate(run, eval_step, state)
+          for split, values in eval_metrics.items():
+            logger.write(step, split, values)
         evaluated = {**eval_metrics["eval"],
                      **{f"ema_{k}": v for k, v in eval_metrics.get("eval_ema", {}).items()}}
-        clock.resume()
 
       if step % config.checkpoint_every_steps == 0 or last or stopping or evaluated:
-        clock.pause()
-        _check_finite(state, checkpoints)
-        checkpoints.save(step, state, metrics=evaluated,
-                         meta={"examples_seen": step * config.data.batch_size, "num_steps": run.num_steps})
-        clock.resume()
+        with clock.paused():
+          _check_finite(state, checkpoints)
+          checkpoints.save(step, state, metrics=evaluated,
+                           meta={"examples_seen": step * config.data.batch_size, "num_steps": run.num_steps})
       if stopping:
         logger.write(step, "train", {"preempted": 1.0})
         break
   checkpoints.wait()
-  checkpoints.close()
   return eval_metrics
 
 
@@ -148,14 +146,13 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
   run = setup.build(config)
   if run.eval_source is None:
     raise ValueError("config.data.eval is None: there is nothing to evaluate on.")
-  checkpoints = _checkpoints(run, workdir)
-  step = checkpoints.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"No checkpoint in {checkpoints.directory} to evaluate.")
-  state = checkpoints.restore(run.abstract_state(), step=step)
+  with _checkpoints(run, workdir) as checkpoints:
+    step = checkpoints.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {checkpoints.directory} to evaluate.")
+    state = checkpoints.restore(run.abstract_state(), step=step)
   metrics = _evaluate(run, _jit_eval_step(run), state)
   with reporting.MetricLogger(workdir, total_steps=run.num_steps, progress_bar=False) as logger:
     for split, values in metrics.items():
       logger.write(step, split, values)
-  checkpoints.close()
   return metrics
