@@ -17,6 +17,7 @@ folder names; the new head has their count. Inputs are normalised with the check
 
 from ml_collections.config_dict import FieldReference, placeholder
 
+from configs import common
 from lvm_jax.train import config as config_lib
 
 DEFAULT_PRETRAINED = "google/vit-base-patch16-224"
@@ -69,12 +70,5 @@ def get_config(arg=None):
   c.checkpoint_every_steps = c.eval_every_steps
 
   if args.runlocal:  # the same recipe at toy size (pass a small --config.pretrained and a small folder)
-    c.dtype = "float32"
-    c.data.batch_size = 16
-    c.data.shuffle_buffer = 500
-    c.num_steps = 4
-    c.optimizer.schedule.warmup_steps = 2
-    c.log_every_steps = 2
-    c.eval_every_steps = 0
-    c.checkpoint_every_steps = 2
+    common.runlocal(c)
   return c

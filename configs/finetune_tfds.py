@@ -19,6 +19,7 @@ hyper-parameters are fixed). Inputs are normalised with the checkpoint's own mea
 
 from ml_collections.config_dict import FieldReference, placeholder
 
+from configs import common
 from lvm_jax.train import config as config_lib
 
 DEFAULT_PRETRAINED = "google/vit-base-patch16-224"
@@ -91,12 +92,5 @@ def get_config(arg=None):
   c.checkpoint_every_steps = c.eval_every_steps
 
   if args.runlocal:  # the same recipe at toy size: a few steps on the digits (pass a small --config.pretrained)
-    c.dtype = "float32"
-    c.data.batch_size = 16
-    c.data.shuffle_buffer = 500
-    c.num_steps = 4
-    c.optimizer.schedule.warmup_steps = 2
-    c.log_every_steps = 2
-    c.eval_every_steps = 0
-    c.checkpoint_every_steps = 2
+    common.runlocal(c)
   return c

@@ -15,12 +15,9 @@ augmentation (Bag of Tricks 2.1); the crop and flip are the same.
 
 import math
 
-from ml_collections.config_dict import FieldReference, placeholder
-
+from configs import common
 from lvm_jax.train import config as config_lib
 
-IMAGENET_TRAIN_EXAMPLES = 1_281_167   # TFDS imagenet2012 "train"
-RUNLOCAL_BATCH_SIZE = 16              # 2 examples on each of 8 (fake CPU) devices
 NUM_CLASSES = 1000
 EPOCHS = 90                           # He et al. 2016 / Goyal et al. 2017 5.1
 WARMUP_EPOCHS = 5                     # Goyal et al. 2017 2.2 (gradual warmup)
@@ -41,7 +38,7 @@ def _pp_eval(size: int) -> str:
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, batch_size=BATCH_SIZE, runlocal=False)
   # The lr follows the batch by the paper's linear scaling rule; warmup is in epochs (so steps follow it too).
-  batch_size = RUNLOCAL_BATCH_SIZE if args.runlocal else args.batch_size
+  batch_size = common.RUNLOCAL_BATCH_SIZE if args.runlocal else args.batch_size
   c = config_lib.defaults()
   c.model = "resnet50"
   # gamma = 0 in the last BatchNorm of every residual block (Goyal 5.1, Bag of Tricks 3.1); BatchNorm momentum
@@ -50,20 +47,17 @@ def get_config(arg=None):
   c.num_classes = NUM_CLASSES
   c.dtype = "bfloat16"               # as Flax's imagenet example on TPU (half_precision); parameters stay float32
 
-  # One FieldReference per setting, in both blocks: --config.data.train.data_dir sets the eval one too.
-  shared = dict(kind="tfds", name="imagenet2012", data_dir=placeholder(str), download=FieldReference(False),
-                manual_dir=placeholder(str))   # imagenet2012's archives must be put in manual_dir by hand
-  c.data.train = dict(shared, split="train")
   # Reported on the 50k "validation" images; for hyper-parameter search hold out a minival instead
   # (big_vision): --config.data.train.split='train[:99%]' --config.data.eval.split='train[99%:]'.
-  c.data.eval = dict(shared, split="validation")
+  # --config.data.train.data_dir sets the eval block's too.
+  c.data.train, c.data.eval = common.tfds_blocks("imagenet2012", "train", "validation")
   c.data.pp_train = _pp_train(224)
   c.data.pp_eval = _pp_eval(224)
   c.data.normalize = "imagenet"
   c.data.batch_size = batch_size
   c.data.shuffle_buffer = 50_000
 
-  steps_per_epoch = IMAGENET_TRAIN_EXAMPLES / batch_size
+  steps_per_epoch = common.IMAGENET_TRAIN_EXAMPLES / batch_size
   c.num_epochs = float(EPOCHS)
   c.label_smoothing = 0.1            # Bag of Tricks 5.2
   # SGD with Nesterov momentum 0.9 (Bag of Tricks 2.1; Flax's imagenet example), L2 weight decay 1e-4 (He et al.
@@ -79,17 +73,8 @@ def get_config(arg=None):
 
   if args.runlocal:  # the same recipe at toy size (a tiny bottleneck ResNet on the built-in digits)
     c.model_args.update(dict(stage_sizes=(1, 1, 1, 1), width=8))
-    c.num_classes = 10
-    c.dtype = "float32"
-    c.data.train.update(dict(name="digits", split="train"))
-    c.data.eval.update(dict(name="digits", split="test[:64]"))
+    common.digits_for_imagenet(c)
     c.data.pp_train = _pp_train(32)
     c.data.pp_eval = _pp_eval(32)
-    c.data.shuffle_buffer = 500
-    c.num_epochs = 0.0
-    c.num_steps = 4
-    c.optimizer.schedule.warmup_steps = 2
-    c.log_every_steps = 2
-    c.eval_every_steps = 0
-    c.checkpoint_every_steps = 2
+    common.runlocal(c)
   return c

@@ -18,12 +18,9 @@ float32).
 
 import math
 
-from ml_collections.config_dict import FieldReference, placeholder
-
+from configs import common
 from lvm_jax.train import config as config_lib
 
-IMAGENET_TRAIN_EXAMPLES = 1_281_167   # TFDS imagenet2012 "train"
-RUNLOCAL_BATCH_SIZE = 16              # 2 examples on each of 8 (fake CPU) devices
 NUM_CLASSES = 1000
 EPOCHS = 300                          # A2.1
 WARMUP_EPOCHS = 20                    # A2.1
@@ -32,43 +29,27 @@ BATCH_SIZE = 1024                     # A2.1
 BASE_LR, MIN_LR, BASE_BATCH = 5e-4, 5e-6, 512
 
 
-def _pp_train(size: int, num_classes: int) -> str:
-  # The repository's build_transform (timm's create_transform): RandomResizedCrop (bicubic, scale 0.08-1),
-  # flip, rand-m9-mstd0.5-inc1; label smoothing 0.1 inside mixup's soft labels, as timm's Mixup does;
-  # mixup alpha 0.8 / cutmix alpha 1.0, one of the two per batch (switch prob 0.5).
-  return (f"decode_inception_crop({size}, method='bicubic')|flip_lr|randaugment(2, 9)|"
-          f"onehot({num_classes}, smoothing=0.1)|mixup_cutmix(0.8, 1.0, switch_prob=0.5)")
-
-
-def _pp_eval(size: int) -> str:
-  # The repository's eval (TEST.CROP): shorter side to size * 256 / 224 (bicubic), central crop.
-  return f"decode|center_crop_fraction({size}, crop_fraction=0.875, method='bicubic')"
-
-
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, batch_size=BATCH_SIZE, runlocal=False)
   # The lr follows the batch by the paper's linear scaling rule; warmup is in epochs (so steps follow it too).
-  batch_size = RUNLOCAL_BATCH_SIZE if args.runlocal else args.batch_size
+  batch_size = common.RUNLOCAL_BATCH_SIZE if args.runlocal else args.batch_size
   c = config_lib.defaults()
   c.model = "swin_t"                 # window 7, patch 4, embed 96, depths (2, 2, 6, 2), heads (3, 6, 12, 24)
   c.model_args.drop_path = 0.2       # stochastic depth 0.2 for Swin-T (A2.1)
   c.num_classes = NUM_CLASSES
   c.dtype = "bfloat16"
 
-  # One FieldReference per setting, in both blocks: --config.data.train.data_dir sets the eval one too.
-  shared = dict(kind="tfds", name="imagenet2012", data_dir=placeholder(str), download=FieldReference(False),
-                manual_dir=placeholder(str))   # imagenet2012's archives must be put in manual_dir by hand
-  c.data.train = dict(shared, split="train")
   # Reported on the 50k "validation" images; for hyper-parameter search hold out a minival instead
   # (big_vision): --config.data.train.split='train[:99%]' --config.data.eval.split='train[99%:]'.
-  c.data.eval = dict(shared, split="validation")
-  c.data.pp_train = _pp_train(224, NUM_CLASSES)
-  c.data.pp_eval = _pp_eval(224)
+  # --config.data.train.data_dir sets the eval block's too.
+  c.data.train, c.data.eval = common.tfds_blocks("imagenet2012", "train", "validation")
+  c.data.pp_train = common.deit_pp_train(224, NUM_CLASSES)
+  c.data.pp_eval = common.deit_pp_eval(224)
   c.data.normalize = "imagenet"
   c.data.batch_size = batch_size
   c.data.shuffle_buffer = 50_000
 
-  steps_per_epoch = IMAGENET_TRAIN_EXAMPLES / batch_size
+  steps_per_epoch = common.IMAGENET_TRAIN_EXAMPLES / batch_size
   c.num_epochs = float(EPOCHS)
   c.label_smoothing = 0.0            # in the pp's onehot: mixup needs the soft labels before mixing
   # AdamW (betas 0.9/0.999, eps 1e-8), weight decay 0.05 not on biases, norms and the relative position bias
@@ -86,17 +67,8 @@ def get_config(arg=None):
   if args.runlocal:  # the same recipe at toy size (a two-stage Swin on the built-in digits)
     c.model_args.update(dict(image_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
                              window_size=4))
-    c.num_classes = 10
-    c.dtype = "float32"
-    c.data.train.update(dict(name="digits", split="train"))
-    c.data.eval.update(dict(name="digits", split="test[:64]"))
-    c.data.pp_train = _pp_train(32, 10)
-    c.data.pp_eval = _pp_eval(32)
-    c.data.shuffle_buffer = 500
-    c.num_epochs = 0.0
-    c.num_steps = 4
-    c.optimizer.schedule.warmup_steps = 2
-    c.log_every_steps = 2
-    c.eval_every_steps = 0
-    c.checkpoint_every_steps = 2
+    common.digits_for_imagenet(c)
+    c.data.pp_train = common.deit_pp_train(32, 10)
+    c.data.pp_eval = common.deit_pp_eval(32)
+    common.runlocal(c)
   return c

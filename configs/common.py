@@ -1,0 +1,49 @@
+"""What several recipes share: ImageNet's TFDS blocks, the DeiT augmentation (also Swin's), and the run length
+of every recipe's `runlocal` variant. Data only, like the recipes."""
+
+from ml_collections.config_dict import FieldReference, placeholder
+
+IMAGENET_TRAIN_EXAMPLES = 1_281_167   # TFDS imagenet2012 "train"
+RUNLOCAL_BATCH_SIZE = 16              # 2 examples on each of 8 (fake CPU) devices
+
+
+def tfds_blocks(name: str, train_split: str, eval_split: str) -> tuple[dict, dict]:
+  """(data.train, data.eval) for a TFDS dataset, sharing one FieldReference per setting: setting
+  --config.data.train.data_dir (or download, manual_dir) sets the eval block's too."""
+  shared = dict(kind="tfds", name=name, data_dir=placeholder(str), download=FieldReference(False),
+                manual_dir=placeholder(str))   # e.g. imagenet2012's archives, put there by hand
+  return dict(shared, split=train_split), dict(shared, split=eval_split)
+
+
+def deit_pp_train(size: int, num_classes: int) -> str:
+  # timm's create_transform as DeiT (Touvron et al. 2021, Table 9) and Swin (Liu et al. 2021, A2.1) call it:
+  # RandomResizedCrop (bicubic, scale 0.08-1, ratio 3/4-4/3), flip, rand-m9 (2 ops); label smoothing 0.1 inside
+  # mixup's soft labels, as timm's Mixup does; mixup alpha 0.8 / cutmix alpha 1.0, one per batch (switch 0.5).
+  return (f"decode_inception_crop({size}, method='bicubic')|flip_lr|randaugment(2, 9)|"
+          f"onehot({num_classes}, smoothing=0.1)|mixup_cutmix(0.8, 1.0, switch_prob=0.5)")
+
+
+def deit_pp_eval(size: int) -> str:
+  # Resize the shorter side to size / 0.875 (bicubic), central crop (DeiT and Swin's TEST.CROP).
+  return f"decode|center_crop_fraction({size}, crop_fraction=0.875, method='bicubic')"
+
+
+def runlocal(c) -> None:
+  """The run length of a recipe's toy variant: 4 float32 steps of 16 examples (2 on each of 8 fake CPU
+  devices), logged and checkpointed every 2, evaluated at the end: the tests run every real recipe this way."""
+  c.dtype = "float32"
+  c.data.batch_size = RUNLOCAL_BATCH_SIZE
+  c.data.shuffle_buffer = 500
+  c.num_epochs = 0.0
+  c.num_steps = 4
+  c.optimizer.schedule.warmup_steps = 2
+  c.log_every_steps = 2
+  c.eval_every_steps = 0
+  c.checkpoint_every_steps = 2
+
+
+def digits_for_imagenet(c) -> None:
+  """A toy variant's data: the built-in digits through the same TFDS source kind as the ImageNet blocks."""
+  c.num_classes = 10
+  c.data.train.update(dict(name="digits", split="train"))
+  c.data.eval.update(dict(name="digits", split="test[:64]"))
