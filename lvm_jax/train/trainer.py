@@ -13,7 +13,7 @@ from typing import Optional
 import jax
 import tensorflow as tf
 
-from lvm_jax.data import device_batches
+from lvm_jax.data import device_batches, host_memory
 from lvm_jax.parallel import partitioning
 from lvm_jax.train import checkpoints as checkpoints_lib
 from lvm_jax.train import preemption, reporting, setup, steps, throughput
@@ -89,6 +89,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def _train(run: setup.Run, workdir: str, checkpoints: checkpoints_lib.Checkpoints, state, start: int) -> dict:
   config = run.config
+  host_memory.keep_large_buffers()  # batch-sized host buffers are reused, not zero-filled afresh each step
   batches = device_batches.global_batches(run.train_dataset(start).as_numpy_iterator(), run.batch_sharding,
                                           prefetch=config.data.prefetch)
   first = next(batches)
