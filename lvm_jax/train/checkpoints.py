@@ -227,7 +227,7 @@ def _shapes_by_path(tree, is_leaf=None) -> dict[str, tuple]:
   """{"opt_state/0/mu/params/kernel": shape}: tuples, named tuples and dicts addressed alike, as Orbax stores
   them (a named tuple's fields become dict keys, a tuple's items list indices)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-  return {"/".join(_key_name(e) for e in path): tuple(np.shape(x) if not hasattr(x, "shape") else x.shape)
+  return {"/".join(_key_name(e) for e in path): tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
           for path, x in flat}
 
 

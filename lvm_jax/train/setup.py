@@ -44,7 +44,8 @@ class Run:
   # Filled in by build() once the pipeline says what the model sees:
   step_config: Optional[steps.StepConfig]
   input_shape: Optional[tuple[int, ...]]    # (1, H, W, 3): one example
-  state_shardings: Optional[state_lib.TrainState]
+  # The state as ShapeDtypeStructs with their shardings: where to create it, and the target to restore onto.
+  abstract_state: Optional[state_lib.TrainState]
 
   @property
   def use_ema(self) -> bool:
@@ -54,11 +55,9 @@ class Run:
   def eval_batch_size(self) -> int:
     return self.config.data.eval_batch_size or self.config.data.batch_size
 
-  def abstract_state(self) -> state_lib.TrainState:
-    """ShapeDtypeStructs with shardings: the restore target for a checkpoint, on this run's mesh."""
-    abstract, _ = state_lib.abstract_state(self.model, self.tx, self.input_shape, use_ema=self.use_ema)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                        self.state_shardings)
+  @property
+  def state_shardings(self) -> state_lib.TrainState:
+    return jax.tree.map(lambda a: a.sharding, self.abstract_state)
 
   def new_state(self) -> state_lib.TrainState:
     return state_lib.create(self.model, self.tx, jax.random.key(self.config.seed), self.input_shape,
@@ -152,8 +151,6 @@ def build(config) -> Run:
   mesh_lib.check_batch_size(config.data.batch_size, mesh)
   if config.data.eval_batch_size:
     mesh_lib.check_batch_size(config.data.eval_batch_size, mesh)
-  # The batch splits over processes too (each feeds its own devices).
-  pipeline.local_batch_size(config.data.batch_size, pipeline.Shard.current())
 
   train_source = _make_source(config.data.train, "data.train")
   eval_source = _make_source(config.data.eval, "data.eval") if config.data.eval else None
@@ -169,13 +166,12 @@ def build(config) -> Run:
   params_shape = registry.abstract_variables(model)["params"] if variables is None else variables["params"]
   tx, schedule = optimizer_lib.make_optimizer(opt_config, params_shape)
 
-  # The pipeline's own element shape says what the model sees (built here, not iterated).
   run = Run(config=config, mesh=mesh, strategy=strategy, train_source=train_source, eval_source=eval_source,
             class_names=list(train_source.class_names), model=model, pretrained_variables=variables, tx=tx,
-            schedule=schedule, step_config=None, input_shape=None, num_steps=num_steps, state_shardings=None,
+            schedule=schedule, step_config=None, input_shape=None, num_steps=num_steps, abstract_state=None,
             batch_sharding=mesh_lib.batch_sharding(mesh))
   # The pipeline's own element shape says what the model sees (built here, not iterated); this also checks
-  # the pp and the shard counts.
+  # the pp and that the batch splits over the processes and data shards.
   element = run.train_dataset(0).element_spec
   image_shape = tuple(element["image"].shape[1:])
   if None in image_shape:
@@ -195,5 +191,5 @@ def build(config) -> Run:
   run.step_config = steps.StepConfig(num_classes=num_classes, label_smoothing=config.label_smoothing,
                                      normalize=normalize, ema_decay=opt_config["ema_decay"],
                                      accumulate_steps=opt_config["accumulate_steps"])
-  run.state_shardings = state_lib.shardings(model, tx, input_shape, mesh, strategy, use_ema=run.use_ema)
+  run.abstract_state = state_lib.sharded_abstract_state(model, tx, input_shape, mesh, strategy, use_ema=run.use_ema)
   return run

@@ -54,11 +54,19 @@ def abstract_state(model: nn.Module, tx, input_shape, *, use_ema: bool) -> tuple
   return state, boxed
 
 
-def shardings(model: nn.Module, tx, input_shape, mesh, strategy, *, use_ema: bool) -> TrainState:
-  """NamedShardings for every leaf of the TrainState: parameters and everything shaped like them (optimizer
-  moments, EMA) follow the strategy's rules; counters and the rng are replicated."""
+def sharded_abstract_state(model: nn.Module, tx, input_shape, mesh, strategy, *, use_ema: bool) -> TrainState:
+  """The TrainState as ShapeDtypeStructs carrying their NamedShardings: parameters and everything shaped like them
+  (optimizer moments, EMA) follow the strategy's rules; counters and the rng are replicated. It is both the
+  layout to create the state in and the target to restore a checkpoint onto."""
   abstract, boxed = abstract_state(model, tx, input_shape, use_ema=use_ema)
-  return partitioning.state_shardings(abstract, boxed, mesh, strategy)
+  shardings_ = partitioning.state_shardings(abstract, boxed, mesh, strategy)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings_)
+
+
+def shardings(model: nn.Module, tx, input_shape, mesh, strategy, *, use_ema: bool) -> TrainState:
+  """NamedShardings for every leaf of the TrainState (see sharded_abstract_state)."""
+  return jax.tree.map(lambda a: a.sharding,
+                      sharded_abstract_state(model, tx, input_shape, mesh, strategy, use_ema=use_ema))
 
 
 def create(model: nn.Module, tx, rng: jax.Array, input_shape, state_shardings: TrainState, *,

@@ -79,7 +79,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         print(f"{workdir} already holds the final checkpoint (step {start} of {run.num_steps}): nothing to train. "
               "Evaluate it with --mode=eval, or raise num_steps / num_epochs to train on.")
       return {}
-    state = checkpoints.restore(run.abstract_state()) if start else run.new_state()
+    state = checkpoints.restore(run.abstract_state) if start else run.new_state()
     if jax.process_index() == 0:
       reporting.save_config(workdir, run.config)
       run.train_source.save_class_names(os.path.join(workdir, workdir_checkpoint.CLASS_NAMES_FILE))
@@ -151,7 +151,7 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
     step = checkpoints.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {checkpoints.directory} to evaluate.")
-    state = checkpoints.restore(run.abstract_state(), step=step)
+    state = checkpoints.restore(run.abstract_state, step=step)
   metrics = _evaluate(run, _jit_eval_step(run), state)
   with reporting.MetricLogger(workdir, total_steps=run.num_steps, progress_bar=False) as logger:
     for split, values in metrics.items():

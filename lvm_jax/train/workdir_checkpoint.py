@@ -16,7 +16,7 @@ import numpy as np
 import PIL.Image
 import tensorflow as tf
 
-from lvm_jax.data import pp, sources
+from lvm_jax.data import device_batches, pp, sources
 from lvm_jax.models import registry
 from lvm_jax.train import checkpoints as checkpoints_lib
 from lvm_jax.weights.pretrained import Checkpoint
@@ -73,9 +73,7 @@ class PipelinePreprocessing:
     pixels = example["image"].numpy()
     if self.mean is None:
       return pixels.astype(np.float32)
-    mean = np.asarray(self.mean, np.float32) * 255.0
-    std = np.asarray(self.std, np.float32) * 255.0
-    return (pixels.astype(np.float32) - mean) / std
+    return np.asarray(device_batches.normalize(pixels, self.mean, self.std))  # exactly what eval steps do
 
 
 def load(workdir: str, step: Optional[int] = None, *, ema: bool = False) -> Checkpoint:
