@@ -88,6 +88,16 @@ def test_resize_shape_dtype_and_closeness_to_pil_bilinear():
     ops.resize(0)
 
 
+@pytest.mark.parametrize("method", ops.RESIZE_METHODS)
+def test_resize_rounds_to_nearest_and_stays_in_range_for_every_method(method):
+  # Hard 0/255 edges: kernels with negative lobes overshoot below 0 and above 255 and must be clipped;
+  # the others may not be truncated (a bare cast would turn 254.6 into 254).
+  edges = np.kron(np.array([[0, 255], [255, 0]], np.uint8), np.ones((6, 5), np.uint8))[..., None].repeat(3, -1)
+  out = ops.resize((17, 23), method=method)(_example(edges))["image"].numpy().astype(int)
+  exact = tf.image.resize(edges.astype(np.float32), (17, 23), method=method, antialias=True).numpy()
+  np.testing.assert_array_equal(out, np.clip(np.floor(exact + 0.5), 0, 255))
+
+
 @pytest.mark.parametrize("shape,expected", [((75, 113), (40, 60)), ((113, 75), (60, 40)), ((50, 50), (40, 40))])
 def test_resize_small_sets_the_shorter_side_and_floors_the_longer(shape, expected):
   image = np.zeros(shape + (3,), np.uint8)
