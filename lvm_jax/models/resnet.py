@@ -2,7 +2,7 @@
 Hugging Face transformers build it: a bottleneck block downsamples in its 3x3 convolution, not its first 1x1."""
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -41,12 +41,35 @@ def torch_max_pool(x: jax.Array) -> jax.Array:
   return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
-def _conv(features: int, kernel: int, strides: int, name: str, kw: dict) -> nn.Conv:
+class PointwiseConv(nn.Module):
+  """A 1x1 convolution (no bias) computed as a matrix product over the channels.
+
+  Same parameter as nn.Conv((1, 1)) ("kernel" [1, 1, in, out]), same result; XLA's CPU backend runs the
+  product 1.2-2.5x faster than its convolution for ResNet's 1x1 shapes, and accelerators run both as a GEMM.
+  """
+  features: int
+  strides: int = 1
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    if self.strides > 1:
+      x = x[:, ::self.strides, ::self.strides]  # a strided 1x1 conv without padding reads these positions
+    return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
+
+
+def _conv(features: int, kernel: int, strides: int, name: str, kw: dict) -> nn.Module:
+  kernel_init = layers.partitioned(_CONV_INIT, (None, None, "conv_in", "conv_out"))
+  if kernel == 1:
+    return PointwiseConv(features, strides, kernel_init, name=name, **kw)
   # Explicit symmetric padding of kernel // 2, as torch: "SAME" pads a stride-2 conv asymmetrically.
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=((pad, pad), (pad, pad)),
-                 use_bias=False, name=name,
-                 kernel_init=layers.partitioned(_CONV_INIT, (None, None, "conv_in", "conv_out")), **kw)
+                 use_bias=False, name=name, kernel_init=kernel_init, **kw)
 
 
 def _batch_norm(name: str, train: bool, momentum: float, eps: float, kw: dict, zero_scale: bool = False):
