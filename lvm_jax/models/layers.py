@@ -28,8 +28,12 @@ ones = nn.initializers.ones
 
 
 def gelu(x: jax.Array) -> jax.Array:
-  # Exact (erf) GELU, as torch.nn.GELU and HF "gelu" compute it.
-  return nn.gelu(x, approximate=False)
+  """Exact GELU in torch.nn.GELU's form, x/2 (1 + erf(x/sqrt 2)).
+
+  jax.nn.gelu(approximate=False) uses the erfc form, equal within 1e-6 but about 3x the elementwise work on
+  CPU (erfc expands to two polynomial branches).
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))
 
 
 class DropPath(nn.Module):
