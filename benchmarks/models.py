@@ -3,7 +3,7 @@
   python benchmarks/models.py [--models vit_b16,resnet50,swin_t] [--batch 8] [--dtype float32|bfloat16]
                               [--seconds 10 | --steps N] [--no-torch] [--no-compile] [--compile-train]
                               [--no-train]
-                              [--out results.md|results.json]
+                              [--out results.md] [--out results.json]
 
 For each model (any registered variant name, built with lvm_jax.create_model(num_classes=1000)):
   infer:  jax.jit(model.apply(..., train=False)) on one fixed batch;
@@ -43,6 +43,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import lvm_jax  # noqa: E402
+from lvm_jax.data import host_memory  # noqa: E402
 from lvm_jax.models import registry  # noqa: E402
 from lvm_jax.parallel import create_mesh, partitioning  # noqa: E402
 from lvm_jax.parallel.mesh import batch_sharding  # noqa: E402
@@ -311,8 +312,10 @@ def main(argv=None) -> None:
                            "a model)")
   parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
                       help="also time the train step (--no-train: inference only)")
-  parser.add_argument("--out", type=pathlib.Path, default=None, help="write the results (.json, else markdown)")
+  parser.add_argument("--out", type=pathlib.Path, action="append", default=[],
+                      help="write the results (.json, else markdown); may be given more than once")
   args = parser.parse_args(argv)
+  host_memory.keep_large_buffers()  # as the trainer does: XLA's CPU buffers reused, not zero-filled every call
   names = [n.strip() for n in args.models.split(",") if n.strip()]
   for name in names:
     lvm_jax.create_model(name)  # unknown names fail now, with suggestions, not after minutes of work
@@ -369,12 +372,12 @@ def main(argv=None) -> None:
   for r in table:
     for key, error in r["torch_errors"].items():
       print(f"torch {r['model']} {key}: {error}")
-  if args.out:
-    if args.out.suffix == ".json":
-      args.out.write_text(json.dumps(dict(peak_flops=peak, torch_peak_flops=torch_peak, threads=threads,
-                                          rows=table, raw=results), indent=1, default=str))
+  for path in args.out:
+    if path.suffix == ".json":
+      path.write_text(json.dumps(dict(peak_flops=peak, torch_peak_flops=torch_peak, threads=threads,
+                                      rows=table, raw=results), indent=1, default=str))
     else:
-      args.out.write_text(markdown(table) + "\n")
+      path.write_text(markdown(table) + "\n")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from typing import Optional
 import numpy as np
 import tensorflow_datasets as tfds
 
+from lvm_jax import tf_host  # noqa: F401  (before any TF op: keeps TensorFlow off the accelerators)
+
 TEST_PER_CLASS = 36
 SPLIT_SEED = 0
 

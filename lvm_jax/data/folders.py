@@ -21,9 +21,9 @@ import warnings
 from typing import Optional
 
 import numpy as np
-import tensorflow as tf
 
 from lvm_jax.data import sources
+from lvm_jax.tf_host import tf
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 LAYOUTS = ("auto", "splits", "classes")

@@ -6,7 +6,7 @@ mode, one lambda is drawn per batch (from row 0 of the batch's rng) and each exa
 in reverse order; the labels are mixed with exactly the weight the pixels got.
 """
 
-import tensorflow as tf
+from lvm_jax.tf_host import tf
 
 
 def _batch_rng(batch: dict) -> tuple[tf.Tensor, dict]:

@@ -9,7 +9,7 @@ its seed alone. Images stay uint8 until normalize (or value_range) turns them in
 import math
 from typing import Sequence, Union
 
-import tensorflow as tf
+from lvm_jax.tf_host import tf
 
 Size = Union[int, Sequence[int]]
 

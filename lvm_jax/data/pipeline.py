@@ -12,9 +12,9 @@ import math
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
-import tensorflow as tf
 
 from lvm_jax.data import pp
+from lvm_jax.tf_host import tf
 
 Op = Callable[[dict], dict]
 PpSpec = Union[str, Sequence[str]]

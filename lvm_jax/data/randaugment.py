@@ -12,9 +12,8 @@ everything, and the enhance ops use factor 0.1; only Rotate, Shear*, Translate* 
 import math
 from typing import Optional, Sequence
 
-import tensorflow as tf
-
 from lvm_jax.data.ops import take_rng
+from lvm_jax.tf_host import tf
 
 _MAX_LEVEL = 10.0
 

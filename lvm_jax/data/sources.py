@@ -17,10 +17,10 @@ import json
 import os
 from typing import Callable, Optional
 
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from lvm_jax.data import digits
+from lvm_jax.tf_host import tf
 
 # Datasets lvm_jax builds itself, offline and in seconds: prepared on first use whatever `download` says.
 _BUILT_IN_BUILDERS = {"digits": digits.prepared_builder}

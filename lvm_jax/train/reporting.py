@@ -22,7 +22,8 @@ from collections.abc import Mapping
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
+
+from lvm_jax.tf_host import tf
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -258,20 +259,13 @@ class _TensorBoardWriter:
   """
 
   def __init__(self, logdir: str):
-    import tensorflow as tf  # here, not at import: the console and jsonl need no TensorFlow
     from tensorflow.core.framework import summary_pb2
-    try:  # TF must not take the accelerator JAX trains on
-      tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # devices already initialised (e.g. by lvm_jax.data, which hid them already)
-      pass
-    self._tf = tf
     self._writer = tf.summary.create_file_writer(logdir)
     self._metadata = summary_pb2.SummaryMetadata(
         plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
         data_class=summary_pb2.DATA_CLASS_SCALAR)
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
-    tf = self._tf
     with self._writer.as_default():
       for tag, value in values.items():
         tf.summary.write(tag, tf.constant(value, tf.float32), step=step, metadata=self._metadata)

@@ -11,10 +11,10 @@ import os
 from typing import Optional
 
 import jax
-import tensorflow as tf
 
 from lvm_jax.data import device_batches, host_memory
 from lvm_jax.parallel import partitioning
+from lvm_jax.tf_host import tf
 from lvm_jax.train import checkpoints as checkpoints_lib
 from lvm_jax.train import preemption, reporting, setup, steps, throughput
 from lvm_jax.train import workdir_checkpoint

@@ -14,10 +14,10 @@ from typing import Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 import PIL.Image
-import tensorflow as tf
 
 from lvm_jax.data import device_batches, pp, sources
 from lvm_jax.models import registry
+from lvm_jax.tf_host import tf
 from lvm_jax.train import checkpoints as checkpoints_lib
 from lvm_jax.weights.pretrained import Checkpoint
 
