@@ -37,14 +37,19 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 class DropPath(nn.Module):
-  """Stochastic depth: drops the whole residual branch per example during training."""
-  rate: float
+  """Stochastic depth: drops the whole residual branch per example during training.
+
+  rate: a float, or a scalar array (a scanned stack of layers feeds each its own, traced, rate).
+  """
+  rate: Any
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    if not train or self.rate == 0.0:
+    if not train or (isinstance(self.rate, (int, float)) and self.rate == 0.0):
       return x
     keep = 1.0 - self.rate
+    if isinstance(keep, jax.Array):
+      keep = keep.astype(x.dtype)  # an f32 rate would promote a bf16 branch
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
     return jnp.where(mask, x / keep, jnp.zeros_like(x))

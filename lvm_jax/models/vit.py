@@ -1,5 +1,7 @@
 """Vision Transformer (Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words")."""
 
+import functools
+import re
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -7,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lvm_jax.models import layers
+from lvm_jax.parallel.partitioning import LAYER_AXIS
 
 # name -> (width, depth, mlp_dim, num_heads), from the paper's Table 1 and the AugReg / big_vision releases.
 _SIZES = {
@@ -40,15 +43,18 @@ class EncoderBlock(nn.Module):
   param_dtype: Any
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool, drop_path_rate: Optional[jax.Array] = None) -> jax.Array:
+    """drop_path_rate: this layer's stochastic-depth rate as an array (a scanned stack feeds one per layer),
+    instead of the `drop_path` field."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    rate = self.drop_path if drop_path_rate is None else drop_path_rate
     y = layers.layer_norm(self.layer_norm_eps, name="norm1", **kw)(x)
     y = layers.Attention(self.num_heads, dropout=self.attention_dropout, name="attn", **kw)(y, train=train)
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
-    x = x + layers.DropPath(self.drop_path)(y, train=train)
+    x = x + layers.DropPath(rate)(y, train=train)
     y = layers.layer_norm(self.layer_norm_eps, name="norm2", **kw)(x)
     y = layers.Mlp(self.mlp_dim, dropout=self.dropout, name="mlp", **kw)(y, train=train)
-    x = x + layers.DropPath(self.drop_path)(y, train=train)
+    x = x + layers.DropPath(rate)(y, train=train)
     return layers.constrain(x, ("batch", "length", "embed"))
 
 
@@ -63,6 +69,9 @@ class VisionTransformer(nn.Module):
   num_classes=0 returns the pooled features instead of logits.
   With `return_features=True` the call returns {"grid": [B, h, w, width] normalised patch tokens,
   "pooled": [B, width] features before the head}.
+  scan_layers: the blocks are one nn.scan over a single block (params["blocks"], each leaf with a leading
+  layer axis named "layers"), so XLA compiles the block once and compile time stays flat with depth. Same
+  outputs as the per-layer model ("block_0" ... ); stack_blocks / unstack_blocks convert between the two.
   """
   num_classes: int = 1000
   image_size: int = 224
@@ -82,6 +91,7 @@ class VisionTransformer(nn.Module):
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  scan_layers: bool = False
 
   @property
   def grid_size(self) -> int:
@@ -123,10 +133,7 @@ class VisionTransformer(nn.Module):
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = layers.constrain(x, ("batch", "length", "embed"))
 
-    for i in range(self.depth):
-      x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout,
-                       self.drop_path * i / max(self.depth - 1, 1), self.layer_norm_eps,
-                       name=f"block_{i}", **kw)(x, train=train)
+    x = self._encoder(x, train)
 
     prefix = 1 if use_cls else 0
     if self.fc_norm:
@@ -150,6 +157,57 @@ class VisionTransformer(nn.Module):
     return nn.Dense(self.num_classes, name="head",
                     kernel_init=layers.partitioned(layers.zeros, ("embed", "classes")),
                     bias_init=layers.partitioned(layers.zeros, ("classes",)), **kw)(pooled)
+
+  def drop_path_rates(self) -> list[float]:
+    """Stochastic depth per block: linear from 0 (first block) to `drop_path` (last)."""
+    return [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
+
+  def _encoder(self, x: jax.Array, train: bool) -> jax.Array:
+    block = functools.partial(EncoderBlock, self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout,
+                              layer_norm_eps=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+    if not self.scan_layers:
+      for i, rate in enumerate(self.drop_path_rates()):
+        x = block(drop_path=rate, name=f"block_{i}")(x, train=train)
+      return x
+
+    def body(layer, x, rate):
+      return layer(x, train=train, drop_path_rate=rate), None
+
+    # No drop path: no per-layer input, so the block keeps DropPath's static shortcut.
+    rates = jnp.asarray(self.drop_path_rates(), jnp.float32) if self.drop_path else None
+    stack = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                    length=self.depth, metadata_params={nn.PARTITION_NAME: LAYER_AXIS})
+    x, _ = stack(block(drop_path=0.0, name=SCANNED_BLOCKS), x, rates)
+    return x
+
+
+SCANNED_BLOCKS = "blocks"
+_BLOCK = re.compile(r"^block_(\d+)$")
+
+
+def stack_blocks(params: dict) -> dict:
+  """A per-layer ViT params tree (block_0 ... block_{n-1}, as checkpoints are released) in the scan_layers
+  layout: one "blocks" subtree whose leaves carry a leading layer axis. Takes unboxed params (or any tree
+  shaped like them, e.g. Adam moments)."""
+  params = dict(params)
+  ids = sorted(int(m.group(1)) for key in params if (m := _BLOCK.match(key)))
+  if not ids or ids != list(range(len(ids))):
+    raise ValueError(f"stack_blocks needs per-layer ViT params block_0 ... block_N-1, got keys {sorted(params)}.")
+  blocks = [params.pop(f"block_{i}") for i in ids]
+  params[SCANNED_BLOCKS] = jax.tree.map(lambda *layer: jnp.stack(layer), *blocks)
+  return params
+
+
+def unstack_blocks(params: dict) -> dict:
+  """The scan_layers params layout back to per-layer block_0 ... block_{n-1} (what the converters write)."""
+  params = dict(params)
+  if SCANNED_BLOCKS not in params:
+    raise ValueError(f"unstack_blocks needs scanned ViT params (a {SCANNED_BLOCKS!r} subtree), got keys "
+                     f"{sorted(params)}.")
+  blocks = params.pop(SCANNED_BLOCKS)
+  depth = jax.tree.leaves(blocks)[0].shape[0]
+  params.update({f"block_{i}": jax.tree.map(lambda x: x[i], blocks) for i in range(depth)})
+  return params
 
 
 VARIANTS = {

@@ -28,6 +28,7 @@ _BATCH_RULE = ("batch", mesh_lib.BATCH_AXES)
 # Megatron-style: attention heads and the MLP hidden layer split over "model"; the residual stream ("embed")
 # stays whole, so each block needs one all-reduce after attention and one after the MLP.
 _TP_RULES = (("heads", "model"), ("mlp", "model"))
+LAYER_AXIS = "layers"  # the stacked axis of scanned layers (ViT scan_layers): never sharded by FSDP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +128,9 @@ def partition_spec(shape: Sequence[int], names: Optional[Sequence[Optional[str]]
   used = {a for axes in spec if axes for a in axes}
   if (fsdp is not None and mesh.shape[fsdp] > 1 and fsdp not in used
       and math.prod(shape) >= strategy.fsdp_min_size):
-    free = [i for i, axes in enumerate(spec) if axes is None and shape[i] % mesh.shape[fsdp] == 0]
+    # Never the stacked layer axis of scanned layers: each scan step would gather its layer from other devices.
+    free = [i for i, axes in enumerate(spec) if axes is None and shape[i] % mesh.shape[fsdp] == 0
+            and names[i] != LAYER_AXIS]
     if free:
       spec[max(free, key=lambda i: (shape[i], -i))] = (fsdp,)  # the largest; ties go to the earliest dim
   return P(*(axes[0] if axes and len(axes) == 1 else axes for axes in spec))

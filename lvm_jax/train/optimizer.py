@@ -145,6 +145,10 @@ def _family(top_names: set[str]) -> str:
     return "swin"
   if any(_VIT_BLOCK.match(n) for n in top_names):
     return "vit"
+  if "blocks" in top_names and "patch_embed" in top_names:
+    raise ValueError("optimizer.layer_decay needs one parameter subtree per block; a ViT built with "
+                     "scan_layers=True stacks them (params['blocks']): train it with scan_layers=False, or "
+                     "set optimizer.layer_decay to None.")
   raise ValueError(f"optimizer.layer_decay: cannot tell the model family (ViT, Swin, ResNet) from the top-level "
                    f"parameter names {sorted(top_names)}.")
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lvm_jax.models import vit
 from lvm_jax.weights import big_vision, files, hf, timm, transfer
 from lvm_jax.weights.preprocessing import Preprocessing
 
@@ -38,8 +39,10 @@ def load_checkpoint(source: str, **overrides: Any) -> Checkpoint:
   - a timm folder or hub id such as "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k" (config.json with
     "architecture"),
   - a big_vision / vision_transformer .npz file (ViT; the architecture is read from the tensor shapes).
-  `overrides` replace model arguments that do not change the weights (dtype, drop_path, dropout, ...).
+  `overrides` replace model arguments that do not change the weights (dtype, drop_path, dropout, ...);
+  scan_layers=True (ViT) loads the per-layer checkpoint and stacks its blocks (vit.stack_blocks).
   """
+  scan = overrides.pop("scan_layers", False)
   source = str(source)
   path = pathlib.Path(source).expanduser()
   if path.suffix == ".npz":
@@ -61,11 +64,28 @@ def load_checkpoint(source: str, **overrides: Any) -> Checkpoint:
       raise ValueError(f"{folder / 'config.json'} is neither a Hugging Face transformers config (no "
                        "'model_type') nor a timm config (no 'architecture').")
   variables = jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), variables)
+  if scan:
+    model, variables = _scanned(model, variables)
   try:
     preprocessing, error = read_preprocessing(), None
   except ValueError as e:  # the weights are still usable; only classifying raw images needs this
     preprocessing, error = None, str(e)
   return Checkpoint(model, variables, labels, preprocessing, source, error)
+
+
+def _scanned(model, variables):
+  """The per-layer ViT as loaded, in the scan_layers layout."""
+  if not isinstance(model, vit.VisionTransformer):
+    raise ValueError(f"scan_layers=True is a VisionTransformer option; this checkpoint is a {type(model).__name__}.")
+  return model.clone(scan_layers=True), {**variables, "params": vit.stack_blocks(variables["params"])}
+
+
+def _per_layer(model, variables):
+  """A scan_layers ViT in the per-layer layout the converters read and write."""
+  if not getattr(model, "scan_layers", False):
+    return model, variables
+  variables = nn.meta.unbox(dict(variables))
+  return model.clone(scan_layers=False), {**variables, "params": vit.unstack_blocks(variables["params"])}
 
 
 def from_pretrained(source: str, *, num_classes: Optional[int] = None, image_size: Optional[int] = None,
@@ -97,7 +117,9 @@ def retarget(model, variables, *, num_classes=None, image_size=None, seed=0):
 
 def save_pretrained(model, variables, folder, *, labels=None, preprocessing: Optional[Preprocessing] = None):
   """Writes a Hugging Face transformers checkpoint folder (config.json, model.safetensors and, when given,
-  preprocessor_config.json) that transformers loads into the same network with the same outputs."""
+  preprocessor_config.json) that transformers loads into the same network with the same outputs.
+  A scan_layers ViT is written per layer, as every released checkpoint is."""
+  model, variables = _per_layer(model, variables)
   folder = hf.save(model, variables, folder, labels=labels)
   if preprocessing is not None:
     files.write_json(preprocessing.to_hf(), folder / "preprocessor_config.json")

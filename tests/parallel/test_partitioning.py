@@ -176,3 +176,11 @@ def test_rule_naming_a_missing_mesh_axis_is_an_error():
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   with pytest.raises(ValueError, match=r"uses mesh axes \['fsdp', 'model'\] that the mesh \{'data': 8\}"):
     parallel.variable_shardings(abstract(VIT, VIT_INPUT), mesh, "fsdp_tp")
+
+
+def test_fsdp_never_shards_the_stacked_layer_axis_of_scanned_layers():
+  mesh = jax.sharding.AbstractMesh((1, 32, 1), ("data", "fsdp", "model"))
+  # 32 stacked q/k/v biases of 16 heads x 80: only the layer axis divides by 32, so the tensor stays whole.
+  assert parallel.partition_spec((32, 16, 80), ("layers", "heads", "kv"), mesh, "fsdp") == P(None, None, None)
+  # Without the name the same shape would be split along its first axis.
+  assert parallel.partition_spec((32, 16, 80), (None, "heads", "kv"), mesh, "fsdp") == P("fsdp", None, None)

@@ -362,3 +362,9 @@ def test_ema_update():
   for _ in range(10):
     e = step(e, params, jnp.float32(0.8))
   np.testing.assert_allclose(e["w"], np.array([3.0, 2.0]) + np.array([-2.0, -4.0]) * 0.8 ** 10, rtol=1e-5)
+
+
+def test_layer_decay_on_a_scanned_vit_says_what_to_do():
+  params = _abstract("vit_b16", scan_layers=True, **VIT)
+  with pytest.raises(ValueError, match="scan_layers=True stacks them"):
+    opt.layer_decay_multipliers(params, 0.5)

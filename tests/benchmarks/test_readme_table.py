@@ -1,0 +1,26 @@
+"""The README's benchmark block is rewritten between its markers and nowhere else."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "readme_table.py"
+_spec = importlib.util.spec_from_file_location("readme_table", _PATH)
+readme_table = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(readme_table)
+
+
+def test_replace_block_rewrites_only_between_the_markers():
+  readme = f"intro\n{readme_table.START}\nold figures\n{readme_table.END}\nafter\n"
+  out = readme_table.replace_block(readme, "new figures")
+  assert out == f"intro\n{readme_table.START}\nnew figures\n{readme_table.END}\nafter\n"
+  assert readme_table.replace_block(out, "newer").count("new figures") == 0
+  with pytest.raises(SystemExit, match="add the markers"):
+    readme_table.replace_block("no markers here", "x")
+
+
+def test_printed_lines_become_bullets_and_tables_stay_tables():
+  printed = "machine: 2 cores\n| a | b |\n|---|---|\n| 1 | 2 |\ndecode only     2500 img/s\n"
+  assert readme_table.as_markdown(printed) == (
+      "- machine: 2 cores\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n- `decode only     2500 img/s`")
