@@ -4,7 +4,8 @@ collectives, one shared workdir as on a pod) against 1 process x 4 devices.
 The three processes run at once (one 4-device run, two 2-device ones): ~120 CPU-seconds in all, mostly XLA
 compiles (train step and state init, ~15 s each per process), so ~60 s on two idle cores and 100-240 s
 measured on a loaded 2-core machine. What is checked:
-  - the same train loss at every logged step and the same final eval metrics (rtol 1e-5);
+  - the same train loss at every logged step and the same final eval metrics (rtol 5e-5; a wrong or shifted
+    batch moves a loss by more than 1e-3);
   - only process 0 logs (one metrics.jsonl line per logged step, one TensorBoard writer, console lines
     from process 0 only), while every process writes its part of each checkpoint;
   - the two processes are fed different examples, and their local batches put together are the 1-process
@@ -17,8 +18,9 @@ normalisation turns such ulp-level noise into lr-sized updates wherever a gradie
 (BatchNorm biases feeding BatchNorm, the zero-initialised last BN of each block). Measured (jax 0.10.2, CPU):
 after step 1 (lr 0) the parameters are bit-identical and the step-1 gradients agree to 3.6e-6 per tensor;
 after 6 steps they are ~4e-4 apart in relative L2. The same happens between 1x2 and 1x4 devices in one
-process (1.5e-6 L2), so it is the optimizer's sensitivity, not the multi-host path; the losses, which
-depend on every parameter, stay within 1e-5.
+process (1.5e-6 L2), so it is the optimizer's sensitivity, not the multi-host path. The losses follow that
+drift: measured up to 7.9e-6 relative, and 1.2e-5 at step 6 once the 1x1 convolutions became matrix
+products (another summation order); hence rtol 5e-5.
 """
 
 import glob
@@ -34,7 +36,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RTOL = 1e-5
+RTOL = 5e-5
 # A generous bound: it only catches hangs (a process waiting in a collective for a peer that died); a failing
 # process ends the others at once. The runs took up to 240 s on a loaded machine.
 TIMEOUT_S = 600
