@@ -122,9 +122,7 @@ def jax_benchmarks(name: str, images: np.ndarray, labels: np.ndarray, args) -> d
   if args.train:
     step_config = steps.StepConfig(num_classes=NUM_CLASSES)
     step = steps.make_train_step(model, tx, schedule, step_config)
-    step = partitioning.with_sharding_rules(step, mesh, strategy)
-    train = jax.jit(step, in_shardings=(shardings, data_sharding), out_shardings=(shardings, None),
-                    donate_argnums=(0,))
+    train = steps.jit_train_step(step, mesh, strategy, shardings, data_sharding)
     t0 = time.perf_counter()
     train_c = train.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0

@@ -131,8 +131,7 @@ def compile_train_step(model, mesh, strategy, batch_size: int):
   batch = {"image": jax.ShapeDtypeStruct((batch_size, size, size, 3), np.float32, sharding=data_sharding),
            "label": jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=data_sharding)}
   step = steps.make_train_step(model, tx, schedule, steps.StepConfig(num_classes=model.num_classes))
-  train = jax.jit(partitioning.with_sharding_rules(step, mesh, strategy), in_shardings=(shardings, data_sharding),
-                  out_shardings=(shardings, None), donate_argnums=(0,))
+  train = steps.jit_train_step(step, mesh, strategy, shardings, data_sharding)
   t0 = time.perf_counter()
   compiled = train.lower(abstract, batch).compile()
   return compiled, abstract, shardings, data_sharding, tx, time.perf_counter() - t0

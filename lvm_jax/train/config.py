@@ -118,6 +118,14 @@ def _type_ok(value, default) -> bool:
   return isinstance(value, type(default))
 
 
+def set_path(tree, key: str, value, sep: str = ".") -> None:
+  """tree["a"]["b"] = value for key "a.b" (a dict or ConfigDict; the parent blocks must exist)."""
+  *parents, name = key.split(sep)
+  for parent in parents:
+    tree = tree[parent]
+  tree[name] = value
+
+
 def validate(config) -> ml_collections.ConfigDict:
   """The config with defaults filled in; raises ValueError on unknown keys, wrong types or bad values."""
   schema = _flatten(defaults())
@@ -137,11 +145,7 @@ def validate(config) -> ml_collections.ConfigDict:
 
   merged = defaults().to_dict()
   for key, value in given.items():  # free-form blocks replace the default block whole
-    *parents, name = key.split(".")
-    target = merged
-    for parent in parents:
-      target = target[parent]
-    target[name] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+    set_path(merged, key, value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value)
   full = ml_collections.ConfigDict(merged)
 
   if full.dtype not in DTYPES:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from lvm_jax.data import device_batches
+from lvm_jax.parallel import partitioning
 from lvm_jax.train import optimizer as optimizer_lib
 from lvm_jax.train.state import TrainState
 
@@ -98,6 +99,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     return new_state, metrics
 
   return train_step
+
+
+def jit_train_step(step: Callable, mesh, strategy, state_shardings, batch_sharding):
+  """A train step jitted as the trainer runs it: under `strategy`'s logical sharding rules, the state kept in its
+  shardings and donated (updated in place), the batch sharded over the data axes."""
+  return jax.jit(partitioning.with_sharding_rules(step, mesh, strategy), in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
 def make_eval_step(model: nn.Module, config: StepConfig) -> Callable[[dict, dict], dict]:

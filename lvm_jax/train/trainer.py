@@ -29,9 +29,7 @@ class NonFiniteLossError(FloatingPointError):
 
 def _jit_train_step(run: setup.Run):
   step = steps.make_train_step(run.model, run.tx, run.schedule, run.step_config)
-  step = partitioning.with_sharding_rules(step, run.mesh, run.strategy)
-  return jax.jit(step, in_shardings=(run.state_shardings, run.batch_sharding),
-                 out_shardings=(run.state_shardings, None), donate_argnums=(0,))
+  return steps.jit_train_step(step, run.mesh, run.strategy, run.state_shardings, run.batch_sharding)
 
 
 def _jit_eval_step(run: setup.Run):

@@ -13,11 +13,7 @@ def _expected(**changes):
   """defaults() as a plain dict with dotted-key changes applied."""
   out = config_lib.defaults().to_dict()
   for key, value in changes.items():
-    *parents, name = key.split(".")
-    target = out
-    for parent in parents:
-      target = target[parent]
-    target[name] = value
+    config_lib.set_path(out, key, value)
   return out
 
 

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
 
+from lvm_jax.train import config as config_lib
+
 REPO = pathlib.Path(__file__).parents[2]
 DIGITS_RECIPE = REPO / "configs" / "digits.py"
 
@@ -30,11 +32,7 @@ def recipe(data_dir: str, arg: str = "runlocal", **overrides):
   config.data.eval.data_dir = data_dir
   config.progress_bar = False
   for key, value in overrides.items():
-    *parents, name = key.split("__")
-    block = config
-    for parent in parents:
-      block = block[parent]
-    block[name] = value
+    config_lib.set_path(config, key, value, sep="__")
   return config
 
 
