@@ -2,7 +2,7 @@
 
   python benchmarks/models.py [--models vit_b16,resnet50,swin_t] [--batch 8] [--dtype float32|bfloat16]
                               [--seconds 10 | --steps N] [--no-torch] [--no-compile] [--compile-train]
-                              [--no-train]
+                              [--no-train] [--attention auto|xla|cudnn] [--profile DIR]
                               [--out results.md] [--out results.json]
 
 For each model (any registered variant name, built with lvm_jax.create_model(num_classes=1000)):
@@ -55,6 +55,7 @@ from lvm_jax.train import steps, throughput  # noqa: E402
 PUBLISHED_GMACS = {"vit_b16": 17.58, "resnet50": 4.11, "swin_t": 4.51}
 TRAIN_FLOPS_FACTOR = 3.0  # forward + backward (~2x forward)
 NUM_CLASSES = 1000
+PROFILE_STEPS = 3
 OPTIMIZER = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05,
              "schedule": {"warmup_steps": 100, "total_steps": 10_000, "decay": "cosine"}}
 
@@ -91,9 +92,16 @@ def cpu_threads() -> int:
 
 # --------------------------------------------------------------------------------------------------- lvm_jax
 
+def model_overrides(name: str, args) -> dict:
+  """create_model keywords from the flags: --attention reaches the models that have an attention_impl."""
+  overrides = dict(num_classes=NUM_CLASSES, dtype=jnp.dtype(args.dtype))
+  if args.attention != "auto" and "attention_impl" in registry.model_fields(type(lvm_jax.create_model(name))):
+    overrides["attention_impl"] = args.attention
+  return overrides
+
+
 def jax_benchmarks(name: str, images: np.ndarray, labels: np.ndarray, args) -> dict:
-  dtype = jnp.dtype(args.dtype)
-  model = lvm_jax.create_model(name, num_classes=NUM_CLASSES, dtype=dtype)
+  model = lvm_jax.create_model(name, **model_overrides(name, args))
   batch_size = images.shape[0]
   input_shape = (1,) + images.shape[1:]
   mesh = create_mesh(devices=jax.devices()[:1])
@@ -136,6 +144,11 @@ def jax_benchmarks(name: str, images: np.ndarray, labels: np.ndarray, args) -> d
     r = time_calls(call, **timing)
     out["train"] = dict(img_s=batch_size / r["median_s"], compile_s=compile_s, repeats=r["repeats"],
                         xla_flops=throughput.compiled_flops(train_c))
+    if args.profile:
+      # A few steps traced after the timing (jax.profiler; the Perfetto JSON sits under plugins/profile/<run>/).
+      with jax.profiler.trace(str(args.profile / name), create_perfetto_trace=True):
+        for _ in range(PROFILE_STEPS):
+          call()
     del holder, train_c
   del state
   gc.collect()
@@ -310,6 +323,11 @@ def main(argv=None) -> None:
                            "a model)")
   parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
                       help="also time the train step (--no-train: inference only)")
+  parser.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
+                      help="attention kernel of the models that choose one (ViT): auto = cuDNN flash attention on "
+                           "NVIDIA GPUs in bfloat16, else XLA")
+  parser.add_argument("--profile", type=pathlib.Path, default=None,
+                      help=f"trace {PROFILE_STEPS} lvm_jax train steps a model into PROFILE/<model> (jax.profiler)")
   parser.add_argument("--out", type=pathlib.Path, action="append", default=[],
                       help="write the results (.json, else markdown); may be given more than once")
   args = parser.parse_args(argv)
@@ -345,7 +363,8 @@ def main(argv=None) -> None:
     images = rng.standard_normal((args.batch, size, size, 3), dtype=np.float32)  # already "normalised"
     labels = rng.integers(0, NUM_CLASSES, args.batch).astype(np.int32)
     print(f"[{time.perf_counter() - run_start:6.0f}s] {name}: lvm_jax ...", file=sys.stderr, flush=True)
-    res = dict(model=name, batch=args.batch, dtype=args.dtype, jax=jax_benchmarks(name, images, labels, args))
+    res = dict(model=name, batch=args.batch, dtype=args.dtype, attention=args.attention,
+               jax=jax_benchmarks(name, images, labels, args))
     if args.torch:
       print(f"[{time.perf_counter() - run_start:6.0f}s] {name}: torch ...", file=sys.stderr, flush=True)
       res["torch"] = torch_benchmarks(name, images, labels, args)
@@ -359,7 +378,7 @@ def main(argv=None) -> None:
   load = os.getloadavg() if hasattr(os, "getloadavg") else None
   print(f"machine: {device.platform} ({device.device_kind}), {threads} CPU threads; jax {jax.__version__}; "
         f"{torch_info}" + (f"; load average at the end {load[0]:.2f} (1 min)" if load else ""))
-  print(f"batch {args.batch}, {args.dtype}; median of >= {args.min_repeats} calls over "
+  print(f"batch {args.batch}, {args.dtype}, attention {args.attention}; median of >= {args.min_repeats} calls over "
         f"{args.steps and f'{args.steps} steps' or f'{args.seconds:g} s'} after warmup; "
         f"run took {time.perf_counter() - run_start:.0f} s")
   print(f"peak ({peak_how}, {args.dtype}): jax {_fmt(peak and peak / 1e9, '.1f')} GFLOP/s; "

@@ -111,21 +111,77 @@ class Projection(nn.Module):
     return y
 
 
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+
+
+def attention_implementation(requested: Optional[str], q: jax.Array, bias: Optional[jax.Array],
+                             device=None) -> str:
+  """The jax.nn.dot_product_attention implementation to use: `requested`, or for None the fastest that applies.
+
+  jax's own default (None) is always XLA's unfused softmax(QK^T)V, which on a GPU writes the [heads, queries,
+  keys] logits and weights to memory and back. None here picks cuDNN's fused flash attention where it runs:
+  an NVIDIA GPU of compute capability >= 8.0 (Ampere or newer), bfloat16/float16 inputs, a head dim that is a
+  multiple of 8 up to 128, and no bias (cuDNN's training kernel needs even sequence lengths with a bias, and
+  Swin's 7x7 windows have 49). `device` defaults to the default backend's first device.
+  """
+  if requested not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"Attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {requested!r}.")
+  if requested is not None:
+    return requested
+  device = device if device is not None else jax.devices()[0]
+  capability = getattr(device, "compute_capability", None)
+  head_dim = q.shape[-1]
+  if (device.platform == "gpu" and capability and tuple(map(int, str(capability).split(".")[:2])) >= (8, 0)
+      and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128 and bias is None):
+    return "cudnn"
+  return "xla"
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array],
+                          implementation: str, valid_length: Optional[int] = None) -> jax.Array:
+  """jax.nn.dot_product_attention on [batch, length, heads, head_dim].
+
+  valid_length: tokens from this index on are padding, masked out as keys (their outputs are not meaningful).
+  cuDNN's flash attention trains only on even lengths (ViT's 196 patches + 1 class token are 197): for it an odd
+  length is padded by one token here, masked the same way; models pad once instead (ViT), which saves the
+  per-layer copies.
+  """
+  queries, keys = q.shape[1], k.shape[1]
+  if implementation == "cudnn" and (queries % 2 or keys % 2):
+    def pad(x, axis, length):
+      return jnp.pad(x, [(0, length % 2 if i == axis else 0) for i in range(x.ndim)])
+
+    q, k, v = pad(q, 1, queries), pad(k, 1, keys), pad(v, 1, keys)
+    if bias is not None:  # [..., queries, keys], either may broadcast (size 1)
+      bias = pad(pad(bias, bias.ndim - 2, queries if bias.shape[-2] == queries else 0),
+                 bias.ndim - 1, keys if bias.shape[-1] == keys else 0)
+    valid_length = keys if valid_length is None else valid_length
+    return dot_product_attention(q, k, v, bias, implementation, valid_length)[:, :queries]
+  key_lengths = None if valid_length is None else jnp.full((q.shape[0],), valid_length, jnp.int32)
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation,
+                                      key_value_seq_lengths=key_lengths)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with separate query/key/value projections split into heads.
 
   Kernels are [embed, heads, head_dim] (and [heads, head_dim, embed] for the output), so tensor
   parallelism can shard heads. `bias` (e.g. Swin's relative position bias plus its shifted-window mask)
-  is added to the attention logits; it broadcasts to [batch, heads, queries, keys].
+  is added to the attention logits; it broadcasts to [batch, heads, queries, keys]. `implementation`:
+  "xla", "cudnn" (fused flash attention, NVIDIA GPUs) or None for the fastest that applies
+  (attention_implementation).
   """
   num_heads: int
   dropout: float = 0.0
   qkv_bias: bool = True  # the output projection always has a bias, as in every reference
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  implementation: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool, bias: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool, bias: Optional[jax.Array] = None,
+               valid_length: Optional[int] = None) -> jax.Array:
+    """valid_length: tokens from this index on are padding, never attended to (dot_product_attention)."""
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"Attention width {width} is not divisible by num_heads={self.num_heads}.")
@@ -143,12 +199,14 @@ class Attention(nn.Module):
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
       if bias is not None:
         logits = logits + bias
+      if valid_length is not None:
+        logits = jnp.where(jnp.arange(k.shape[1]) < valid_length, logits, jnp.finfo(logits.dtype).min)
       weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
       weights = nn.Dropout(self.dropout, deterministic=False)(weights)
       out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     else:
-      # Lets the backend pick a fused kernel (cuDNN flash attention on GPU, Pallas/XLA on TPU).
-      out = jax.nn.dot_product_attention(q, k, v, bias=bias)
+      out = dot_product_attention(q, k, v, bias, attention_implementation(self.implementation, q, bias),
+                                  valid_length)
     return Projection((width,), 2, ("heads", "kv", "embed"), ("embed",), dtype=self.dtype,
                       param_dtype=self.param_dtype, name="out")(out)
 

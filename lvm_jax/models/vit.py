@@ -41,15 +41,18 @@ class EncoderBlock(nn.Module):
   layer_norm_eps: float
   dtype: Any
   param_dtype: Any
+  attention_impl: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool, drop_path_rate: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool, drop_path_rate: Optional[jax.Array] = None,
+               valid_length: Optional[int] = None) -> jax.Array:
     """drop_path_rate: this layer's stochastic-depth rate as an array (a scanned stack feeds one per layer),
-    instead of the `drop_path` field."""
+    instead of the `drop_path` field. valid_length: tokens from there on are padding, never attended to."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     rate = self.drop_path if drop_path_rate is None else drop_path_rate
     y = layers.layer_norm(self.layer_norm_eps, name="norm1", **kw)(x)
-    y = layers.Attention(self.num_heads, dropout=self.attention_dropout, name="attn", **kw)(y, train=train)
+    y = layers.Attention(self.num_heads, dropout=self.attention_dropout, implementation=self.attention_impl,
+                         name="attn", **kw)(y, train=train, valid_length=valid_length)
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
     x = x + layers.DropPath(rate)(y, train=train)
     y = layers.layer_norm(self.layer_norm_eps, name="norm2", **kw)(x)
@@ -72,6 +75,8 @@ class VisionTransformer(nn.Module):
   scan_layers: the blocks are one nn.scan over a single block (params["blocks"], each leaf with a leading
   layer axis named "layers"), so XLA compiles the block once and compile time stays flat with depth. Same
   outputs as the per-layer model ("block_0" ... ); stack_blocks / unstack_blocks convert between the two.
+  attention_impl: "xla", "cudnn" or None (cuDNN flash attention on NVIDIA GPUs in bfloat16/float16, else XLA;
+  layers.attention_implementation).
   """
   num_classes: int = 1000
   image_size: int = 224
@@ -92,6 +97,7 @@ class VisionTransformer(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   scan_layers: bool = False
+  attention_impl: Optional[str] = None
 
   @property
   def grid_size(self) -> int:
@@ -133,7 +139,13 @@ class VisionTransformer(nn.Module):
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = layers.constrain(x, ("batch", "length", "embed"))
 
-    x = self._encoder(x, train)
+    tokens = x.shape[1]
+    if tokens % 2 and self._attention_implementation(tokens) == "cudnn":
+      # cuDNN's flash attention trains only on even lengths: one padding token for the whole encoder, masked out
+      # as a key in every block, costs less than a pad and a slice in every layer.
+      x = self._encoder(jnp.pad(x, ((0, 0), (0, 1), (0, 0))), train, valid_length=tokens)[:, :tokens]
+    else:
+      x = self._encoder(x, train)
 
     prefix = 1 if use_cls else 0
     if self.fc_norm:
@@ -162,16 +174,22 @@ class VisionTransformer(nn.Module):
     """Stochastic depth per block: linear from 0 (first block) to `drop_path` (last)."""
     return [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
 
-  def _encoder(self, x: jax.Array, train: bool) -> jax.Array:
+  def _attention_implementation(self, tokens: int) -> str:
+    head_dim = self.width // self.num_heads
+    query = jax.ShapeDtypeStruct((1, tokens, self.num_heads, head_dim), jnp.dtype(self.dtype))
+    return layers.attention_implementation(self.attention_impl, query, None)
+
+  def _encoder(self, x: jax.Array, train: bool, valid_length: Optional[int] = None) -> jax.Array:
     block = functools.partial(EncoderBlock, self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout,
-                              layer_norm_eps=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+                              layer_norm_eps=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                              attention_impl=self.attention_impl)
     if not self.scan_layers:
       for i, rate in enumerate(self.drop_path_rates()):
-        x = block(drop_path=rate, name=f"block_{i}")(x, train=train)
+        x = block(drop_path=rate, name=f"block_{i}")(x, train=train, valid_length=valid_length)
       return x
 
     def body(layer, x, rate):
-      return layer(x, train=train, drop_path_rate=rate), None
+      return layer(x, train=train, drop_path_rate=rate, valid_length=valid_length), None
 
     # No drop path: no per-layer input, so the block keeps DropPath's static shortcut.
     rates = jnp.asarray(self.drop_path_rates(), jnp.float32) if self.drop_path else None
