@@ -36,6 +36,63 @@ def gelu(x: jax.Array) -> jax.Array:
   return 0.5 * x * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))
 
 
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [..., in] @ kernel [in, out], the product of every dense layer and 1x1 convolution here.
+
+  On CPU its kernel gradient is computed as _cpu_matmul_bwd lays it out (the train step of Swin-T +9%,
+  ResNet-50 +7-11% on 2 cores, ViT-B/16 unchanged). That path has a custom gradient, so on CPU the models
+  support reverse-mode differentiation (jax.grad, jax.vjp) but not forward mode (jax.jvp), as with other
+  fused kernels such as cuDNN attention; elsewhere this is a plain product.
+  """
+  if jax.default_backend() == "cpu":
+    return _cpu_matmul(x, kernel)
+  return jnp.einsum("...c,cd->...d", x, kernel)
+
+
+@jax.custom_vjp
+def _cpu_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return jnp.einsum("...c,cd->...d", x, kernel)
+
+
+def _cpu_matmul_fwd(x, kernel):
+  return _cpu_matmul(x, kernel), (x, kernel)
+
+
+def _cpu_matmul_bwd(residuals, dy):
+  """The kernel's gradient x^T dy contracts both operands over their rows (batch x positions). XLA:CPU's dot
+  runs that form at about half speed, so XLA has the producer of dy (a LayerNorm or BatchNorm backward) write
+  it transposed, a strided loop that is slow; transposing the narrower of x and dy as an op of its own costs
+  less. The barrier keeps XLA from folding that transpose back into the dot."""
+  x, kernel = residuals
+  rows_x, rows_dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+  if rows_x.shape[1] <= rows_dy.shape[1]:
+    dkernel = jax.lax.optimization_barrier(rows_x.T) @ rows_dy
+  else:
+    dkernel = (jax.lax.optimization_barrier(rows_dy.T) @ rows_x).T
+  return jnp.einsum("...d,cd->...c", dy, kernel), dkernel
+
+
+_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
+
+
+class Dense(nn.Module):
+  """nn.Dense's parameters ("kernel" [in, out], "bias" [out]) and result, through `matmul`."""
+  features: int
+  use_bias: bool = True
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = matmul(x, kernel)
+    return y if bias is None else y + bias
+
+
 class DropPath(nn.Module):
   """Stochastic depth: drops the whole residual branch per example during training.
 
@@ -65,13 +122,13 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     width = x.shape[-1]
-    x = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1",
+    x = Dense(self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1",
                  kernel_init=partitioned(xavier_uniform, ("embed", "mlp")),
                  bias_init=partitioned(nn.initializers.normal(1e-6), ("mlp",)))(x)
     x = gelu(x)
     x = constrain(x, ("batch", "length", "mlp"))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2",
+    x = Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2",
                  kernel_init=partitioned(xavier_uniform, ("mlp", "embed")),
                  bias_init=partitioned(nn.initializers.normal(1e-6), ("embed",)))(x)
     return nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -105,7 +162,9 @@ class Projection(nn.Module):
     kernel = self.param("kernel", partitioned(_flat_init(xavier_uniform, self.in_dims), self.kernel_names),
                         x.shape[x.ndim - self.in_dims:] + features, self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    y = jnp.tensordot(x, kernel, axes=self.in_dims)
+    batch_shape, in_shape = x.shape[:x.ndim - self.in_dims], x.shape[x.ndim - self.in_dims:]
+    y = matmul(x.reshape(batch_shape + (math.prod(in_shape),)), kernel.reshape(math.prod(in_shape), -1))
+    y = y.reshape(batch_shape + features)
     if self.use_bias:
       y = y + self.param("bias", partitioned(zeros, self.bias_names), features, self.param_dtype).astype(self.dtype)
     return y

@@ -42,7 +42,7 @@ def torch_max_pool(x: jax.Array) -> jax.Array:
 
 
 class PointwiseConv(nn.Module):
-  """A 1x1 convolution (no bias) computed as a matrix product over the channels.
+  """A 1x1 convolution (no bias) computed as a matrix product over the channels (layers.matmul).
 
   Same parameter as nn.Conv((1, 1)) ("kernel" [1, 1, in, out]), same result; XLA's CPU backend runs the
   product 1.2-2.5x faster than its convolution for ResNet's 1x1 shapes, and accelerators run both as a GEMM.
@@ -59,7 +59,7 @@ class PointwiseConv(nn.Module):
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     if self.strides > 1:
       x = x[:, ::self.strides, ::self.strides]  # a strided 1x1 conv without padding reads these positions
-    return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
+    return layers.matmul(x, kernel[0, 0])
 
 
 def _conv(features: int, kernel: int, strides: int, name: str, kw: dict) -> nn.Module:

@@ -155,8 +155,8 @@ class PatchMerging(nn.Module):
     # The references' order: (row 0, col 0), (row 1, col 0), (row 0, col 1), (row 1, col 1).
     x = jnp.concatenate([x[:, row::2, col::2] for col in (0, 1) for row in (0, 1)], axis=-1)
     x = layers.layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
-    x = nn.Dense(2 * channels, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="reduction",
-                 kernel_init=layers.partitioned(layers.trunc_normal_02, ("mlp", "embed")))(x)
+    x = layers.Dense(2 * channels, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="reduction", kernel_init=layers.partitioned(layers.trunc_normal_02, ("mlp", "embed")))(x)
     return layers.constrain(x, ("batch", "height", "width", "embed"))
 
 

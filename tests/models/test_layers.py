@@ -1,7 +1,10 @@
-"""Shared blocks: GELU against torch's."""
+"""Shared blocks: GELU against torch's, the dense product and its CPU gradient."""
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 from lvm_jax.models import layers
@@ -14,3 +17,37 @@ def test_gelu_matches_torch_exact_gelu_and_keeps_the_dtype():
   tanh_approx = torch.nn.functional.gelu(torch.from_numpy(x), approximate="tanh").numpy()
   assert np.abs(np.asarray(layers.gelu(jnp.asarray(x))) - tanh_approx).max() > 1e-4  # the exact form, not tanh
   assert layers.gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("shape,features", [((2, 5, 7, 8), 24), ((2, 5, 7, 24), 8), ((3, 11, 16), 16), ((4, 6), 3)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matmul_gradients_equal_the_einsum_gradients(shape, features, dtype):
+  """On CPU the kernel gradient transposes the narrower operand by hand: same numbers as autodiff's."""
+  assert jax.default_backend() == "cpu"  # the custom gradient is the CPU path
+  x = jax.random.normal(jax.random.key(0), shape, dtype)
+  kernel = jax.random.normal(jax.random.key(1), (shape[-1], features), dtype)
+  cotangent = jax.random.normal(jax.random.key(2), shape[:-1] + (features,), dtype)
+
+  def vjp(f):
+    out, pullback = jax.vjp(f, x, kernel)
+    return (out,) + pullback(cotangent)
+
+  got = vjp(layers.matmul)
+  want = vjp(lambda x, k: jnp.einsum("...c,cd->...d", x, k))
+  tol = 1e-5 if dtype == jnp.float32 else 5e-2
+  for g, w in zip(got, want):
+    assert g.dtype == w.dtype == dtype and g.shape == w.shape
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_dense_is_flax_dense_with_the_same_parameters(use_bias):
+  x = jax.random.normal(jax.random.key(0), (2, 9, 12))
+  ours, flax_dense = layers.Dense(5, use_bias=use_bias), nn.Dense(5, use_bias=use_bias)
+  variables = flax_dense.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
+  np.testing.assert_allclose(ours.init(jax.random.key(1), x)["params"]["kernel"], variables["params"]["kernel"])
+  np.testing.assert_allclose(ours.apply(variables, x), flax_dense.apply(variables, x), rtol=1e-6, atol=1e-6)
+  grads = [jax.grad(lambda v, m=m: jnp.sum(m.apply(v, x) ** 2))(variables) for m in (ours, flax_dense)]
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
