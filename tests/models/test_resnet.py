@@ -235,3 +235,23 @@ def test_pointwise_conv_equals_a_1x1_convolution(strides, dtype):
   assert out.shape == expected.shape == (2, -(-7 // strides), -(-9 // strides), 5) and out.dtype == dtype
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32),
                              rtol=1e-5 if dtype == jnp.float32 else 2e-2, atol=1e-5 if dtype == jnp.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("shape", [(2, 112, 112, 8), (1, 7, 9, 3), (2, 8, 5, 4)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_max_pool_gradient_on_cpu_is_select_and_scatters(shape, dtype):
+  """The hand-written CPU gradient sends each output's gradient where XLA's generic one does, ties included
+  (ReLU outputs are full of tied zeros) and never into the padding (all-negative inputs)."""
+  assert jax.default_backend() == "cpu"  # the custom gradient is the CPU path
+  rng = np.random.default_rng(0)
+  for x in (np.maximum(rng.standard_normal(shape), 0), -np.abs(rng.standard_normal(shape)) - 1,
+            np.round(rng.standard_normal(shape))):
+    x = jnp.asarray(x, dtype)
+    y, pullback = jax.vjp(torch_max_pool, x)
+    y_ref, pullback_ref = jax.vjp(lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))), x)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+    cotangent = jnp.asarray(rng.standard_normal(y.shape), dtype)
+    (dx,), (dx_ref,) = pullback(cotangent), pullback_ref(cotangent)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    tol = 1e-6 if dtype == jnp.float32 else 2e-2  # overlapping windows sum in another order
+    np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32), rtol=tol, atol=tol)
