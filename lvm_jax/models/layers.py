@@ -1,5 +1,6 @@
 """Blocks shared by the model families: attention, MLP, stochastic depth, partitioned initialisers."""
 
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -36,33 +37,38 @@ def gelu(x: jax.Array) -> jax.Array:
   return 0.5 * x * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))
 
 
-def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """x [..., in] @ kernel [in, out], the product of every dense layer and 1x1 convolution here.
+def cpu_custom_gradient(fn: Callable, fwd: Callable, bwd: Callable) -> Callable:
+  """`fn` differentiated through fwd/bwd (jax.custom_vjp) when the default backend is CPU, plain `fn` elsewhere.
 
-  On CPU its kernel gradient is computed as _cpu_matmul_bwd lays it out (the train step of Swin-T +9%,
-  ResNet-50 +7-11% on 2 cores, ViT-B/16 unchanged). That path has a custom gradient, so on CPU the models
-  support reverse-mode differentiation (jax.grad, jax.vjp) but not forward mode (jax.jvp), as with other
-  fused kernels such as cuDNN attention; elsewhere this is a plain product.
+  For ops whose generic gradient XLA:CPU runs slowly. A custom gradient supports reverse mode (jax.grad,
+  jax.vjp) but not forward mode (jax.jvp), as with other fused kernels such as cuDNN attention.
   """
-  if jax.default_backend() == "cpu":
-    return _cpu_matmul(x, kernel)
+  custom = jax.custom_vjp(fn)
+  custom.defvjp(fwd, bwd)
+
+  @functools.wraps(fn)
+  def dispatch(*args):
+    return custom(*args) if jax.default_backend() == "cpu" else fn(*args)
+
+  return dispatch
+
+
+def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [..., in] @ kernel [in, out], the product of every dense layer and 1x1 convolution here (on CPU with
+  the kernel gradient of _matmul_cpu_bwd)."""
   return jnp.einsum("...c,cd->...d", x, kernel)
 
 
-@jax.custom_vjp
-def _cpu_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return jnp.einsum("...c,cd->...d", x, kernel)
+def _matmul_fwd(x, kernel):
+  return _matmul(x, kernel), (x, kernel)
 
 
-def _cpu_matmul_fwd(x, kernel):
-  return _cpu_matmul(x, kernel), (x, kernel)
-
-
-def _cpu_matmul_bwd(residuals, dy):
+def _matmul_cpu_bwd(residuals, dy):
   """The kernel's gradient x^T dy contracts both operands over their rows (batch x positions). XLA:CPU's dot
   runs that form at about half speed, so XLA has the producer of dy (a LayerNorm or BatchNorm backward) write
   it transposed, a strided loop that is slow; transposing the narrower of x and dy as an op of its own costs
-  less. The barrier keeps XLA from folding that transpose back into the dot."""
+  less (train step on 2 cores: ResNet-50 +13%, Swin-T +8%, ViT-B/16 +7%). The barrier keeps XLA from folding
+  that transpose back into the dot."""
   x, kernel = residuals
   rows_x, rows_dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
   if rows_x.shape[1] <= rows_dy.shape[1]:
@@ -72,7 +78,7 @@ def _cpu_matmul_bwd(residuals, dy):
   return jnp.einsum("...d,cd->...c", dy, kernel), dkernel
 
 
-_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
+matmul = cpu_custom_gradient(_matmul, _matmul_fwd, _matmul_cpu_bwd)
 
 
 class Dense(nn.Module):
@@ -173,8 +179,7 @@ class Projection(nn.Module):
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
-def attention_implementation(requested: Optional[str], q: jax.Array, bias: Optional[jax.Array],
-                             device=None) -> str:
+def attention_implementation(requested: Optional[str], head_dim: int, dtype, has_bias: bool, device=None) -> str:
   """The jax.nn.dot_product_attention implementation to use: `requested`, or for None the fastest that applies.
 
   jax's own default (None) is always XLA's unfused softmax(QK^T)V, which on a GPU writes the [heads, queries,
@@ -189,9 +194,9 @@ def attention_implementation(requested: Optional[str], q: jax.Array, bias: Optio
     return requested
   device = device if device is not None else jax.devices()[0]
   capability = getattr(device, "compute_capability", None)
-  head_dim = q.shape[-1]
   if (device.platform == "gpu" and capability and tuple(map(int, str(capability).split(".")[:2])) >= (8, 0)
-      and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128 and bias is None):
+      and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+      and not has_bias):
     return "cudnn"
   return "xla"
 
@@ -264,8 +269,8 @@ class Attention(nn.Module):
       weights = nn.Dropout(self.dropout, deterministic=False)(weights)
       out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     else:
-      out = dot_product_attention(q, k, v, bias, attention_implementation(self.implementation, q, bias),
-                                  valid_length)
+      implementation = attention_implementation(self.implementation, head_dim, q.dtype, bias is not None)
+      out = dot_product_attention(q, k, v, bias, implementation, valid_length)
     return Projection((width,), 2, ("heads", "kv", "embed"), ("embed",), dtype=self.dtype,
                       param_dtype=self.param_dtype, name="out")(out)
 

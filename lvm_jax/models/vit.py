@@ -175,9 +175,8 @@ class VisionTransformer(nn.Module):
     return [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
 
   def _attention_implementation(self, tokens: int) -> str:
-    head_dim = self.width // self.num_heads
-    query = jax.ShapeDtypeStruct((1, tokens, self.num_heads, head_dim), jnp.dtype(self.dtype))
-    return layers.attention_implementation(self.attention_impl, query, None)
+    return layers.attention_implementation(self.attention_impl, self.width // self.num_heads, self.dtype,
+                                           has_bias=False)
 
   def _encoder(self, x: jax.Array, train: bool, valid_length: Optional[int] = None) -> jax.Array:
     block = functools.partial(EncoderBlock, self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout,

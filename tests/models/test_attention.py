@@ -15,8 +15,6 @@ HOPPER = types.SimpleNamespace(platform="gpu", compute_capability="9.0")
 ON_GPU = jax.default_backend() == "gpu"
 
 
-def _q(dtype=jnp.bfloat16, head_dim=64):
-  return jax.ShapeDtypeStruct((2, 197, 12, head_dim), dtype)
 
 
 def _comparable_leaves(grads, expected_grads):
@@ -30,22 +28,22 @@ def _comparable_leaves(grads, expected_grads):
 
 
 def test_auto_picks_cudnn_only_where_it_runs():
-  assert layers.attention_implementation(None, _q(), None, HOPPER) == "cudnn"
-  assert layers.attention_implementation(None, _q(jnp.float16, 128), None, HOPPER) == "cudnn"
-  assert layers.attention_implementation(None, _q(jnp.float32), None, HOPPER) == "xla"
-  assert layers.attention_implementation(None, _q(head_dim=160), None, HOPPER) == "xla"
-  assert layers.attention_implementation(None, _q(head_dim=60), None, HOPPER) == "xla"
-  assert layers.attention_implementation(None, _q(), jnp.zeros((1, 12, 197, 197)), HOPPER) == "xla"
+  assert layers.attention_implementation(None, 64, jnp.bfloat16, False, HOPPER) == "cudnn"
+  assert layers.attention_implementation(None, 128, jnp.float16, False, HOPPER) == "cudnn"
+  assert layers.attention_implementation(None, 64, jnp.float32, False, HOPPER) == "xla"
+  assert layers.attention_implementation(None, 160, jnp.bfloat16, False, HOPPER) == "xla"
+  assert layers.attention_implementation(None, 60, jnp.bfloat16, False, HOPPER) == "xla"
+  assert layers.attention_implementation(None, 64, jnp.bfloat16, True, HOPPER) == "xla"
   turing = types.SimpleNamespace(platform="gpu", compute_capability="7.5")
-  assert layers.attention_implementation(None, _q(), None, turing) == "xla"
-  assert layers.attention_implementation(None, _q(), None, jax.devices("cpu")[0]) == "xla"
+  assert layers.attention_implementation(None, 64, jnp.bfloat16, False, turing) == "xla"
+  assert layers.attention_implementation(None, 64, jnp.bfloat16, False, jax.devices("cpu")[0]) == "xla"
 
 
 def test_explicit_choice_is_kept_and_typos_are_named():
-  assert layers.attention_implementation("xla", _q(), None, HOPPER) == "xla"
-  assert layers.attention_implementation("cudnn", _q(jnp.float32), None, jax.devices("cpu")[0]) == "cudnn"
+  assert layers.attention_implementation("xla", 64, jnp.bfloat16, False, HOPPER) == "xla"
+  assert layers.attention_implementation("cudnn", 64, jnp.float32, False, jax.devices("cpu")[0]) == "cudnn"
   with pytest.raises(ValueError, match="'cuDNN'"):
-    layers.attention_implementation("cuDNN", _q(), None, HOPPER)
+    layers.attention_implementation("cuDNN", 64, jnp.bfloat16, False, HOPPER)
   model = lvm_jax.create_model("vit_ti16", num_classes=3, attention_impl="flash")
   with pytest.raises(ValueError, match="'flash'"):
     model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
