@@ -79,16 +79,9 @@ class WindowAttention(nn.Module):
   def __call__(self, windows: jax.Array, *, window: int, mask: Optional[np.ndarray], train: bool) -> jax.Array:
     table = self.param("relative_position_bias_table", layers.partitioned(layers.trunc_normal_02, (None, "heads")),
                        ((2 * self.window_size - 1) ** 2, self.num_heads), self.param_dtype)
-    tokens = window * window
     bias = table[relative_position_index(window, self.window_size)].transpose(2, 0, 1)  # [heads, N, N]
-    if mask is None:
-      bias = bias[None]
-    else:
-      num_windows = mask.shape[0]
-      batch = windows.shape[0] // num_windows
-      bias = bias[None, None] + jnp.asarray(mask)[None, :, None]
-      bias = jnp.broadcast_to(bias, (batch, num_windows, self.num_heads, tokens, tokens))
-      bias = bias.reshape(batch * num_windows, self.num_heads, tokens, tokens)
+    # [windows or 1, heads, N, N]: window i of every image takes row i (layers.dot_product_attention).
+    bias = bias[None] if mask is None else bias[None] + jnp.asarray(mask)[:, None]
     return self.attention(windows, train=train, bias=bias)
 
 

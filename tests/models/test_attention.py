@@ -49,6 +49,48 @@ def test_explicit_choice_is_kept_and_typos_are_named():
     model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_einsum_attention_is_jax_attention(dtype, monkeypatch):
+  """The head-major einsums XLA runs on CPU: jax.nn.dot_product_attention's numbers, with a broadcast bias
+  (Swin's [1, heads, q, k]) and masked padding keys, forward and backward."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 9, 3, 8)), dtype) for _ in range(3))
+  bias = jnp.asarray(rng.standard_normal((1, 3, 9, 9)), dtype)
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+  for b, valid in ((None, None), (bias, None), (bias, 7)):
+    lengths = None if valid is None else jnp.full((2,), valid, jnp.int32)
+
+    def expected(q, k, v):
+      return jax.nn.dot_product_attention(q, k, v, bias=b, implementation="xla", key_value_seq_lengths=lengths)
+
+    def einsum(q, k, v):
+      return layers.einsum_attention(q, k, v, b, valid)
+
+    np.testing.assert_allclose(np.asarray(einsum(q, k, v), np.float32), np.asarray(expected(q, k, v), np.float32),
+                               **tol)
+    grads = [jax.grad(lambda *qkv: jnp.sum(f(*qkv).astype(jnp.float32) * v[:, :, :1]), argnums=(0, 1, 2))(q, k, v)
+             for f in (expected, einsum)]
+    for a, e in zip(*grads):
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32), **tol)
+  # Grouped bias (Swin's windows): example i takes bias[i % 3], here against the bias repeated by hand.
+  q6, k6, v6 = (jnp.concatenate([t] * 3) for t in (q, k, v))
+  grouped = jnp.asarray(rng.standard_normal((3, 3, 9, 9)), dtype)
+  repeated = jnp.tile(grouped, (2, 1, 1, 1))
+  expected = jax.nn.dot_product_attention(q6, k6, v6, bias=repeated, implementation="xla")
+  np.testing.assert_allclose(np.asarray(layers.einsum_attention(q6, k6, v6, grouped), np.float32),
+                             np.asarray(expected, np.float32), **tol)
+  with monkeypatch.context() as elsewhere:  # off CPU, jax's kernel gets the groups repeated
+    elsewhere.setattr(jax, "default_backend", lambda: "gpu")
+    np.testing.assert_allclose(np.asarray(layers.dot_product_attention(q6, k6, v6, grouped, "xla"), np.float32),
+                               np.asarray(expected, np.float32), **tol)
+  with pytest.raises(ValueError, match=r"must divide the batch of 6"):
+    layers.einsum_attention(q6, k6, v6, grouped[:2].repeat(2, 0)[:4])
+  calls = []
+  monkeypatch.setattr(layers, "einsum_attention", lambda *a: calls.append(len(a)) or a[0])
+  layers.dot_product_attention(q, k, v, None, "xla")
+  assert calls == [5]  # on CPU the XLA choice runs the einsums
+
+
 @pytest.mark.parametrize("queries,keys", [(197, 197), (49, 49), (8, 5), (6, 6)])
 def test_padding_for_cudnn_leaves_attention_unchanged(queries, keys, monkeypatch):
   """The odd-length padding of the cuDNN path, run through XLA's kernel (CPU): same outputs and gradients."""
