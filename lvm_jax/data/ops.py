@@ -9,6 +9,7 @@ its seed alone. Images stay uint8 until normalize (or value_range) turns them in
 import math
 from typing import Sequence, Union
 
+from lvm_jax.data import native
 from lvm_jax.tf_host import tf
 
 Size = Union[int, Sequence[int]]
@@ -52,6 +53,21 @@ def _resize_uint8(image, size, method="bilinear", antialias=True):
     return _to_uint8(resized)
   # Weights >= 0 keep values inside 0..255, so rounding half up is one add and a truncating cast.
   return tf.cast(resized + 0.5, tf.uint8)
+
+
+def _native_crop_resize(method: str, antialias: bool):
+  """lvm_jax.data.native's crop + resize kernel where it applies (bilinear, no antialiasing) and is built."""
+  return native.crop_resize() if method == "bilinear" and not antialias else None
+
+
+def _resize_columns(rows, left, crop_width, size, method, antialias):
+  """Columns [left, left + crop_width) of `rows` (all of the crop's rows), resized to `size`, as uint8."""
+  kernel = _native_crop_resize(method, antialias)
+  if kernel is not None:
+    return kernel(rows, left, crop_width, size)
+  crop = tf.slice(rows, tf.stack([0, left, 0]), tf.stack([-1, crop_width, -1]))
+  crop.set_shape([None, None, rows.shape[-1]])  # a -1 slice size would otherwise hide the channel count
+  return _resize_uint8(crop, size, method, antialias)
 
 
 def decode():
@@ -156,9 +172,8 @@ def inception_crop(size: Size, area_min: float = 0.08, area_max: float = 1.0,
     rng, example = take_rng(example)
     image = example["image"]
     top, left, ch, cw = inception_crop_box(tf.shape(image)[:2], rng, area_min, area_max, ratio)
-    crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([ch, cw, -1]))
-    crop.set_shape([None, None, image.shape[-1]])  # a -1 slice size would otherwise hide the channel count
-    return {**example, "image": _resize_uint8(crop, size, method, antialias)}
+    rows = tf.slice(image, tf.stack([top, 0, 0]), tf.stack([ch, -1, -1]))
+    return {**example, "image": _resize_columns(rows, left, cw, size, method, antialias)}
   return op
 
 
@@ -167,10 +182,16 @@ def decode_inception_crop(size: Size, area_min: float = 0.08, area_max: float = 
                           antialias: bool = False):
   """decode|inception_crop(...) in one op that decodes only the crop window of a JPEG
   (tf.image.decode_and_crop_jpeg), so the usual training crop skips most of the decode. Same rng, same
-  window; pixels equal except a few levels at the window's edge from JPEG chroma upsampling."""
+  window; pixels equal except a few levels at the window's edge from JPEG chroma upsampling. Bilinear without
+  antialiasing (the default) runs lvm_jax.data.native's crop + resize kernel where it is built."""
   size = _size(size, "decode_inception_crop")
   _check_inception_args("decode_inception_crop", area_min, area_max, ratio, method, antialias)
   full_decode = decode()
+
+  # With lvm_jax's kernel the decoder gets the window widened left to the JPEG's block column (16 px covers
+  # every common chroma subsampling), which it writes in place; otherwise it copies each row of an unaligned
+  # window. The kernel then reads the crop's own columns from it.
+  block = 16 if _native_crop_resize(method, antialias) is not None else 1
 
   def op(example):
     rng, example = take_rng(example)
@@ -178,16 +199,19 @@ def decode_inception_crop(size: Size, area_min: float = 0.08, area_max: float = 
 
     def crop_jpeg():
       top, left, ch, cw = inception_crop_box(tf.image.extract_jpeg_shape(data)[:2], rng, area_min, area_max, ratio)
-      return tf.image.decode_and_crop_jpeg(data, tf.stack([top, left, ch, cw]), channels=3)
+      extra = left % block
+      window = tf.image.decode_and_crop_jpeg(data, tf.stack([top, left - extra, ch, cw + extra]), channels=3)
+      return _resize_columns(window, extra, cw, size, method, antialias)
 
     def crop_decoded():
       image = full_decode({"image": data})["image"]
       top, left, ch, cw = inception_crop_box(tf.shape(image)[:2], rng, area_min, area_max, ratio)
-      return tf.slice(image, tf.stack([top, left, 0]), tf.stack([ch, cw, -1]))
+      rows = tf.slice(image, tf.stack([top, 0, 0]), tf.stack([ch, -1, -1]))
+      return _resize_columns(rows, left, cw, size, method, antialias)
 
-    crop = tf.cond(tf.io.is_jpeg(data), crop_jpeg, crop_decoded)
-    crop.set_shape([None, None, 3])
-    return {**example, "image": _resize_uint8(crop, size, method, antialias)}
+    resized = tf.cond(tf.io.is_jpeg(data), crop_jpeg, crop_decoded)
+    resized.set_shape(size + (3,))
+    return {**example, "image": resized}
   return op
 
 

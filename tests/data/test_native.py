@@ -1,0 +1,98 @@
+"""lvm_jax.data.native: the crop + resize kernel against TensorFlow's ops, its errors, and the fallback."""
+
+import io
+import os
+import shutil
+
+import numpy as np
+import PIL.Image
+import pytest
+import skimage.data
+import tensorflow as tf
+
+from lvm_jax.data import native, ops
+
+HAS_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
+needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler to build the kernel")
+
+
+def _stock(image, left, width, size):
+  crop = image[:, left:left + width]
+  return ops._resize_uint8(tf.constant(crop), size, "bilinear", antialias=False).numpy()
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape,left,width,size", [
+    ((375, 500, 3), 37, 300, (224, 224)),   # downscale
+    ((90, 120, 3), 5, 70, (224, 224)),      # upscale
+    ((1, 40, 3), 0, 40, (7, 9)),            # one row
+    ((30, 1, 3), 0, 1, (5, 4)),             # one column
+    ((64, 80, 1), 16, 33, (20, 31)),        # grayscale
+    ((64, 80, 4), 3, 77, (40, 40)),         # RGBA
+])
+def test_kernel_is_tensorflows_bilinear_resize_within_one_level(shape, left, width, size):
+  kernel = native.crop_resize()
+  assert kernel is not None  # a compiler is here, so the build must work
+  image = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+  out = kernel(image, left, width, size).numpy()
+  expected = _stock(image, left, width, size)
+  assert out.shape == expected.shape == size + (shape[2],)
+  difference = np.abs(out.astype(int) - expected)
+  assert difference.max() <= 1  # the kernel blends rows before columns: float rounding differs, not the sampling
+  assert np.mean(difference > 0) < 1e-3
+
+
+@needs_compiler
+def test_kernel_names_columns_outside_the_image():
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"columns \[40, 80\) are not inside"):
+    native.crop_resize()(np.zeros((5, 70, 3), np.uint8), 40, 40, [4, 4])
+
+
+@needs_compiler
+def test_decode_inception_crop_with_and_without_the_kernel(monkeypatch):
+  """The kernel path decodes a block-aligned window and reads the crop's columns from it: same crop."""
+  buffer = io.BytesIO()
+  PIL.Image.fromarray(skimage.data.astronaut()).save(buffer, format="JPEG", quality=90)
+  example = {"image": tf.constant(buffer.getvalue()), "label": tf.constant(0, tf.int64)}
+  with_kernel = ops.decode_inception_crop(96)
+  monkeypatch.setattr(native, "crop_resize", lambda: None)
+  without = ops.decode_inception_crop(96)
+  crops = 0
+  for seed in range(20):
+    seeded = {**example, "rng": tf.constant([seed, 7], tf.int64)}
+    a, b = with_kernel(seeded)["image"].numpy(), without(seeded)["image"].numpy()
+    assert a.shape == b.shape == (96, 96, 3)
+    assert np.abs(a.astype(int) - b).max() <= 1
+    crops += not np.array_equal(a, without({**example, "rng": tf.constant([seed + 1, 7], tf.int64)})["image"])
+  assert crops == 20  # different seeds, different crops: the comparison is not of one fixed window
+
+
+def test_without_a_compiler_the_pipeline_warns_and_uses_tensorflow(monkeypatch, tmp_path):
+  monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+  monkeypatch.setenv("LVM_JAX_CACHE", str(tmp_path / "cache"))
+  native.crop_resize.cache_clear()
+  try:
+    with pytest.warns(UserWarning, match="could not build or load .*crop_resize.cc .*no-such-compiler"):
+      assert native.crop_resize() is None
+    image = skimage.data.chelsea()[::4, ::4].copy()
+    out = ops.inception_crop(24)({"image": tf.constant(image), "rng": tf.constant([1, 2], tf.int64)})["image"]
+    assert out.shape == (24, 24, 3)
+    monkeypatch.setenv("LVM_JAX_NATIVE_OPS", "0")
+    native.crop_resize.cache_clear()
+    assert native.crop_resize() is None  # switched off: no build attempted, no warning
+  finally:
+    native.crop_resize.cache_clear()
+
+
+def test_a_library_that_does_not_load_warns_and_uses_tensorflow(monkeypatch, tmp_path):
+  def broken(path):
+    raise tf.errors.NotFoundError(None, None, f"{path}: undefined symbol")
+
+  monkeypatch.setenv("LVM_JAX_CACHE", str(tmp_path))
+  monkeypatch.setattr(tf, "load_op_library", broken)
+  native.crop_resize.cache_clear()
+  try:
+    with pytest.warns(UserWarning, match="undefined symbol"):
+      assert native.crop_resize() is None
+  finally:
+    native.crop_resize.cache_clear()
