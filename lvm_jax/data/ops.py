@@ -60,6 +60,13 @@ def _native_crop_resize(method: str, antialias: bool):
   return native.crop_resize() if method == "bilinear" and not antialias else None
 
 
+def _rows(image, top, count):
+  """Rows [top, top + count) of an image, keeping its static width and channel count (a -1 slice size hides them)."""
+  rows = tf.slice(image, tf.stack([top, 0, 0]), tf.stack([count, -1, -1]))
+  rows.set_shape([None] + image.shape[1:].as_list())
+  return rows
+
+
 def _resize_columns(rows, left, crop_width, size, method, antialias):
   """Columns [left, left + crop_width) of `rows` (all of the crop's rows), resized to `size`, as uint8."""
   kernel = _native_crop_resize(method, antialias)
@@ -172,7 +179,7 @@ def inception_crop(size: Size, area_min: float = 0.08, area_max: float = 1.0,
     rng, example = take_rng(example)
     image = example["image"]
     top, left, ch, cw = inception_crop_box(tf.shape(image)[:2], rng, area_min, area_max, ratio)
-    rows = tf.slice(image, tf.stack([top, 0, 0]), tf.stack([ch, -1, -1]))
+    rows = _rows(image, top, ch)
     return {**example, "image": _resize_columns(rows, left, cw, size, method, antialias)}
   return op
 
@@ -206,7 +213,7 @@ def decode_inception_crop(size: Size, area_min: float = 0.08, area_max: float = 
     def crop_decoded():
       image = full_decode({"image": data})["image"]
       top, left, ch, cw = inception_crop_box(tf.shape(image)[:2], rng, area_min, area_max, ratio)
-      rows = tf.slice(image, tf.stack([top, 0, 0]), tf.stack([ch, -1, -1]))
+      rows = _rows(image, top, ch)
       return _resize_columns(rows, left, cw, size, method, antialias)
 
     resized = tf.cond(tf.io.is_jpeg(data), crop_jpeg, crop_decoded)

@@ -96,3 +96,18 @@ def test_a_library_that_does_not_load_warns_and_uses_tensorflow(monkeypatch, tmp
       assert native.crop_resize() is None
   finally:
     native.crop_resize.cache_clear()
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_crops_keep_a_static_shape_in_a_pipeline(kernel, monkeypatch):
+  """tf.data traces the ops with unknown image sizes: the crop must still say (size, size, channels)."""
+  if not kernel:
+    monkeypatch.setattr(native, "crop_resize", lambda: None)
+  elif not HAS_COMPILER:
+    pytest.skip("no C++ compiler to build the kernel")
+  spec = {"image": tf.TensorSpec([None, None, 3], tf.uint8), "rng": tf.TensorSpec([2], tf.int64)}
+  crop = tf.function(ops.inception_crop(32)).get_concrete_function(spec).structured_outputs["image"]
+  assert crop.shape.as_list() == [32, 32, 3]
+  encoded = {"image": tf.TensorSpec([], tf.string), "rng": tf.TensorSpec([2], tf.int64)}
+  crop = tf.function(ops.decode_inception_crop(32)).get_concrete_function(encoded).structured_outputs["image"]
+  assert crop.shape.as_list() == [32, 32, 3]
