@@ -3,9 +3,10 @@
   python benchmarks/readme_table.py [--only input,models,scaling] [--readme README.md] [--dry-run]
 
 Runs each benchmark below as its own process (so each gets a fresh JAX runtime and its own device count),
-captures what it prints, and rewrites the block between the two markers in README.md with it: the command,
-the machine and versions each benchmark reports, and its table. Run it on an idle machine: the figures are
-wall-clock rates and another process on the same cores lowers them. --dry-run prints the block instead.
+captures what it prints, and rewrites its section of the block between the two markers in README.md: the
+date and machine, the command, the versions each benchmark reports, and its table. With --only, the other
+sections stay as they are. Run it on an idle machine: the figures are wall-clock rates and another process on
+the same cores lowers them. --dry-run prints the block instead.
 """
 
 import argparse
@@ -63,12 +64,31 @@ def run(key: str) -> str:
   if result.returncode:
     raise SystemExit(f"{' '.join(command)} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
   shown = " ".join(arg if arg else "''" for arg in command)  # an empty argument, as a shell would need it
-  return f"#### {title}\n\n`python {shown}`\n\n{as_markdown(result.stdout)}\n"
+  measured = (f"Measured {datetime.date.today().isoformat()} on {os.cpu_count()} CPU cores ({cpu_name()}), "
+              f"Python {platform.python_version()}.")
+  return f"#### {title}\n\n{measured}\n\n`python {shown}`\n\n{as_markdown(result.stdout)}\n"
+
+
+def current_block(readme: str) -> str:
+  if START not in readme or END not in readme:
+    raise SystemExit(f"README has no benchmark block: add the markers\n{START}\n{END}\nwhere the results go.")
+  return readme.split(START, 1)[1].split(END, 1)[0]
+
+
+def merge_sections(block: str, fresh: dict[str, str]) -> str:
+  """The block with the sections titled as `fresh`'s keys replaced (or added, in BENCHMARKS order)."""
+  sections = {}
+  for part in ("\n" + block).split("\n#### ")[1:]:
+    title = part.split("\n", 1)[0].strip()
+    sections[title] = "#### " + part.strip() + "\n"
+  sections.update(fresh)
+  order = [title for title, _ in BENCHMARKS.values()]
+  titles = sorted(sections, key=lambda t: order.index(t) if t in order else len(order))
+  return "\n".join(sections[t] for t in titles).strip()
 
 
 def replace_block(readme: str, block: str) -> str:
-  if START not in readme or END not in readme:
-    raise SystemExit(f"README has no benchmark block: add the markers\n{START}\n{END}\nwhere the results go.")
+  current_block(readme)  # the markers must be there
   head, rest = readme.split(START, 1)
   _, tail = rest.split(END, 1)
   return f"{head}{START}\n{block}\n{END}{tail}"
@@ -84,13 +104,12 @@ def main() -> None:
   unknown = sorted(set(keys) - set(BENCHMARKS))
   if unknown:
     raise SystemExit(f"--only: unknown benchmark(s) {unknown}; choose from {sorted(BENCHMARKS)}.")
-  header = (f"Measured {datetime.date.today().isoformat()} on {os.cpu_count()} CPU cores ({cpu_name()}), "
-            f"Python {platform.python_version()}.\n")
-  block = header + "\n" + "\n".join(run(k) for k in keys)
+  readme = args.readme.read_text()
+  block = merge_sections(current_block(readme), {BENCHMARKS[k][0]: run(k) for k in keys})
   if args.dry_run:
     print(block)
   else:
-    args.readme.write_text(replace_block(args.readme.read_text(), block))
+    args.readme.write_text(replace_block(readme, block))
     print(f"rewrote the benchmark block in {args.readme}", file=sys.stderr)
 
 

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -44,6 +45,33 @@ Taps SampleTaps(int64_t out, int64_t in) {
   return taps;
 }
 
+// Four float lanes as one value (GCC/Clang vector extension: SSE on x86-64, NEON on ARM, scalar elsewhere).
+typedef float Lanes __attribute__((vector_size(16)));
+
+// The two contiguous loops run about twice as fast with AVX2; target_clones picks the variant once, at load time,
+// so the library still runs on any x86-64 CPU.
+#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define LVM_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
+#endif
+#ifndef LVM_VECTOR_CLONES
+#define LVM_VECTOR_CLONES
+#endif
+
+// out[j] = top[j] + (bottom[j] - top[j]) * w: one output row's vertical blend over the crop's values.
+LVM_VECTOR_CLONES void BlendRows(const uint8_t* top, const uint8_t* bottom, float w, int64_t count, float* out) {
+  for (int64_t j = 0; j < count; ++j) {
+    const float t = top[j];
+    out[j] = t + (static_cast<float>(bottom[j]) - t) * w;
+  }
+}
+
+// Values already offset by 0.5 and inside [0, 256): truncation rounds half up.
+LVM_VECTOR_CLONES void TruncateToUint8(const float* values, int64_t count, uint8_t* out) {
+  for (int64_t k = 0; k < count; ++k) out[k] = static_cast<uint8_t>(static_cast<int32_t>(values[k]));
+}
+
 class CropResizeBilinearOp : public OpKernel {
  public:
   explicit CropResizeBilinearOp(OpKernelConstruction* context) : OpKernel(context) {}
@@ -67,36 +95,47 @@ class CropResizeBilinearOp : public OpKernel {
 
     const Taps rows = SampleTaps(out_height, height);
     const Taps columns = SampleTaps(out_width, crop_width);
-    // Per output value k = column * channels + channel: where its two source values sit in a crop row.
     const int64_t out_values = out_width * channels, crop_values = crop_width * channels;
-    std::vector<int32_t> first(out_values), second(out_values);
-    std::vector<float> weight(out_values);
-    for (int64_t k = 0; k < out_values; ++k) {
-      const int64_t column = k / channels, channel = k % channels;
-      first[k] = static_cast<int32_t>(columns.lo[column] * channels + channel);
-      second[k] = static_cast<int32_t>(columns.hi[column] * channels + channel);
-      weight[k] = columns.weight[column];
-    }
-    Tensor blended_row;
-    OP_REQUIRES_OK(context, context->allocate_temp(::tensorflow::DT_FLOAT, TensorShape({crop_values}), &blended_row));
-    float* blended = blended_row.flat<float>().data();
+    // Room past the ends for the horizontal pass's whole-Lanes loads and stores.
+    const int64_t slack = sizeof(Lanes) / sizeof(float);
+    std::vector<float> blended(crop_values + slack, 0.f), line(out_values + slack);
     const uint8_t* source = image.flat<uint8_t>().data() + left * channels;
     uint8_t* out = output->flat<uint8_t>().data();
     const int64_t row_values = width * channels;
     for (int64_t y = 0; y < out_height; ++y) {
-      const uint8_t* top = source + rows.lo[y] * row_values;
-      const uint8_t* bottom = source + rows.hi[y] * row_values;
-      const float w = rows.weight[y];
-      for (int64_t j = 0; j < crop_values; ++j) {
-        const float t = top[j];
-        blended[j] = t + (static_cast<float>(bottom[j]) - t) * w;
+      BlendRows(source + rows.lo[y] * row_values, source + rows.hi[y] * row_values, rows.weight[y], crop_values,
+                blended.data());
+      if (channels <= slack) {
+        HorizontalByPixel(blended.data(), columns, channels, line.data());
+      } else {
+        HorizontalByValue(blended.data(), columns, channels, line.data());
       }
-      uint8_t* out_row = out + y * out_values;
-      for (int64_t k = 0; k < out_values; ++k) {
-        const float a = blended[first[k]];
-        // Weights are in [0, 1], so values stay in [0, 255]: + 0.5 and truncation round half up.
-        out_row[k] = static_cast<uint8_t>(a + (blended[second[k]] - a) * weight[k] + 0.5f);
-      }
+      TruncateToUint8(line.data(), out_values, out + y * out_values);
+    }
+  }
+
+ private:
+  // A pixel's channels in one Lanes: the left and right source pixels loaded whole (spare lanes carry the next
+  // pixel's values and are overwritten by the next store). Where both taps are the same pixel (the edges) the
+  // weight is 0, so the next pixel's values never count. Same float operations as HorizontalByValue.
+  static void HorizontalByPixel(const float* blended, const Taps& columns, int64_t channels, float* line) {
+    const Lanes half = {0.5f, 0.5f, 0.5f, 0.5f};
+    for (size_t x = 0; x < columns.lo.size(); ++x) {
+      const float* at = blended + columns.lo[x] * channels;
+      Lanes a, b;
+      std::memcpy(&a, at, sizeof a);
+      std::memcpy(&b, at + channels, sizeof b);
+      const float w = columns.hi[x] == columns.lo[x] ? 0.f : columns.weight[x];
+      const Lanes value = a + (b - a) * w + half;
+      std::memcpy(line + x * channels, &value, sizeof value);
+    }
+  }
+
+  static void HorizontalByValue(const float* blended, const Taps& columns, int64_t channels, float* line) {
+    for (size_t x = 0; x < columns.lo.size(); ++x) {
+      const float* a = blended + columns.lo[x] * channels;
+      const float* b = blended + columns.hi[x] * channels;
+      for (int64_t c = 0; c < channels; ++c) line[x * channels + c] = a[c] + (b[c] - a[c]) * columns.weight[x] + 0.5f;
     }
   }
 };

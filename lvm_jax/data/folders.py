@@ -81,11 +81,23 @@ class FolderSource(sources.Source):
 
   def dataset(self, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
     sources.check_shard(process_index, process_count)
+    return self.references(process_index, process_count).map(self.load, num_parallel_calls=tf.data.AUTOTUNE,
+                                                             deterministic=True)
+
+  def references(self, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+    """{"path", "label"} of this shard's files: a shuffle buffer of paths costs bytes per example rather than
+    the encoded image, fills at once at each epoch's start, and a resume skips examples without reading them."""
+    sources.check_shard(process_index, process_count)
     paths = [_join(self.root, f) for f in self.files[process_index::process_count]]
     labels = self.labels[process_index::process_count]
-    ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), tf.constant(labels, tf.int64)))
-    return ds.map(lambda path, label: {"image": tf.io.read_file(path), "label": label},
-                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return tf.data.Dataset.from_tensor_slices({"path": tf.constant(paths, tf.string),
+                                               "label": tf.constant(labels, tf.int64)})
+
+  @staticmethod
+  def load(reference: dict) -> dict:
+    """A reference with its file's bytes as "image" in place of "path" (other keys, such as rng, kept)."""
+    example = {k: v for k, v in reference.items() if k != "path"}
+    return {**example, "image": tf.io.read_file(reference["path"])}
 
 
 def _join(*parts: str) -> str:

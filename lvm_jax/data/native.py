@@ -1,12 +1,13 @@
-"""lvm_jax's own TensorFlow kernel for the input pipeline, built on first use with the machine's C++ compiler.
+"""lvm_jax's own TensorFlow kernels for the input pipeline, built on first use with the machine's C++ compiler.
 
-crop_resize.cc (beside this file) crops a column range of a uint8 image and resizes it bilinearly in one pass,
-the training crop's hot path: with it the train pipeline of benchmarks/input_pipeline.py spends 867 instead of
-926 us of CPU per image (2,200 vs 2,066 img/s on 2 cores, measured side by side). It is built
-against the installed TensorFlow (tf.sysconfig's flags, ~15 s, once) into $LVM_JAX_CACHE (default
-~/.cache/lvm_jax) under a name keyed by the source, TensorFlow's version and the flags. Where it cannot be built
-(no compiler), or with LVM_JAX_NATIVE_OPS=0, crop_resize() is None and lvm_jax.data.ops uses TensorFlow's
-kernels: the same crops, each value within one level.
+Beside this file: crop_resize.cc crops a column range of a uint8 image and resizes it bilinearly in one pass;
+crop_window.cc reads a JPEG's size from its frame header and computes the inception crop's box, work that
+TensorFlow spreads over a full decoder start-up and ~100 graph ops. They are the training crop's hot path (the
+figures are in the README's input pipeline section). The library is built against the installed TensorFlow
+(tf.sysconfig's flags, ~20 s, once) into $LVM_JAX_CACHE (default ~/.cache/lvm_jax) under a name keyed by the
+sources, TensorFlow's version and the flags. Where it cannot be built (no compiler), or with
+LVM_JAX_NATIVE_OPS=0, library() is None and lvm_jax.data.ops uses TensorFlow's ops: the same crop windows,
+each resized value within one level.
 """
 
 import functools
@@ -16,11 +17,9 @@ import pathlib
 import subprocess
 import tempfile
 import warnings
-from typing import Callable, Optional
-
 from lvm_jax.tf_host import tf
 
-SOURCE = pathlib.Path(__file__).with_name("crop_resize.cc")
+SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("crop_resize.cc", "crop_window.cc"))
 
 
 def _cache_dir() -> pathlib.Path:
@@ -41,21 +40,23 @@ def _build(command: list[str], library: pathlib.Path) -> None:
 
 
 @functools.cache
-def crop_resize() -> Optional[Callable]:
-  """The op crop_resize(image, left, crop_width, size), or None where the kernel cannot be built."""
+def library():
+  """The loaded kernels (ops lvm_crop_resize_bilinear, lvm_jpeg_size, lvm_inception_crop_box), or None where
+  they cannot be built."""
   if os.environ.get("LVM_JAX_NATIVE_OPS", "1") == "0":
     return None
   compiler = os.environ.get("CXX", "c++")
   flags = ["-std=c++17", "-shared", "-fPIC", "-O3", "-ffp-contract=off", *tf.sysconfig.get_compile_flags()]
   link = tf.sysconfig.get_link_flags()
-  key = hashlib.sha256("\0".join([SOURCE.read_text(), tf.__version__, compiler, *flags, *link]).encode())
-  library = _cache_dir() / f"crop_resize-{key.hexdigest()[:16]}.so"
+  key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), tf.__version__, compiler, *flags, *link]).encode())
+  path = _cache_dir() / f"lvm_jax_ops-{key.hexdigest()[:16]}.so"
   try:
-    if not library.exists():
-      _build([compiler, str(SOURCE), *flags, *link], library)
-    return tf.load_op_library(str(library)).lvm_crop_resize_bilinear
+    if not path.exists():
+      _build([compiler, *map(str, SOURCES), *flags, *link], path)
+    return tf.load_op_library(str(path))
   except (OSError, subprocess.SubprocessError, tf.errors.OpError) as error:
     detail = getattr(error, "stderr", None) or str(error)
-    warnings.warn(f"lvm_jax: could not build or load {SOURCE} with {compiler!r}; the input pipeline uses "
-                  f"TensorFlow's resize instead (about 7% more CPU per image). {detail[-2000:]}")
+    warnings.warn(f"lvm_jax: could not build or load {', '.join(s.name for s in SOURCES)} with {compiler!r}; the "
+                  f"input pipeline uses TensorFlow's ops instead (a quarter more CPU per training image). "
+                  f"{detail[-2000:]}")
     return None

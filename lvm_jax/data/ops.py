@@ -57,7 +57,14 @@ def _resize_uint8(image, size, method="bilinear", antialias=True):
 
 def _native_crop_resize(method: str, antialias: bool):
   """lvm_jax.data.native's crop + resize kernel where it applies (bilinear, no antialiasing) and is built."""
-  return native.crop_resize() if method == "bilinear" and not antialias else None
+  library = native.library() if method == "bilinear" and not antialias else None
+  return None if library is None else library.lvm_crop_resize_bilinear
+
+
+def _jpeg_size(data: tf.Tensor) -> tf.Tensor:
+  """(height, width) of an encoded JPEG, read from its frame header (natively where built)."""
+  library = native.library()
+  return tf.image.extract_jpeg_shape(data)[:2] if library is None else library.lvm_jpeg_size(data)
 
 
 def _rows(image, top, count):
@@ -205,7 +212,7 @@ def decode_inception_crop(size: Size, area_min: float = 0.08, area_max: float = 
     data = example["image"]
 
     def crop_jpeg():
-      top, left, ch, cw = inception_crop_box(tf.image.extract_jpeg_shape(data)[:2], rng, area_min, area_max, ratio)
+      top, left, ch, cw = inception_crop_box(_jpeg_size(data), rng, area_min, area_max, ratio)
       extra = left % block
       window = tf.image.decode_and_crop_jpeg(data, tf.stack([top, left - extra, ch, cw + extra]), channels=3)
       return _resize_columns(window, extra, cw, size, method, antialias)
@@ -224,25 +231,45 @@ def decode_inception_crop(size: Size, area_min: float = 0.08, area_max: float = 
 
 def inception_crop_box(image_size: tf.Tensor, rng: tf.Tensor, area_min: float, area_max: float,
                        ratio: Sequence[float], tries: int = 10) -> tuple[tf.Tensor, ...]:
-  """(top, left, height, width) of an inception crop of an image of `image_size` (height, width)."""
-  h, w = tf.cast(image_size[0], tf.float32), tf.cast(image_size[1], tf.float32)
-  area_rng, ratio_rng, y_rng, x_rng = tf.unstack(tf.random.experimental.stateless_split(rng, 4))
-  area = h * w * tf.random.stateless_uniform([tries], area_rng, area_min, area_max)
-  aspect = tf.exp(tf.random.stateless_uniform([tries], ratio_rng, math.log(ratio[0]), math.log(ratio[1])))
-  crop_w = tf.round(tf.sqrt(area * aspect))
+  """(top, left, height, width) of an inception crop of an image of `image_size` (height, width), int32.
+
+  One draw of 2 * tries + 2 uniforms: area fractions, log-uniform aspect ratios, and the position. The box
+  arithmetic runs in lvm_jax.data.native's kernel where it is built, else as TensorFlow ops; both in float32 with
+  the same order of operations, so they choose the same box.
+  """
+  uniform = tf.random.stateless_uniform([2 * tries + 2], rng)
+  log_min, log_max = math.log(ratio[0]), math.log(ratio[1])
+  aspect = tf.exp(uniform[tries:2 * tries] * (log_max - log_min) + log_min)
+  area_uniform, position = uniform[:tries], uniform[2 * tries:]
+  image_size = tf.cast(image_size, tf.int32)
+  library = native.library()
+  if library is not None:
+    box = library.lvm_inception_crop_box(image_size, area_uniform, aspect, position, area_min=area_min,
+                                         area_max=area_max, ratio_min=ratio[0], ratio_max=ratio[1])
+    return tuple(tf.unstack(box))
+  return _inception_crop_box_ops(image_size, area_uniform, aspect, position, area_min, area_max, ratio)
+
+
+def _inception_crop_box_ops(image_size, area_uniform, aspect, position, area_min, area_max, ratio):
+  """inception_crop_box's arithmetic as TensorFlow ops (crop_window.cc's LvmInceptionCropBox, line for line)."""
+  f32 = lambda x: tf.constant(x, tf.float32)
+  height, width = image_size[0], image_size[1]
+  h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+  area = h * w * (area_uniform * (f32(area_max) - f32(area_min)) + f32(area_min))
+  crop_w = tf.round(tf.sqrt(area * aspect))  # tf.round rounds half to even, as nearbyint in the kernel
   crop_h = tf.round(tf.sqrt(area / aspect))
   fits = (crop_w >= 1) & (crop_w <= w) & (crop_h >= 1) & (crop_h <= h)
   first = tf.argmax(tf.cast(fits, tf.int32))  # 0 when none fits; then the fallback below is used
+  any_fit = tf.reduce_any(fits)
   # Fallback: the whole image, narrowed to the nearest allowed aspect ratio, centred.
   image_ratio = w / h
-  fb_w = tf.where(image_ratio > ratio[1], tf.round(h * ratio[1]), w)
-  fb_h = tf.where(image_ratio < ratio[0], tf.round(w / ratio[0]), h)
-  any_fit = tf.reduce_any(fits)
-  ch = tf.cast(tf.where(any_fit, crop_h[first], fb_h), tf.int32)
-  cw = tf.cast(tf.where(any_fit, crop_w[first], fb_w), tf.int32)
-  height, width = tf.cast(image_size[0], tf.int32), tf.cast(image_size[1], tf.int32)
-  top = tf.where(any_fit, tf.random.stateless_uniform([], y_rng, 0, height - ch + 1, tf.int32), (height - ch) // 2)
-  left = tf.where(any_fit, tf.random.stateless_uniform([], x_rng, 0, width - cw + 1, tf.int32), (width - cw) // 2)
+  fallback_w = tf.where(image_ratio > f32(ratio[1]), tf.round(h * f32(ratio[1])), w)
+  fallback_h = tf.where(image_ratio < f32(ratio[0]), tf.round(w / f32(ratio[0])), h)
+  ch = tf.cast(tf.where(any_fit, crop_h[first], fallback_h), tf.int32)
+  cw = tf.cast(tf.where(any_fit, crop_w[first], fallback_w), tf.int32)
+  top = tf.minimum(tf.cast(position[0] * tf.cast(height - ch + 1, tf.float32), tf.int32), height - ch)
+  left = tf.minimum(tf.cast(position[1] * tf.cast(width - cw + 1, tf.float32), tf.int32), width - cw)
+  top, left = tf.where(any_fit, top, (height - ch) // 2), tf.where(any_fit, left, (width - cw) // 2)
   return top, left, ch, cw
 
 
@@ -271,10 +298,23 @@ def normalize(mean: Union[str, float, Sequence[float]] = "imagenet", std: Union[
   mean_t, std_t = tf.constant(mean, tf.float32), tf.constant(std, tf.float32)
   if mean_t.shape.rank > 1 or std_t.shape.rank > 1 or tf.reduce_any(std_t <= 0):
     raise ValueError(f"normalize: mean and std must be scalars or per-channel lists (std > 0), got {mean!r}, {std!r}.")
+  # One multiply-add: x * scale + offset equals (x / 255 - mean) / std within a float32 rounding.
+  scale, offset = 1.0 / (255.0 * std_t), -mean_t / std_t
+  channels = max(scale.shape.num_elements(), offset.shape.num_elements())
+  scale, offset = tf.broadcast_to(scale, [channels]), tf.broadcast_to(offset, [channels])
 
   def op(example):
-    image = tf.cast(example["image"], tf.float32) / 255.0
-    return {**example, "image": (image - mean_t) / std_t}
+    image = tf.cast(example["image"], tf.float32)
+    if channels == 1:
+      return {**example, "image": image * scale[0] + offset[0]}
+    if image.shape[-1] not in (None, channels):
+      raise ValueError(f"normalize: {channels} channel means/stds for images of shape {image.shape}.")
+    # TensorFlow broadcasts a per-channel vector over [height, width, channels] element by element (~4x the
+    # time of the whole op below); over [height, width * channels] rows it takes its fast row-vector path.
+    shape = tf.shape(image)
+    rows = tf.reshape(image, [shape[0], -1])
+    normalized = rows * tf.tile(scale, shape[1:2]) + tf.tile(offset, shape[1:2])
+    return {**example, "image": tf.ensure_shape(tf.reshape(normalized, shape), image.shape)}
   return op
 
 

@@ -71,7 +71,7 @@ def _shard_stream(source, shard: Shard, per_example: list[Op], batch_ops: list[O
   if shard_size == 0:
     raise ValueError(f"data shard {shard.index} of {shard.count} has no training examples.")
   first_epoch, offset = divmod(int(start), shard_size)
-  base = source.dataset(shard.index, shard.count)
+  base = source.references(shard.index, shard.count)
 
   def epoch_examples(epoch):
     key = tf.random.experimental.stateless_fold_in(tf.constant([seed, 1], tf.int64), epoch)
@@ -81,7 +81,9 @@ def _shard_stream(source, shard: Shard, per_example: list[Op], batch_ops: list[O
         lambda i, ex: {**ex, "rng": _example_rng(seed, shard, epoch, i)})
 
   ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_examples)
-  ds = ds.skip(offset)  # on encoded bytes: a resume reads, but never decodes, the skipped examples
+  ds = ds.skip(offset)  # a resume never decodes the skipped examples (nor reads them, for a source with `load`)
+  if source.load is not None:
+    ds = ds.map(source.load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.map(_chain(per_example), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(batch_size, drop_remainder=True)
   if batch_ops:

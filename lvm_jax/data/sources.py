@@ -2,7 +2,8 @@
 
 A source knows `num_examples` (the whole split), `class_names` (index order) and, for a process, its shard:
 `dataset(process_index, process_count)` yields {"image": tf.string encoded JPEG/PNG, "label": tf.int64} in a
-fixed order, and `shard_size(...)` says how many. Shards are disjoint and together are the whole split. A source
+fixed order, and `shard_size(...)` says how many; a source of files also offers `references` and `load`, so the
+training pipeline shuffles file paths rather than image bytes. Shards are disjoint and together are the whole split. A source
 never shuffles, decodes or repeats: the pipeline does.
 
 make_source(kind, **kwargs) builds one: "tfds" (any TFDS dataset, below), "folder" (image folders,
@@ -43,6 +44,15 @@ class Source(abc.ABC):
   @abc.abstractmethod
   def shard_size(self, process_index: int = 0, process_count: int = 1) -> int:
     """How many examples dataset(process_index, process_count) yields."""
+
+  # A source that can read one example on its own (a file) lets the training pipeline shuffle light records
+  # instead of encoded images: `references` yields them in dataset()'s order and `load` (a tf function of one
+  # record) turns each into dataset()'s example. None: the pipeline shuffles dataset()'s examples themselves.
+  load: Optional[Callable[[dict], dict]] = None
+
+  def references(self, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+    """What the training pipeline shuffles: records that `load` makes into dataset()'s examples, same order."""
+    return self.dataset(process_index, process_count)
 
   def save_class_names(self, path: str) -> None:
     """Writes class_names as a JSON list (index i is the name of label i), for runs and predict to keep."""

@@ -24,3 +24,13 @@ def test_printed_lines_become_bullets_and_tables_stay_tables():
   printed = "machine: 2 cores\n| a | b |\n|---|---|\n| 1 | 2 |\ndecode only     2500 img/s\n"
   assert readme_table.as_markdown(printed) == (
       "- machine: 2 cores\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n- `decode only     2500 img/s`")
+
+
+def test_only_the_sections_run_are_replaced():
+  titles = [title for title, _ in readme_table.BENCHMARKS.values()]
+  block = f"\n#### {titles[0]}\n\nold input figures\n\n#### {titles[1]}\n\nold model figures\n"
+  merged = readme_table.merge_sections(block, {titles[0]: f"#### {titles[0]}\n\nnew input figures\n"})
+  assert merged == f"#### {titles[0]}\n\nnew input figures\n\n#### {titles[1]}\n\nold model figures"
+  added = readme_table.merge_sections(block, {titles[2]: f"#### {titles[2]}\n\nscaling figures\n"})
+  assert added.index("old model figures") < added.index("scaling figures")  # in BENCHMARKS order
+  assert "old input figures" in added

@@ -1,6 +1,8 @@
 """The README's input recipe end to end on a folder of real photos: augmentations, mixing, global batches,
 device normalisation, and an exact eval over the held-out files."""
 
+import itertools
+
 import jax
 import numpy as np
 import PIL.Image
@@ -56,3 +58,49 @@ def test_eval_covers_the_held_out_files_exactly_once(photos):
   assert sum(int(b["mask"].sum()) for b in batches) == held_out.num_examples
   labels = np.concatenate([b["label"][b["mask"] == 1] for b in batches])
   assert sorted(labels.tolist()) == sorted(held_out.labels)
+
+
+class _BytesOnly(sources.Source):
+  """A folder source seen only through dataset(): the pipeline must shuffle its encoded images."""
+
+  def __init__(self, folder):
+    self.folder, self.num_examples, self.class_names = folder, folder.num_examples, folder.class_names
+
+  def dataset(self, process_index=0, process_count=1):
+    return self.folder.dataset(process_index, process_count)
+
+  def shard_size(self, process_index=0, process_count=1):
+    return self.folder.shard_size(process_index, process_count)
+
+
+def test_shuffling_file_paths_gives_the_batches_of_shuffling_image_bytes(photos):
+  """Folders hand the pipeline paths to shuffle (references + load): the stream is the one a shuffle of the
+  encoded images gives, across an epoch boundary (45 training files, batches of 16)."""
+  train = sources.make_source("folder", root=photos, split="train", holdout_fraction=0.25)
+  assert train.load is not None and _BytesOnly(train).load is None
+  spec = "decode_inception_crop(48)|flip_lr"
+  kwargs = dict(global_batch_size=16, seed=3, shard=pipeline.Shard(0, 1), shuffle_buffer=32)
+  by_path = pipeline.train_dataset(train, spec, **kwargs).as_numpy_iterator()
+  by_bytes = pipeline.train_dataset(_BytesOnly(train), spec, **kwargs).as_numpy_iterator()
+  for _ in range(5):
+    a, b = next(by_path), next(by_bytes)
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_a_resume_reads_none_of_the_files_it_skips(tmp_path):
+  """One photo per class, so labels name files: after deleting the files a resume at example 4 skips, it
+  still yields the batches an uninterrupted run yields from there."""
+  image = skimage.data.astronaut()
+  for label in range(6):
+    (tmp_path / "train" / f"class{label}").mkdir(parents=True)
+    PIL.Image.fromarray(image[label * 40:label * 40 + 100, :120]).save(tmp_path / "train" / f"class{label}" / "a.jpg")
+  source = sources.make_source("folder", root=str(tmp_path), split="train")
+  kwargs = dict(global_batch_size=1, seed=0, shard=pipeline.Shard(0, 1))
+  full = [int(b["label"][0]) for b in itertools.islice(
+      pipeline.train_dataset(source, "decode|resize(8)", **kwargs).as_numpy_iterator(), 6)]
+  assert sorted(full) == list(range(6))
+  for label in full[:4]:
+    (tmp_path / "train" / f"class{label}" / "a.jpg").unlink()
+  resumed = pipeline.train_dataset(source, "decode|resize(8)", start=4, **kwargs).as_numpy_iterator()
+  assert [int(next(resumed)["label"][0]) for _ in range(2)] == full[4:]

@@ -1,4 +1,5 @@
-"""lvm_jax.data.native: the crop + resize kernel against TensorFlow's ops, its errors, and the fallback."""
+"""lvm_jax.data.native: the crop + resize, JPEG size and crop box kernels against TensorFlow's ops, their errors,
+and the fallback."""
 
 import io
 import os
@@ -29,10 +30,12 @@ def _stock(image, left, width, size):
     ((30, 1, 3), 0, 1, (5, 4)),             # one column
     ((64, 80, 1), 16, 33, (20, 31)),        # grayscale
     ((64, 80, 4), 3, 77, (40, 40)),         # RGBA
+    ((40, 50, 2), 9, 41, (60, 17)),         # two channels
+    ((40, 50, 5), 2, 45, (30, 70)),         # more channels than one vector holds: the per-value path
 ])
 def test_kernel_is_tensorflows_bilinear_resize_within_one_level(shape, left, width, size):
-  kernel = native.crop_resize()
-  assert kernel is not None  # a compiler is here, so the build must work
+  assert native.library() is not None  # a compiler is here, so the build must work
+  kernel = native.library().lvm_crop_resize_bilinear
   image = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
   out = kernel(image, left, width, size).numpy()
   expected = _stock(image, left, width, size)
@@ -45,7 +48,7 @@ def test_kernel_is_tensorflows_bilinear_resize_within_one_level(shape, left, wid
 @needs_compiler
 def test_kernel_names_columns_outside_the_image():
   with pytest.raises(tf.errors.InvalidArgumentError, match=r"columns \[40, 80\) are not inside"):
-    native.crop_resize()(np.zeros((5, 70, 3), np.uint8), 40, 40, [4, 4])
+    native.library().lvm_crop_resize_bilinear(np.zeros((5, 70, 3), np.uint8), 40, 40, [4, 4])
 
 
 @needs_compiler
@@ -55,7 +58,7 @@ def test_decode_inception_crop_with_and_without_the_kernel(monkeypatch):
   PIL.Image.fromarray(skimage.data.astronaut()).save(buffer, format="JPEG", quality=90)
   example = {"image": tf.constant(buffer.getvalue()), "label": tf.constant(0, tf.int64)}
   with_kernel = ops.decode_inception_crop(96)
-  monkeypatch.setattr(native, "crop_resize", lambda: None)
+  monkeypatch.setattr(native, "library", lambda: None)
   without = ops.decode_inception_crop(96)
   crops = 0
   for seed in range(20):
@@ -70,18 +73,18 @@ def test_decode_inception_crop_with_and_without_the_kernel(monkeypatch):
 def test_without_a_compiler_the_pipeline_warns_and_uses_tensorflow(monkeypatch, tmp_path):
   monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
   monkeypatch.setenv("LVM_JAX_CACHE", str(tmp_path / "cache"))
-  native.crop_resize.cache_clear()
+  native.library.cache_clear()
   try:
-    with pytest.warns(UserWarning, match="could not build or load .*crop_resize.cc .*no-such-compiler"):
-      assert native.crop_resize() is None
+    with pytest.warns(UserWarning, match="could not build or load crop_resize.cc, crop_window.cc .*no-such-compiler"):
+      assert native.library() is None
     image = skimage.data.chelsea()[::4, ::4].copy()
     out = ops.inception_crop(24)({"image": tf.constant(image), "rng": tf.constant([1, 2], tf.int64)})["image"]
     assert out.shape == (24, 24, 3)
     monkeypatch.setenv("LVM_JAX_NATIVE_OPS", "0")
-    native.crop_resize.cache_clear()
-    assert native.crop_resize() is None  # switched off: no build attempted, no warning
+    native.library.cache_clear()
+    assert native.library() is None  # switched off: no build attempted, no warning
   finally:
-    native.crop_resize.cache_clear()
+    native.library.cache_clear()
 
 
 def test_a_library_that_does_not_load_warns_and_uses_tensorflow(monkeypatch):
@@ -90,19 +93,19 @@ def test_a_library_that_does_not_load_warns_and_uses_tensorflow(monkeypatch):
 
   # The default cache: the library the other tests built is found there, not compiled a second time.
   monkeypatch.setattr(tf, "load_op_library", broken)
-  native.crop_resize.cache_clear()
+  native.library.cache_clear()
   try:
     with pytest.warns(UserWarning, match="undefined symbol"):
-      assert native.crop_resize() is None
+      assert native.library() is None
   finally:
-    native.crop_resize.cache_clear()
+    native.library.cache_clear()
 
 
 @pytest.mark.parametrize("kernel", [True, False])
 def test_crops_keep_a_static_shape_in_a_pipeline(kernel, monkeypatch):
   """tf.data traces the ops with unknown image sizes: the crop must still say (size, size, channels)."""
   if not kernel:
-    monkeypatch.setattr(native, "crop_resize", lambda: None)
+    monkeypatch.setattr(native, "library", lambda: None)
   elif not HAS_COMPILER:
     pytest.skip("no C++ compiler to build the kernel")
   spec = {"image": tf.TensorSpec([None, None, 3], tf.uint8), "rng": tf.TensorSpec([2], tf.int64)}
@@ -111,3 +114,49 @@ def test_crops_keep_a_static_shape_in_a_pipeline(kernel, monkeypatch):
   encoded = {"image": tf.TensorSpec([], tf.string), "rng": tf.TensorSpec([2], tf.int64)}
   crop = tf.function(ops.decode_inception_crop(32)).get_concrete_function(encoded).structured_outputs["image"]
   assert crop.shape.as_list() == [32, 32, 3]
+
+
+def _jpeg(image, **options) -> bytes:
+  buffer = io.BytesIO()
+  PIL.Image.fromarray(image).save(buffer, format="JPEG", **options)
+  return buffer.getvalue()
+
+
+@needs_compiler
+def test_jpeg_size_reads_the_frame_header_as_tensorflow_does():
+  photo = skimage.data.astronaut()[:301, :457]
+  exif = PIL.Image.Exif()
+  exif[0x0112] = 6  # an orientation tag: an APP1 segment before the frame header (the size stays as stored)
+  kinds = {
+      "baseline 4:2:0": _jpeg(photo, quality=90),
+      "progressive": _jpeg(photo, progressive=True),
+      "4:4:4": _jpeg(photo, subsampling=0),
+      "grayscale": _jpeg(photo[..., 0]),
+      "EXIF": _jpeg(photo, exif=exif.tobytes()),
+      "one pixel": _jpeg(photo[:1, :1]),
+  }
+  size = native.library().lvm_jpeg_size
+  for kind, data in kinds.items():
+    assert size(data).numpy().tolist() == tf.image.extract_jpeg_shape(data)[:2].numpy().tolist(), kind
+  buffer = io.BytesIO()
+  PIL.Image.fromarray(photo).save(buffer, format="PNG")
+  for bad in (buffer.getvalue(), kinds["baseline 4:2:0"][:20], b""):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not a JPEG with a frame header"):
+      size(bad)
+
+
+@needs_compiler
+def test_crop_box_kernel_chooses_the_boxes_of_the_tensorflow_ops(monkeypatch):
+  """Over random sizes, seeds and ranges, fallbacks included (thin strips where no draw fits)."""
+  rng = np.random.default_rng(0)
+  cases = [((int(rng.integers(1, 700)), int(rng.integers(1, 700))), 0.08, 1.0, (3 / 4, 4 / 3)) for _ in range(150)]
+  cases += [((10, 200), 0.9, 1.0, (3 / 4, 4 / 3)), ((400, 7), 0.5, 1.0, (0.5, 2.0)), ((1, 1), 0.08, 1.0, (0.75, 1.33)),
+            ((375, 500), 1.0, 1.0, (1.0, 1.0)), ((224, 224), 0.3, 0.31, (0.2, 5.0))]
+  args = [(tf.constant(size), tf.constant([i, 9], tf.int64), lo, hi, ratio)
+          for i, (size, lo, hi, ratio) in enumerate(cases)]
+  with_kernel = [[int(v) for v in ops.inception_crop_box(*a)] for a in args]
+  monkeypatch.setattr(native, "library", lambda: None)
+  assert with_kernel == [[int(v) for v in ops.inception_crop_box(*a)] for a in args]
+  fallbacks = sum((size[0] - ch) // 2 == top and (size[1] - cw) // 2 == left and (ch == size[0] or cw == size[1])
+                  for (size, *_), (top, left, ch, cw) in zip(cases, with_kernel))
+  assert fallbacks >= 3  # the strips and the 1x1 image take the centred fallback

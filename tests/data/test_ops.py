@@ -129,7 +129,7 @@ def test_center_crop_fraction_is_timm_eval():
 
 
 def test_inception_crop_boxes_respect_area_and_ratio_ranges():
-  h, w = 300, 400
+  h, w = 360, 360  # square: tall and wide crops fit equally often, so half the ratios are below 1
   area_min, area_max, ratio = 0.2, 0.6, (0.5, 2.0)
   areas, ratios = [], []
   for seed in range(300):
@@ -201,6 +201,19 @@ def test_normalize_presets_and_numbers():
     ops.normalize("imagenett")
   with pytest.raises(ValueError, match="std > 0"):
     ops.normalize((0.5, 0.5, 0.5), (0.5, 0.0, 0.5))
+
+
+def test_normalize_per_channel_over_a_whole_image():
+  image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  out = ops.normalize(mean, std)(_example(image))["image"].numpy()
+  np.testing.assert_allclose(out, (image / 255.0 - mean) / std, rtol=1e-5, atol=1e-6)
+  op = ops.normalize("imagenet")
+  traced = tf.function(lambda x: op({"image": x})["image"])
+  spec = traced.get_concrete_function(tf.TensorSpec([None, None, 3], tf.uint8))
+  assert spec.structured_outputs.shape.as_list() == [None, None, 3]  # the static channel count survives
+  with pytest.raises(ValueError, match="normalize: 3 channel means/stds for images of shape"):
+    ops.normalize("imagenet")(_example(image[..., :1]))
 
 
 def test_normalize_matches_the_checkpoint_preprocessing_numbers():

@@ -1,0 +1,161 @@
+// LvmJpegSize and LvmInceptionCropBox: where the training crop lies, in two small kernels.
+//
+// TensorFlow spends more CPU on choosing the crop than on resizing it: extract_jpeg_shape starts a whole
+// libjpeg decompressor to read two numbers, and the box arithmetic is ~100 tiny graph ops, each a trip through
+// the executor. LvmJpegSize reads the size from the JPEG's frame header; LvmInceptionCropBox does the box
+// arithmetic of lvm_jax.data.ops.inception_crop_box (float32, in the same order of operations, rounding half
+// to even as tf.round), so both paths pick the same window from the same random numbers.
+
+#include <cmath>
+#include <cstdint>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/platform/tstring.h"
+
+namespace {
+
+namespace tf = ::tensorflow;
+
+// Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic coded): C0-CF
+// except C4 (Huffman tables), C8 (reserved) and CC (arithmetic conditioning).
+bool IsStartOfFrame(uint8_t marker) {
+  return marker >= 0xC0 && marker <= 0xCF && marker != 0xC4 && marker != 0xC8 && marker != 0xCC;
+}
+
+// (height, width) from the first frame header, or false where the bytes end or are not a JPEG.
+bool ReadJpegSize(const uint8_t* data, size_t size, int32_t* height, int32_t* width) {
+  if (size < 4 || data[0] != 0xFF || data[1] != 0xD8) return false;
+  size_t at = 2;
+  while (at + 4 <= size) {
+    if (data[at] != 0xFF) return false;
+    const uint8_t marker = data[at + 1];
+    if (marker == 0xFF) {  // fill byte before a marker
+      ++at;
+      continue;
+    }
+    if (marker == 0x01 || (marker >= 0xD0 && marker <= 0xD7)) {  // markers without a length
+      at += 2;
+      continue;
+    }
+    const size_t length = (static_cast<size_t>(data[at + 2]) << 8) | data[at + 3];
+    if (length < 2) return false;
+    if (IsStartOfFrame(marker)) {
+      if (at + 2 + 7 > size || length < 7) return false;
+      *height = (data[at + 5] << 8) | data[at + 6];
+      *width = (data[at + 7] << 8) | data[at + 8];
+      return true;
+    }
+    if (marker == 0xD9 || marker == 0xDA) return false;  // end of image, or scan data before any frame header
+    at += 2 + length;
+  }
+  return false;
+}
+
+class JpegSizeOp : public tf::OpKernel {
+ public:
+  explicit JpegSizeOp(tf::OpKernelConstruction* context) : tf::OpKernel(context) {}
+
+  void Compute(tf::OpKernelContext* context) override {
+    const tf::Tensor& contents = context->input(0);
+    OP_REQUIRES(context, contents.dims() == 0,
+                tf::errors::InvalidArgument("contents must be a scalar string, got shape ", contents.shape().DebugString()));
+    const tf::tstring& bytes = contents.scalar<tf::tstring>()();
+    int32_t height = 0, width = 0;
+    OP_REQUIRES(context,
+                ReadJpegSize(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), &height, &width) &&
+                    height > 0 && width > 0,
+                tf::errors::InvalidArgument("not a JPEG with a frame header giving its size (", bytes.size(), " bytes)"));
+    tf::Tensor* output = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, tf::TensorShape({2}), &output));
+    output->vec<int32_t>()(0) = height;
+    output->vec<int32_t>()(1) = width;
+  }
+};
+
+class InceptionCropBoxOp : public tf::OpKernel {
+ public:
+  explicit InceptionCropBoxOp(tf::OpKernelConstruction* context) : tf::OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("area_min", &area_min_));
+    OP_REQUIRES_OK(context, context->GetAttr("area_max", &area_max_));
+    OP_REQUIRES_OK(context, context->GetAttr("ratio_min", &ratio_min_));
+    OP_REQUIRES_OK(context, context->GetAttr("ratio_max", &ratio_max_));
+  }
+
+  // Inputs: image_size [2] int32; area_uniform [tries], aspect [tries], position_uniform [2] float32 (in [0, 1),
+  // the aspect ratios already drawn log-uniformly). Output: [top, left, height, width] int32.
+  void Compute(tf::OpKernelContext* context) override {
+    const auto size = context->input(0).vec<int32_t>();
+    const auto area_uniform = context->input(1).vec<float>();
+    const auto aspect = context->input(2).vec<float>();
+    const auto position = context->input(3).vec<float>();
+    OP_REQUIRES(context, size.size() == 2 && size(0) > 0 && size(1) > 0,
+                tf::errors::InvalidArgument("image_size must be 2 positive ints"));
+    OP_REQUIRES(context, area_uniform.size() == aspect.size() && area_uniform.size() > 0 && position.size() == 2,
+                tf::errors::InvalidArgument("need as many area draws as aspect draws, and 2 position draws"));
+    const int32_t height = size(0), width = size(1);
+    const float h = static_cast<float>(height), w = static_cast<float>(width);
+    int32_t crop_height = 0, crop_width = 0;
+    bool fits = false;
+    for (int64_t i = 0; i < area_uniform.size() && !fits; ++i) {
+      const float area = h * w * (area_uniform(i) * (area_max_ - area_min_) + area_min_);
+      const float cw = std::nearbyint(std::sqrt(area * aspect(i)));
+      const float ch = std::nearbyint(std::sqrt(area / aspect(i)));
+      fits = cw >= 1.f && cw <= w && ch >= 1.f && ch <= h;
+      crop_height = static_cast<int32_t>(ch);
+      crop_width = static_cast<int32_t>(cw);
+    }
+    int32_t top, left;
+    if (fits) {
+      top = std::min(static_cast<int32_t>(position(0) * static_cast<float>(height - crop_height + 1)),
+                     height - crop_height);
+      left = std::min(static_cast<int32_t>(position(1) * static_cast<float>(width - crop_width + 1)),
+                      width - crop_width);
+    } else {  // the whole image, narrowed to the nearest allowed aspect ratio, centred
+      const float image_ratio = w / h;
+      crop_width = static_cast<int32_t>(image_ratio > ratio_max_ ? std::nearbyint(h * ratio_max_) : w);
+      crop_height = static_cast<int32_t>(image_ratio < ratio_min_ ? std::nearbyint(w / ratio_min_) : h);
+      top = (height - crop_height) / 2;
+      left = (width - crop_width) / 2;
+    }
+    tf::Tensor* output = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, tf::TensorShape({4}), &output));
+    auto box = output->vec<int32_t>();
+    box(0) = top;
+    box(1) = left;
+    box(2) = crop_height;
+    box(3) = crop_width;
+  }
+
+ private:
+  float area_min_, area_max_, ratio_min_, ratio_max_;
+};
+
+}  // namespace
+
+REGISTER_OP("LvmJpegSize")
+    .Input("contents: string")
+    .Output("size: int32")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* context) {
+      context->set_output(0, context->Vector(2));
+      return ::absl::OkStatus();
+    });
+
+REGISTER_OP("LvmInceptionCropBox")
+    .Input("image_size: int32")
+    .Input("area_uniform: float")
+    .Input("aspect: float")
+    .Input("position_uniform: float")
+    .Attr("area_min: float")
+    .Attr("area_max: float")
+    .Attr("ratio_min: float")
+    .Attr("ratio_max: float")
+    .Output("box: int32")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* context) {
+      context->set_output(0, context->Vector(4));
+      return ::absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("LvmJpegSize").Device(::tensorflow::DEVICE_CPU), JpegSizeOp);
+REGISTER_KERNEL_BUILDER(Name("LvmInceptionCropBox").Device(::tensorflow::DEVICE_CPU), InceptionCropBoxOp);
