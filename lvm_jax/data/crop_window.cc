@@ -1,4 +1,5 @@
 // LvmJpegSize and LvmInceptionCropBox: where the training crop lies, in two small kernels.
+// LvmJpegSize gives (0, 0) for a header it cannot read; lvm_jax.data.ops then asks libjpeg.
 //
 // TensorFlow spends more CPU on choosing the crop than on resizing it: extract_jpeg_shape starts a whole
 // libjpeg decompressor to read two numbers, and the box arithmetic is ~100 tiny graph ops, each a trip through
@@ -12,6 +13,7 @@
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/platform/tstring.h"
 
 namespace {
@@ -24,33 +26,30 @@ bool IsStartOfFrame(uint8_t marker) {
   return marker >= 0xC0 && marker <= 0xCF && marker != 0xC4 && marker != 0xC8 && marker != 0xCC;
 }
 
-// (height, width) from the first frame header, or false where the bytes end or are not a JPEG.
+// (height, width) from the first frame header, or false where the bytes end first or are not a JPEG. Stray bytes
+// before a marker are skipped, as libjpeg does (it warns of "extraneous bytes" and decodes the image).
 bool ReadJpegSize(const uint8_t* data, size_t size, int32_t* height, int32_t* width) {
   if (size < 4 || data[0] != 0xFF || data[1] != 0xD8) return false;
   size_t at = 2;
-  while (at + 4 <= size) {
-    if (data[at] != 0xFF) return false;
-    const uint8_t marker = data[at + 1];
-    if (marker == 0xFF) {  // fill byte before a marker
-      ++at;
-      continue;
-    }
-    if (marker == 0x01 || (marker >= 0xD0 && marker <= 0xD7)) {  // markers without a length
-      at += 2;
-      continue;
-    }
-    const size_t length = (static_cast<size_t>(data[at + 2]) << 8) | data[at + 3];
-    if (length < 2) return false;
+  for (;;) {
+    while (at < size && data[at] != 0xFF) ++at;      // extraneous bytes
+    while (at < size && data[at] == 0xFF) ++at;      // the marker's 0xFF and any fill bytes
+    if (at >= size) return false;
+    const uint8_t marker = data[at++];
+    if (marker == 0x00 || marker == 0x01 || (marker >= 0xD0 && marker <= 0xD7)) continue;  // no length
+    if (marker == 0xD9 || marker == 0xDA) return false;  // end of image, or scan data before any frame header
+    if (at + 2 > size) return false;
+    const size_t length = (static_cast<size_t>(data[at]) << 8) | data[at + 1];
+    if (length < 2) continue;  // a broken segment: look for the next marker, as libjpeg does
     if (IsStartOfFrame(marker)) {
-      if (at + 2 + 7 > size || length < 7) return false;
-      *height = (data[at + 5] << 8) | data[at + 6];
-      *width = (data[at + 7] << 8) | data[at + 8];
+      // length (2 bytes), sample precision (1), height (2), width (2)
+      if (length < 7 || at + 7 > size) return false;
+      *height = (data[at + 3] << 8) | data[at + 4];
+      *width = (data[at + 5] << 8) | data[at + 6];
       return true;
     }
-    if (marker == 0xD9 || marker == 0xDA) return false;  // end of image, or scan data before any frame header
-    at += 2 + length;
+    at += length;
   }
-  return false;
 }
 
 class JpegSizeOp : public tf::OpKernel {
@@ -63,10 +62,9 @@ class JpegSizeOp : public tf::OpKernel {
                 tf::errors::InvalidArgument("contents must be a scalar string, got shape ", contents.shape().DebugString()));
     const tf::tstring& bytes = contents.scalar<tf::tstring>()();
     int32_t height = 0, width = 0;
-    OP_REQUIRES(context,
-                ReadJpegSize(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), &height, &width) &&
-                    height > 0 && width > 0,
-                tf::errors::InvalidArgument("not a JPEG with a frame header giving its size (", bytes.size(), " bytes)"));
+    if (!ReadJpegSize(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), &height, &width)) {
+      height = width = 0;  // unreadable here: the caller asks libjpeg, which has the last word
+    }
     tf::Tensor* output = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, tf::TensorShape({2}), &output));
     output->vec<int32_t>()(0) = height;
@@ -86,6 +84,11 @@ class InceptionCropBoxOp : public tf::OpKernel {
   // Inputs: image_size [2] int32; area_uniform [tries], aspect [tries], position_uniform [2] float32 (in [0, 1),
   // the aspect ratios already drawn log-uniformly). Output: [top, left, height, width] int32.
   void Compute(tf::OpKernelContext* context) override {
+    for (int i = 0; i < 4; ++i) {
+      OP_REQUIRES(context, tf::TensorShapeUtils::IsVector(context->input(i).shape()),
+                  tf::errors::InvalidArgument("input ", i, " must be a vector, got shape ",
+                                              context->input(i).shape().DebugString()));
+    }
     const auto size = context->input(0).vec<int32_t>();
     const auto area_uniform = context->input(1).vec<float>();
     const auto aspect = context->input(2).vec<float>();
@@ -138,6 +141,8 @@ REGISTER_OP("LvmJpegSize")
     .Input("contents: string")
     .Output("size: int32")
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* context) {
+      ::tensorflow::shape_inference::ShapeHandle contents;
+      TF_RETURN_IF_ERROR(context->WithRank(context->input(0), 0, &contents));
       context->set_output(0, context->Vector(2));
       return ::absl::OkStatus();
     });
@@ -153,6 +158,8 @@ REGISTER_OP("LvmInceptionCropBox")
     .Attr("ratio_max: float")
     .Output("box: int32")
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* context) {
+      ::tensorflow::shape_inference::ShapeHandle vector;
+      for (int i = 0; i < 4; ++i) TF_RETURN_IF_ERROR(context->WithRank(context->input(i), 1, &vector));
       context->set_output(0, context->Vector(4));
       return ::absl::OkStatus();
     });

@@ -62,9 +62,14 @@ def _native_crop_resize(method: str, antialias: bool):
 
 
 def _jpeg_size(data: tf.Tensor) -> tf.Tensor:
-  """(height, width) of an encoded JPEG, read from its frame header (natively where built)."""
+  """(height, width) of an encoded JPEG, read from its frame header natively where built; libjpeg reads the
+  headers the kernel cannot (it gives (0, 0)), so a file TensorFlow decodes never stops training."""
+  with_libjpeg = lambda: tf.image.extract_jpeg_shape(data)[:2]
   library = native.library()
-  return tf.image.extract_jpeg_shape(data)[:2] if library is None else library.lvm_jpeg_size(data)
+  if library is None:
+    return with_libjpeg()
+  size = library.lvm_jpeg_size(data)
+  return tf.cond(tf.reduce_all(size > 0), lambda: size, with_libjpeg)
 
 
 def _rows(image, top, count):
@@ -298,7 +303,7 @@ def normalize(mean: Union[str, float, Sequence[float]] = "imagenet", std: Union[
   mean_t, std_t = tf.constant(mean, tf.float32), tf.constant(std, tf.float32)
   if mean_t.shape.rank > 1 or std_t.shape.rank > 1 or tf.reduce_any(std_t <= 0):
     raise ValueError(f"normalize: mean and std must be scalars or per-channel lists (std > 0), got {mean!r}, {std!r}.")
-  # One multiply-add: x * scale + offset equals (x / 255 - mean) / std within a float32 rounding.
+  # One multiply-add: x * scale + offset equals (x / 255 - mean) / std within a few float32 ulps of the result.
   scale, offset = 1.0 / (255.0 * std_t), -mean_t / std_t
   channels = max(scale.shape.num_elements(), offset.shape.num_elements())
   scale, offset = tf.broadcast_to(scale, [channels]), tf.broadcast_to(offset, [channels])
@@ -309,6 +314,8 @@ def normalize(mean: Union[str, float, Sequence[float]] = "imagenet", std: Union[
       return {**example, "image": image * scale[0] + offset[0]}
     if image.shape[-1] not in (None, channels):
       raise ValueError(f"normalize: {channels} channel means/stds for images of shape {image.shape}.")
+    if image.shape.rank != 3:  # not one [height, width, channels] image: plain broadcasting
+      return {**example, "image": image * scale + offset}
     # TensorFlow broadcasts a per-channel vector over [height, width, channels] element by element (~4x the
     # time of the whole op below); over [height, width * channels] rows it takes its fast row-vector path.
     shape = tf.shape(image)

@@ -135,14 +135,27 @@ def test_jpeg_size_reads_the_frame_header_as_tensorflow_does():
       "EXIF": _jpeg(photo, exif=exif.tobytes()),
       "one pixel": _jpeg(photo[:1, :1]),
   }
+  # Stray bytes before a marker: libjpeg warns of "extraneous bytes" and decodes; so must the size.
+  plain = kinds["baseline 4:2:0"]
+  after_app0 = 4 + int.from_bytes(plain[4:6], "big")
+  kinds["extraneous bytes"] = plain[:after_app0] + b"\0\0" + plain[after_app0:]
+  assert tf.io.decode_jpeg(kinds["extraneous bytes"]).shape == (301, 457, 3)
+  # A segment length below 2: libjpeg looks for the next marker, and so does the kernel.
+  kinds["broken APP0 length"] = plain[:4] + b"\0\0" + plain[6:]
+  assert tf.io.decode_jpeg(kinds["broken APP0 length"]).shape == (301, 457, 3)
   size = native.library().lvm_jpeg_size
   for kind, data in kinds.items():
-    assert size(data).numpy().tolist() == tf.image.extract_jpeg_shape(data)[:2].numpy().tolist(), kind
+    expected = tf.image.extract_jpeg_shape(data)[:2].numpy().tolist()
+    assert size(data).numpy().tolist() == expected == ops._jpeg_size(tf.constant(data)).numpy().tolist(), kind
   buffer = io.BytesIO()
   PIL.Image.fromarray(photo).save(buffer, format="PNG")
-  for bad in (buffer.getvalue(), kinds["baseline 4:2:0"][:20], b""):
-    with pytest.raises(tf.errors.InvalidArgumentError, match="not a JPEG with a frame header"):
-      size(bad)
+  for bad in (buffer.getvalue(), plain[:20], b""):
+    assert size(bad).numpy().tolist() == [0, 0]  # unreadable here: libjpeg has the last word
+    with pytest.raises(tf.errors.InvalidArgumentError):
+      ops._jpeg_size(tf.constant(bad))
+  with pytest.raises(tf.errors.InvalidArgumentError, match="input 0 must be a vector"):  # an error, not a crash
+    native.library().lvm_inception_crop_box([[5, 5]], [0.5], [1.0], [0.5, 0.5], area_min=0.1, area_max=1.0,
+                                            ratio_min=0.75, ratio_max=1.33)
 
 
 @needs_compiler

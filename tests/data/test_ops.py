@@ -212,6 +212,9 @@ def test_normalize_per_channel_over_a_whole_image():
   traced = tf.function(lambda x: op({"image": x})["image"])
   spec = traced.get_concrete_function(tf.TensorSpec([None, None, 3], tf.uint8))
   assert spec.structured_outputs.shape.as_list() == [None, None, 3]  # the static channel count survives
+  batch = np.stack([image, image[::-1]])
+  np.testing.assert_allclose(ops.normalize(mean, std)({"image": tf.constant(batch)})["image"],
+                             (batch / 255.0 - mean) / std, rtol=1e-5, atol=1e-6)  # any rank broadcasts
   with pytest.raises(ValueError, match="normalize: 3 channel means/stds for images of shape"):
     ops.normalize("imagenet")(_example(image[..., :1]))
 
