@@ -189,11 +189,15 @@ def inception_crop(size: Size, area_min: float = 0.08, area_max: float = 1.0,
 
   def op(example):
     rng, example = take_rng(example)
-    image = example["image"]
-    top, left, ch, cw = inception_crop_box(tf.shape(image)[:2], rng, area_min, area_max, ratio)
-    rows = _rows(image, top, ch)
-    return {**example, "image": _resize_columns(rows, left, cw, size, method, antialias)}
+    crop = _inception_crop_of(example["image"], rng, size, area_min, area_max, ratio, method, antialias)
+    return {**example, "image": crop}
   return op
+
+
+def _inception_crop_of(image, rng, size, area_min, area_max, ratio, method, antialias):
+  """A decoded image's inception crop, resized to `size`."""
+  top, left, ch, cw = inception_crop_box(tf.shape(image)[:2], rng, area_min, area_max, ratio)
+  return _resize_columns(_rows(image, top, ch), left, cw, size, method, antialias)
 
 
 def decode_inception_crop(size: Size, area_min: float = 0.08, area_max: float = 1.0,
@@ -224,9 +228,7 @@ def decode_inception_crop(size: Size, area_min: float = 0.08, area_max: float = 
 
     def crop_decoded():
       image = full_decode({"image": data})["image"]
-      top, left, ch, cw = inception_crop_box(tf.shape(image)[:2], rng, area_min, area_max, ratio)
-      rows = _rows(image, top, ch)
-      return _resize_columns(rows, left, cw, size, method, antialias)
+      return _inception_crop_of(image, rng, size, area_min, area_max, ratio, method, antialias)
 
     resized = tf.cond(tf.io.is_jpeg(data), crop_jpeg, crop_decoded)
     resized.set_shape(size + (3,))
