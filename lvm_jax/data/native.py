@@ -1,14 +1,12 @@
 """lvm_jax's own TensorFlow kernels for the input pipeline, built on first use with the machine's C++ compiler.
 
 Beside this file: crop_resize.cc crops a column range of a uint8 image and resizes it bilinearly in one pass;
-crop_window.cc reads a JPEG's size from its frame header and computes the inception crop's box, work that
-TensorFlow spreads over a full decoder start-up and ~100 graph ops. They are the training crop's hot path (the
-figures are in the README's input pipeline section). The library is built against the installed TensorFlow
-(tf.sysconfig's flags, ~20 s, once) into $LVM_JAX_CACHE (default ~/.cache/lvm_jax) under a name keyed by the
-sources, TensorFlow's version and the flags. Where it cannot be built (no compiler), or with
+crop_box.cc computes the inception crop's box, ~100 graph ops as TensorFlow ops. They are the training crop's
+hot path (the figures are in the README's input pipeline section). The library is built against the installed
+TensorFlow (tf.sysconfig's flags, ~13 s, once) into $LVM_JAX_CACHE (default ~/.cache/lvm_jax) under a name
+keyed by the sources, TensorFlow's version and the flags. Where it cannot be built (no compiler), or with
 LVM_JAX_NATIVE_OPS=0, library() is None and lvm_jax.data.ops uses TensorFlow's ops: the same crop windows,
-each resized value within one level.
-"""
+each resized value within one level."""
 
 import functools
 import hashlib
@@ -19,7 +17,7 @@ import tempfile
 import warnings
 from lvm_jax.tf_host import tf
 
-SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("crop_resize.cc", "crop_window.cc"))
+SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("crop_resize.cc", "crop_box.cc"))
 
 
 def _cache_dir() -> pathlib.Path:
@@ -41,8 +39,8 @@ def _build(command: list[str], library: pathlib.Path) -> None:
 
 @functools.cache
 def library():
-  """The loaded kernels (ops lvm_crop_resize_bilinear, lvm_jpeg_size, lvm_inception_crop_box), or None where
-  they cannot be built."""
+  """The loaded kernels (ops lvm_crop_resize_bilinear and lvm_inception_crop_box), or None where they cannot be
+  built."""
   if os.environ.get("LVM_JAX_NATIVE_OPS", "1") == "0":
     return None
   compiler = os.environ.get("CXX", "c++")

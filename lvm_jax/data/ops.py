@@ -61,17 +61,6 @@ def _native_crop_resize(method: str, antialias: bool):
   return None if library is None else library.lvm_crop_resize_bilinear
 
 
-def _jpeg_size(data: tf.Tensor) -> tf.Tensor:
-  """(height, width) of an encoded JPEG, read from its frame header natively where built; libjpeg reads the
-  headers the kernel cannot (it gives (0, 0)), so a file TensorFlow decodes never stops training."""
-  with_libjpeg = lambda: tf.image.extract_jpeg_shape(data)[:2]
-  library = native.library()
-  if library is None:
-    return with_libjpeg()
-  size = library.lvm_jpeg_size(data)
-  return tf.cond(tf.reduce_all(size > 0), lambda: size, with_libjpeg)
-
-
 def _rows(image, top, count):
   """Rows [top, top + count) of an image, keeping its static width and channel count (a -1 slice size hides them)."""
   rows = tf.slice(image, tf.stack([top, 0, 0]), tf.stack([count, -1, -1]))
@@ -221,7 +210,7 @@ def decode_inception_crop(size: Size, area_min: float = 0.08, area_max: float = 
     data = example["image"]
 
     def crop_jpeg():
-      top, left, ch, cw = inception_crop_box(_jpeg_size(data), rng, area_min, area_max, ratio)
+      top, left, ch, cw = inception_crop_box(tf.image.extract_jpeg_shape(data)[:2], rng, area_min, area_max, ratio)
       extra = left % block
       window = tf.image.decode_and_crop_jpeg(data, tf.stack([top, left - extra, ch, cw + extra]), channels=3)
       return _resize_columns(window, extra, cw, size, method, antialias)
@@ -258,7 +247,7 @@ def inception_crop_box(image_size: tf.Tensor, rng: tf.Tensor, area_min: float, a
 
 
 def _inception_crop_box_ops(image_size, area_uniform, aspect, position, area_min, area_max, ratio):
-  """inception_crop_box's arithmetic as TensorFlow ops (crop_window.cc's LvmInceptionCropBox, line for line)."""
+  """inception_crop_box's arithmetic as TensorFlow ops (crop_box.cc's LvmInceptionCropBox, line for line)."""
   f32 = lambda x: tf.constant(x, tf.float32)
   height, width = image_size[0], image_size[1]
   h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)

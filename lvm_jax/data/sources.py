@@ -3,8 +3,8 @@
 A source knows `num_examples` (the whole split), `class_names` (index order) and, for a process, its shard:
 `dataset(process_index, process_count)` yields {"image": tf.string encoded JPEG/PNG, "label": tf.int64} in a
 fixed order, and `shard_size(...)` says how many; a source of files also offers `references` and `load`, so the
-training pipeline shuffles file paths rather than image bytes. Shards are disjoint and together are the whole split. A source
-never shuffles, decodes or repeats: the pipeline does.
+training pipeline shuffles file paths rather than image bytes. Shards are disjoint and together are the whole
+split. A source never shuffles, decodes or repeats: the pipeline does.
 
 make_source(kind, **kwargs) builds one: "tfds" (any TFDS dataset, below), "folder" (image folders,
 lvm_jax/data/folders.py) or "digits" (scikit-learn's 8x8 digits as a TFDS dataset prepared offline on first

@@ -1,12 +1,11 @@
-// LvmJpegSize and LvmInceptionCropBox: where the training crop lies, in two small kernels.
-// LvmJpegSize gives (0, 0) for a header it cannot read; lvm_jax.data.ops then asks libjpeg.
+// LvmInceptionCropBox: the inception crop's box from its random draws, in one kernel.
 //
-// TensorFlow spends more CPU on choosing the crop than on resizing it: extract_jpeg_shape starts a whole
-// libjpeg decompressor to read two numbers, and the box arithmetic is ~100 tiny graph ops, each a trip through
-// the executor. LvmJpegSize reads the size from the JPEG's frame header; LvmInceptionCropBox does the box
-// arithmetic of lvm_jax.data.ops.inception_crop_box (float32, in the same order of operations, rounding half
-// to even as tf.round), so both paths pick the same window from the same random numbers.
+// As TensorFlow ops the box arithmetic is ~100 tiny graph ops, each a trip through the executor (~60 us of CPU
+// per image on one thread). This kernel does the arithmetic of lvm_jax.data.ops.inception_crop_box (float32,
+// in the same order of operations, rounding half to even as tf.round), so both paths pick the same window from
+// the same random numbers.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -14,63 +13,10 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/framework/tensor_shape.h"
-#include "tensorflow/core/platform/tstring.h"
 
 namespace {
 
 namespace tf = ::tensorflow;
-
-// Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic coded): C0-CF
-// except C4 (Huffman tables), C8 (reserved) and CC (arithmetic conditioning).
-bool IsStartOfFrame(uint8_t marker) {
-  return marker >= 0xC0 && marker <= 0xCF && marker != 0xC4 && marker != 0xC8 && marker != 0xCC;
-}
-
-// (height, width) from the first frame header, or false where the bytes end first or are not a JPEG. Stray bytes
-// before a marker are skipped, as libjpeg does (it warns of "extraneous bytes" and decodes the image).
-bool ReadJpegSize(const uint8_t* data, size_t size, int32_t* height, int32_t* width) {
-  if (size < 4 || data[0] != 0xFF || data[1] != 0xD8) return false;
-  size_t at = 2;
-  for (;;) {
-    while (at < size && data[at] != 0xFF) ++at;      // extraneous bytes
-    while (at < size && data[at] == 0xFF) ++at;      // the marker's 0xFF and any fill bytes
-    if (at >= size) return false;
-    const uint8_t marker = data[at++];
-    if (marker == 0x00 || marker == 0x01 || (marker >= 0xD0 && marker <= 0xD7)) continue;  // no length
-    if (marker == 0xD9 || marker == 0xDA) return false;  // end of image, or scan data before any frame header
-    if (at + 2 > size) return false;
-    const size_t length = (static_cast<size_t>(data[at]) << 8) | data[at + 1];
-    if (length < 2) continue;  // a broken segment: look for the next marker, as libjpeg does
-    if (IsStartOfFrame(marker)) {
-      // length (2 bytes), sample precision (1), height (2), width (2)
-      if (length < 7 || at + 7 > size) return false;
-      *height = (data[at + 3] << 8) | data[at + 4];
-      *width = (data[at + 5] << 8) | data[at + 6];
-      return true;
-    }
-    at += length;
-  }
-}
-
-class JpegSizeOp : public tf::OpKernel {
- public:
-  explicit JpegSizeOp(tf::OpKernelConstruction* context) : tf::OpKernel(context) {}
-
-  void Compute(tf::OpKernelContext* context) override {
-    const tf::Tensor& contents = context->input(0);
-    OP_REQUIRES(context, contents.dims() == 0,
-                tf::errors::InvalidArgument("contents must be a scalar string, got shape ", contents.shape().DebugString()));
-    const tf::tstring& bytes = contents.scalar<tf::tstring>()();
-    int32_t height = 0, width = 0;
-    if (!ReadJpegSize(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), &height, &width)) {
-      height = width = 0;  // unreadable here: the caller asks libjpeg, which has the last word
-    }
-    tf::Tensor* output = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, tf::TensorShape({2}), &output));
-    output->vec<int32_t>()(0) = height;
-    output->vec<int32_t>()(1) = width;
-  }
-};
 
 class InceptionCropBoxOp : public tf::OpKernel {
  public:
@@ -137,16 +83,6 @@ class InceptionCropBoxOp : public tf::OpKernel {
 
 }  // namespace
 
-REGISTER_OP("LvmJpegSize")
-    .Input("contents: string")
-    .Output("size: int32")
-    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* context) {
-      ::tensorflow::shape_inference::ShapeHandle contents;
-      TF_RETURN_IF_ERROR(context->WithRank(context->input(0), 0, &contents));
-      context->set_output(0, context->Vector(2));
-      return ::absl::OkStatus();
-    });
-
 REGISTER_OP("LvmInceptionCropBox")
     .Input("image_size: int32")
     .Input("area_uniform: float")
@@ -164,5 +100,4 @@ REGISTER_OP("LvmInceptionCropBox")
       return ::absl::OkStatus();
     });
 
-REGISTER_KERNEL_BUILDER(Name("LvmJpegSize").Device(::tensorflow::DEVICE_CPU), JpegSizeOp);
 REGISTER_KERNEL_BUILDER(Name("LvmInceptionCropBox").Device(::tensorflow::DEVICE_CPU), InceptionCropBoxOp);
