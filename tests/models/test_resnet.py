@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lvm_jax
-from lvm_jax.models.resnet import VARIANTS, PointwiseConv, ResNet, torch_max_pool
+from lvm_jax.models.resnet import VARIANTS, Conv, ResNet, torch_max_pool
 
 # Exact variable counts at 1000 classes: params (the published counts of torchvision / timm) and the BatchNorm
 # running statistics (2 per BN channel) in batch_stats.
@@ -222,17 +222,22 @@ def test_configuration_errors_are_clear():
     ResNet(**{**BASIC, "stage_widths": (8, 16)}).init(jax.random.key(0), x)
 
 
-@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("size, strides", [(1, 1), (1, 2), (3, 1), (3, 2), (7, 2)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_pointwise_conv_equals_a_1x1_convolution(strides, dtype):
+def test_conv_equals_flax_conv_with_torch_padding(size, strides, dtype):
+  """Each path of Conv (matrix product, Winograd, lax.conv) against nn.Conv: same parameter, same result."""
   x = jax.random.normal(jax.random.key(0), (2, 7, 9, 12))
-  conv = nn.Conv(5, (1, 1), strides=(strides, strides), padding=((0, 0), (0, 0)), use_bias=False, dtype=dtype)
+  pad = size // 2
+  conv = nn.Conv(5, (size, size), strides=(strides, strides), padding=((pad, pad), (pad, pad)), use_bias=False,
+                 dtype=dtype)
   variables = conv.init(jax.random.key(1), x)
-  pointwise = PointwiseConv(5, strides, dtype=dtype)
-  assert jax.tree.map(jnp.shape, pointwise.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
-  out = pointwise.apply(variables, x)
+  module = Conv(5, size, strides, dtype=dtype)
+  assert jax.tree.map(jnp.shape, module.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
+  out = module.apply(variables, x)
   expected = conv.apply(variables, x)
   assert out.shape == expected.shape == (2, -(-7 // strides), -(-9 // strides), 5) and out.dtype == dtype
+  program = str(jax.make_jaxpr(module.apply)(variables, x))
+  assert ("conv_general_dilated" in program) == (size > 1 and (strides > 1 or dtype != jnp.float32))
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32),
                              rtol=1e-5 if dtype == jnp.float32 else 2e-2, atol=1e-5 if dtype == jnp.float32 else 2e-2)
 
