@@ -7,11 +7,12 @@ all tiles that is 16 independent matrix products [tiles, C] @ [C, K]: 2.25x fewe
 direct convolution, run by the matrix-product kernel XLA:CPU runs fastest, while XLA:CPU's own convolution
 reaches about half the machine's matmul speed on ResNet's shapes. The gradient is Winograd too: the input's is
 the convolution of dy with the kernel turned 180 degrees, the kernel's is the transformed input contracted with
-the transformed dy. float32 results differ from the direct convolution by ~1e-6 relative (summation order).
+the transformed dy. float32 results differ from the direct convolution by ~1e-6 relative (rounding in the transforms, summation order).
 F(4x4, 3x3) would do 4x fewer multiplications, but its float32 error (~1e-5, 2e-6 with the points 0, +-1, 2,
 -1/2) puts a full ResNet-50's logits more than 1e-4 from PyTorch's.
 
-Used on CPU for float32; other backends (cuDNN, XLA:TPU pick their own algorithms) and dtypes run lax.conv.
+Used on CPU for float32; other backends (cuDNN, XLA:TPU pick their own algorithms), dtypes and inputs sharded
+over explicit mesh axes (whose types carry the sharding, which the tile reshapes would have to name) run lax.conv.
 """
 
 import jax
@@ -141,11 +142,12 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """3x3 convolution, stride 1, one pixel of zero padding; NHWC input, HWIO kernel.
 
   Winograd F(2x2, 3x3) on CPU in float32 (reverse-mode differentiable: jax.grad/jax.vjp, not jax.jvp, as the
-  other CPU gradients here), lax.conv otherwise.
+  other CPU gradients here), lax.conv otherwise and for inputs sharded over explicit mesh axes.
   """
   if kernel.ndim != 4 or kernel.shape[:2] != (3, 3) or x.ndim != 4 or x.shape[-1] != kernel.shape[2]:
     raise ValueError(f"conv3x3 needs an [N, H, W, C] input and a [3, 3, C, K] kernel, got shapes {x.shape} and "
                      f"{kernel.shape}.")
-  if jax.default_backend() == "cpu" and x.dtype == kernel.dtype == jnp.float32:
+  explicitly_sharded = any(axis is not None for axis in jax.typeof(x).sharding.spec)
+  if jax.default_backend() == "cpu" and x.dtype == kernel.dtype == jnp.float32 and not explicitly_sharded:
     return winograd_conv3x3(x, kernel)
   return direct_conv3x3(x, kernel)

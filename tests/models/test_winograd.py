@@ -60,3 +60,18 @@ def test_a_kernel_that_is_not_3x3_is_an_error():
     winograd.conv3x3(jnp.ones((1, 4, 4, 2)), jnp.ones((5, 5, 2, 2)))
   with pytest.raises(ValueError, match=r"got shapes \(1, 4, 4, 3\) and \(3, 3, 2, 2\)"):
     winograd.conv3x3(jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 2, 2)))
+
+
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit])
+def test_batch_sharded_input_over_a_mesh(axis_type):
+  """Under an auto mesh the types carry no sharding and Winograd runs; over explicit axes the tile reshapes would
+  have to name the sharding, so the direct convolution runs instead."""
+  mesh = jax.make_mesh((2,), ("data",), axis_types=(axis_type,))
+  x = jax.random.normal(jax.random.key(0), (4, 6, 5, 3))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 2))
+  with jax.set_mesh(mesh):
+    sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    y = jax.jit(winograd.conv3x3)(sharded, kernel)
+  winograd_y, direct_y = jax.jit(winograd.winograd_conv3x3)(x, kernel), jax.jit(winograd.direct_conv3x3)(x, kernel)
+  assert not np.array_equal(winograd_y, direct_y)  # the two paths round apart, so equality tells which ran
+  np.testing.assert_array_equal(y, winograd_y if axis_type == jax.sharding.AxisType.Auto else direct_y)
