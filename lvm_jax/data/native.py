@@ -55,6 +55,6 @@ def library():
   except (OSError, subprocess.SubprocessError, tf.errors.OpError) as error:
     detail = getattr(error, "stderr", None) or str(error)
     warnings.warn(f"lvm_jax: could not build or load {', '.join(s.name for s in SOURCES)} with {compiler!r}; the "
-                  f"input pipeline uses TensorFlow's ops instead (a quarter more CPU per training image). "
+                  f"input pipeline uses TensorFlow's ops instead (a third more CPU per training image). "
                   f"{detail[-2000:]}")
     return None
