@@ -18,6 +18,7 @@ over explicit mesh axes (whose types carry the sharding, which the tile reshapes
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -33,19 +34,6 @@ def _input_taps(d):
   """B^T over 4 input taps."""
   d0, d1, d2, d3 = d
   return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
-
-
-def _kernel_taps(g):
-  """G over 3 kernel taps."""
-  g0, g1, g2 = g
-  return [g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2]
-
-
-def _kernel_taps_adjoint(u):
-  """G^T over 4 transformed taps: the gradient of _kernel_taps."""
-  u0, u1, u2, u3 = u
-  both = (u1 + u2) * 0.5
-  return [u0 + both, (u1 - u2) * 0.5, u3 + both]
 
 
 def _output_taps(m):
@@ -64,17 +52,25 @@ def _tile_counts(height: int, width: int) -> tuple[int, int]:
   return -(-height // 2), -(-width // 2)
 
 
-def transform_kernel(kernel: jax.Array) -> jax.Array:
-  """[3, 3, C, K] -> [16, C, K]: G g G^T for every input/output channel pair."""
-  rows = _kernel_taps([kernel[0], kernel[1], kernel[2]])
-  return jnp.stack([tap for row in rows for tap in _kernel_taps([row[0], row[1], row[2]])])
+# G maps 3 kernel taps to 4; over both axes G g G^T is kron(G, G) [16, 9] applied to the 9 taps. As one small
+# matrix product (its entries 0, 1/4, 1/2, 1 multiply exactly) it runs at memory speed, where 16 elementwise
+# fusions and their stack made ResNet-50 inference 6% slower (18.4 vs 19.5 img/s).
+_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
+_KERNEL_TRANSFORM = np.kron(_G, _G)
+
+
+def transform_kernel(kernel: jax.Array, turned: bool = False) -> jax.Array:
+  """[3, 3, C, K] -> [16, C, K]: G g G^T for every input/output channel pair; with turned, of the kernel turned
+  180 degrees (its 9 taps read in reverse, no copy)."""
+  matrix = _KERNEL_TRANSFORM[:, ::-1] if turned else _KERNEL_TRANSFORM
+  return jnp.einsum("tj,jck->tck", matrix, kernel.reshape((9,) + kernel.shape[2:]),
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 def transform_kernel_adjoint(du: jax.Array) -> jax.Array:
   """[16, C, K] -> [3, 3, C, K]: the gradient of transform_kernel."""
-  du = du.reshape((4, 4) + du.shape[1:])
-  rows = _kernel_taps_adjoint([du[a] for a in range(4)])
-  return jnp.stack([jnp.stack(_kernel_taps_adjoint([row[b] for b in range(4)])) for row in rows])
+  dkernel = jnp.einsum("tj,tck->jck", _KERNEL_TRANSFORM, du, precision=jax.lax.Precision.HIGHEST)
+  return dkernel.reshape((3, 3) + du.shape[1:])
 
 
 def transform_input(x: jax.Array) -> jax.Array:
@@ -131,7 +127,7 @@ def _winograd_fwd(x, kernel):
 def _winograd_bwd(residuals, dy):
   x, kernel = residuals
   # dx correlates dy with the kernel turned 180 degrees and its channels swapped (read as [16, out, in]).
-  dx = _correlate(dy, transform_kernel(kernel[::-1, ::-1]), "oi")
+  dx = _correlate(dy, transform_kernel(kernel, turned=True), "oi")
   du = jnp.einsum("tpc,tpk->tck", transform_input(x), transform_output_adjoint(dy))
   return dx, transform_kernel_adjoint(du)
 
