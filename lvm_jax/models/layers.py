@@ -210,27 +210,67 @@ def _bias_groups(bias: jax.Array, batch: int) -> int:
   return groups
 
 
-def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array] = None,
-                     valid_length: Optional[int] = None, dropout: Optional[Callable] = None) -> jax.Array:
-  """softmax(q k^T / sqrt(head_dim) + bias) v on [batch, length, heads, head_dim], as plain einsums.
-
-  Computed head-major ([batch, heads, length, head_dim]): XLA:CPU runs the batched products far faster with
-  the batch axes leading than with jax.nn.dot_product_attention's token-major einsums (ViT-B/16 attention at
-  batch 8: 21.5 -> 13.5 ms a layer). Logits and softmax in float32, as jax's XLA implementation does.
-  `bias` as for dot_product_attention; `dropout`, if given, is applied to the attention weights.
-  """
-  q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
-  logits = jnp.einsum("bnqh,bnkh->bnqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+def _head_major_logits(q, k, bias, valid_length):
+  """[batch, heads, queries, keys] float32 logits of head-major q, k, with the bias added and padding masked
+  (q scaled before the product: [queries, head_dim] multiplications instead of [queries, keys])."""
+  logits = jnp.einsum("bnqh,bnkh->bnqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k,
+                      preferred_element_type=jnp.float32)
   if bias is not None:
     groups = _bias_groups(bias, q.shape[0])
     grouped = logits.reshape((-1, groups) + logits.shape[1:])  # the bias broadcasts here, never materialised
     logits = (grouped + bias.astype(jnp.float32)).reshape(logits.shape)
   if valid_length is not None:
     logits = jnp.where(jnp.arange(k.shape[2]) < valid_length, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return logits
+
+
+def _normalised_attention(q, k, v, bias, valid_length, dropout=None):
+  """Head-major attention through the softmax weights: what the gradient needs, and dropout acts on."""
+  weights = jax.nn.softmax(_head_major_logits(q, k, bias, valid_length), axis=-1).astype(v.dtype)
   if dropout is not None:
     weights = dropout(weights)
-  return jnp.swapaxes(jnp.einsum("bnqk,bnkh->bnqh", weights, v), 1, 2)
+  return jnp.einsum("bnqk,bnkh->bnqh", weights, v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _deferred_attention(q, k, v, bias, valid_length):
+  """The same attention with the softmax's division moved after the product with v: [queries, head_dim] divided
+  instead of [queries, keys], which lets XLA:CPU run the whole attention in one fused pass (ViT-B/16 inference
+  +3.5-6%, Swin-T +0.5-3% in A/B runs on 2 cores). Its gradient is the normalised form's, which keeps the
+  weights the backward reads (differentiating the deferred form made Swin-T's training step 2-4% slower)."""
+  logits = _head_major_logits(q, k, bias, valid_length)
+  exp = jnp.exp(logits - logits.max(-1, keepdims=True))
+  out = jnp.einsum("bnqk,bnkh->bnqh", exp.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return (out / exp.sum(-1, keepdims=True)).astype(v.dtype)
+
+
+def _deferred_attention_fwd(q, k, v, bias, valid_length):
+  return jax.vjp(lambda q, k, v, bias: _normalised_attention(q, k, v, bias, valid_length), q, k, v, bias)
+
+
+def _deferred_attention_bwd(valid_length, normalised_vjp, dout):
+  return normalised_vjp(dout)
+
+
+_deferred_attention.defvjp(_deferred_attention_fwd, _deferred_attention_bwd)
+
+
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array] = None,
+                     valid_length: Optional[int] = None, dropout: Optional[Callable] = None) -> jax.Array:
+  """softmax(q k^T / sqrt(head_dim) + bias) v on [batch, length, heads, head_dim], as plain einsums.
+
+  Computed head-major ([batch, heads, length, head_dim]): XLA:CPU runs the batched products far faster with
+  the batch axes leading than with jax.nn.dot_product_attention's token-major einsums (ViT-B/16 attention at
+  batch 8: 21.5 -> 13.5 ms a layer, 8 ms with the deferred division). Logits and softmax in float32, as jax's
+  XLA implementation does. `bias` as for dot_product_attention; `dropout`, if given, is applied to the
+  attention weights. Reverse-mode differentiable (jax.grad, jax.vjp), not forward-mode, without dropout.
+  """
+  q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+  if dropout is not None:
+    out = _normalised_attention(q, k, v, bias, valid_length, dropout)
+  else:
+    out = _deferred_attention(q, k, v, bias, valid_length)
+  return jnp.swapaxes(out, 1, 2)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array],
