@@ -235,8 +235,8 @@ def _normalised_attention(q, k, v, bias, valid_length, dropout=None):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _deferred_attention(q, k, v, bias, valid_length):
   """The same attention with the softmax's division moved after the product with v: [queries, head_dim] divided
-  instead of [queries, keys], which lets XLA:CPU run the whole attention in one fused pass (ViT-B/16 inference
-  +3.5-6%, Swin-T +0.5-3% in A/B runs on 2 cores). Its gradient is the normalised form's, which keeps the
+  instead of [queries, keys], and no normalised weights written (ViT-B/16 inference +3.5-6%, Swin-T +0.5-3% in
+  A/B runs on 2 cores). Its gradient is the normalised form's, which keeps the
   weights the backward reads (differentiating the deferred form made Swin-T's training step 2-4% slower)."""
   logits = _head_major_logits(q, k, bias, valid_length)
   exp = jnp.exp(logits - logits.max(-1, keepdims=True))
