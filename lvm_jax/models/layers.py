@@ -211,10 +211,14 @@ def _bias_groups(bias: jax.Array, batch: int) -> int:
 
 
 def _head_major_logits(q, k, bias, valid_length):
-  """[batch, heads, queries, keys] float32 logits of head-major q, k, with the bias added and padding masked
-  (q scaled before the product: [queries, head_dim] multiplications instead of [queries, keys])."""
-  logits = jnp.einsum("bnqh,bnkh->bnqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k,
-                      preferred_element_type=jnp.float32)
+  """[batch, heads, queries, keys] float32 logits of head-major q, k, with the bias added and padding masked.
+  A float32 q is scaled before the product ([queries, head_dim] multiplications instead of [queries, keys]);
+  lower precisions scale the float32 logits, as jax does (a bfloat16 q * 1/sqrt(32) would round)."""
+  scale = q.shape[-1] ** -0.5
+  if q.dtype == jnp.float32:
+    logits = jnp.einsum("bnqh,bnkh->bnqk", q * scale, k, preferred_element_type=jnp.float32)
+  else:
+    logits = jnp.einsum("bnqh,bnkh->bnqk", q, k, preferred_element_type=jnp.float32) * scale
   if bias is not None:
     groups = _bias_groups(bias, q.shape[0])
     grouped = logits.reshape((-1, groups) + logits.shape[1:])  # the bias broadcasts here, never materialised
@@ -263,10 +267,12 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[ja
   the batch axes leading than with jax.nn.dot_product_attention's token-major einsums (ViT-B/16 attention at
   batch 8: 21.5 -> 13.5 ms a layer, 8 ms with the deferred division). Logits and softmax in float32, as jax's
   XLA implementation does. `bias` as for dot_product_attention; `dropout`, if given, is applied to the
-  attention weights. Reverse-mode differentiable (jax.grad, jax.vjp), not forward-mode, without dropout.
+  attention weights. Without dropout and with a Python-int (or no) valid_length, reverse-mode only on
+  CPU: jax.grad, jax.vjp, jax.hessian work, jax.jvp and jax.jacfwd do not.
   """
   q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
-  if dropout is not None:
+  if dropout is not None or not (valid_length is None or isinstance(valid_length, int)):
+    # Dropout acts on the weights; a traced valid_length cannot be the custom VJP's static argument.
     out = _normalised_attention(q, k, v, bias, valid_length, dropout)
   else:
     out = _deferred_attention(q, k, v, bias, valid_length)

@@ -63,13 +63,13 @@ def transform_kernel(kernel: jax.Array, turned: bool = False) -> jax.Array:
   """[3, 3, C, K] -> [16, C, K]: G g G^T for every input/output channel pair; with turned, of the kernel turned
   180 degrees (its 9 taps read in reverse, no copy)."""
   matrix = _KERNEL_TRANSFORM[:, ::-1] if turned else _KERNEL_TRANSFORM
-  return jnp.einsum("tj,jck->tck", matrix, kernel.reshape((9,) + kernel.shape[2:]),
+  return jnp.einsum("tj,jck->tck", matrix.astype(kernel.dtype), kernel.reshape((9,) + kernel.shape[2:]),
                     precision=jax.lax.Precision.HIGHEST)
 
 
 def transform_kernel_adjoint(du: jax.Array) -> jax.Array:
   """[16, C, K] -> [3, 3, C, K]: the gradient of transform_kernel."""
-  dkernel = jnp.einsum("tj,tck->jck", _KERNEL_TRANSFORM, du, precision=jax.lax.Precision.HIGHEST)
+  dkernel = jnp.einsum("tj,tck->jck", _KERNEL_TRANSFORM.astype(du.dtype), du, precision=jax.lax.Precision.HIGHEST)
   return dkernel.reshape((3, 3) + du.shape[1:])
 
 

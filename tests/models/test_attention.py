@@ -180,3 +180,22 @@ def test_cudnn_vit_matches_xla_vit_outputs_and_gradients():
   np.testing.assert_allclose(np.asarray(y_cudnn), np.asarray(y_xla), atol=0.05, rtol=0.05)
   for path, a, b in _comparable_leaves(g_cudnn, g_xla):
     assert np.linalg.norm(a - b) <= 0.05 * np.linalg.norm(b) + 1e-6, path
+
+
+def test_einsum_attention_matches_jax_in_bfloat16_at_head_dim_32_and_with_a_traced_valid_length():
+  """Large bfloat16 logits at head_dim 32 (whose scale a bfloat16 q would round): jax's numbers, forward and
+  backward; a valid_length traced under jit takes the same masking."""
+  rng = np.random.default_rng(1)
+  q, k = (jnp.asarray(3 * rng.standard_normal((4, 50, 4, 32)), jnp.bfloat16) for _ in range(2))
+  v = jnp.asarray(rng.standard_normal((4, 50, 4, 32)), jnp.bfloat16)
+  expected = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  np.testing.assert_allclose(np.asarray(layers.einsum_attention(q, k, v), np.float32),
+                             np.asarray(expected, np.float32), rtol=2e-2, atol=2e-2)
+  grads = [jax.grad(lambda q, f=f: jnp.sum(f(q).astype(jnp.float32) * v[..., :1]))(q)
+           for f in (lambda q: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
+                     lambda q: layers.einsum_attention(q, k, v))]
+  np.testing.assert_allclose(np.asarray(grads[1], np.float32), np.asarray(grads[0], np.float32),
+                             rtol=2e-2, atol=2e-2)
+  traced = jax.jit(lambda n: layers.einsum_attention(q, k, v, None, n))(7)
+  np.testing.assert_allclose(np.asarray(traced, np.float32),
+                             np.asarray(layers.einsum_attention(q, k, v, None, 7), np.float32), rtol=1e-2, atol=1e-2)
