@@ -31,14 +31,27 @@ BENCHMARKS = {
 }
 
 
-def cpu_name() -> str:
+def cpu_name(cpuinfo: str | None = None) -> str:
+  """The CPU's model name, x86 family/model and widest vector unit: the same VM kind has come with AVX2 and
+  AVX-512 CPUs whose matmul peaks differ 2x, so a figure means little without them."""
   try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
+    cpuinfo = pathlib.Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
   except OSError:
-    pass
-  return platform.processor() or platform.machine()
+    cpuinfo = ""
+  fields = {}
+  for line in cpuinfo.splitlines():
+    key, _, value = line.partition(":")
+    fields.setdefault(key.strip(), value.strip())
+  if "model name" not in fields:
+    return platform.processor() or platform.machine()
+  flags = set(fields.get("flags", "").split())
+  vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+  parts = [fields["model name"]]
+  if "cpu family" in fields and "model" in fields:
+    parts.append(f"family {fields['cpu family']} model {fields['model']}")
+  if vector:
+    parts.append(vector)
+  return ", ".join(parts)
 
 
 def as_markdown(output: str) -> str:

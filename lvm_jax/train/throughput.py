@@ -85,6 +85,19 @@ class Throughput:
       self.resume()
 
 
+def compiled_cost(compiled, key: str) -> float | None:
+  """One entry ("flops", "bytes accessed", ...) of XLA's cost analysis of a compiled program, for the
+  per-device program. None when the backend gives no cost analysis or no such (non-negative) entry."""
+  try:
+    analysis = compiled.cost_analysis()
+  except (NotImplementedError, RuntimeError):  # backends without a cost model raise instead of returning None
+    return None
+  if isinstance(analysis, (list, tuple)):  # jax < 0.4.30 returned one dict per program
+    analysis = analysis[0] if analysis else None
+  value = (analysis or {}).get(key)
+  return None if value is None or value < 0 else float(value)
+
+
 def compiled_flops(compiled) -> float | None:
   """FLOPs of one call of `jax.jit(f).lower(*args).compile()`, summed over the devices it runs on.
 
@@ -93,16 +106,8 @@ def compiled_flops(compiled) -> float | None:
   devices in the program's shardings. Work replicated on every device is therefore counted once per device.
   None when the backend gives no cost analysis or no "flops" entry.
   """
-  try:
-    analysis = compiled.cost_analysis()
-  except (NotImplementedError, RuntimeError):  # backends without a cost model raise instead of returning None
-    return None
-  if isinstance(analysis, (list, tuple)):  # jax < 0.4.30 returned one dict per program
-    analysis = analysis[0] if analysis else None
-  flops = (analysis or {}).get("flops")
-  if flops is None or flops < 0:
-    return None
-  return float(flops) * _num_devices(compiled)
+  flops = compiled_cost(compiled, "flops")
+  return None if flops is None else flops * _num_devices(compiled)
 
 
 def _num_devices(compiled) -> int:

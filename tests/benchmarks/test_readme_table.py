@@ -34,3 +34,10 @@ def test_only_the_sections_run_are_replaced():
   added = readme_table.merge_sections(block, {titles[2]: f"#### {titles[2]}\n\nscaling figures\n"})
   assert added.index("old model figures") < added.index("scaling figures")  # in BENCHMARKS order
   assert "old input figures" in added
+
+
+def test_cpu_name_names_the_vector_unit():
+  cpuinfo = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+             "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512bw\n\nprocessor\t: 1\nmodel name\t: other\n")
+  assert readme_table.cpu_name(cpuinfo) == "AMD EPYC, family 26 model 2, AVX-512"
+  assert readme_table.cpu_name(cpuinfo.replace(" avx512f avx512bw", "")) == "AMD EPYC, family 26 model 2, AVX2"
