@@ -2,14 +2,19 @@
 
   python benchmarks/hlo_traffic.py [--models resnet50,vit_b16,swin_t] [--batch 8] [--top 15]
 
-On a CPU whose matrix units outrun its memory (2 cores: 200-475 GFLOP/s of float32 matmul against ~14 GB/s),
-a train step's elementwise passes cost as much as its matrix products, and XLA decides how many there are: each
-top-level instruction of the compiled program (a fusion, a library call, a copy) reads its operands and writes
-its result once. This sums those bytes over the entry computation and the bodies of its loops, and prints
-the totals beside XLA's own cost analysis ("bytes accessed"), the bytes by pass (forward, backward, the rest:
-loss, optimizer) and operation (the last name in the op's JAX path), and the instructions that read most, with
-how many large (> 1 MB) operands each reads: an elementwise fusion reading several large operands to write one
-result is recomputing a chain of cheap ops from its inputs. The step is compiled, not run.
+On a CPU whose matrix units outrun its memory (2 cores of an AVX-512 EPYC: ~475 GFLOP/s of float32 matmul
+against ~14 GB/s), a train step's elementwise passes cost as much as its matrix products, and XLA decides how
+many there are: each top-level instruction of the compiled program (a fusion, a library call, a copy) reads its
+operands and writes its result once. This sums those bytes over the entry computation, the computations it
+calls and the bodies of its loops (times their known trip counts), and prints the totals beside XLA's own cost
+analysis ("bytes accessed"), the bytes by pass and operation (the last name in the op's JAX path), and the
+instructions that read most, with how many large (> 1 MiB) operands each reads: an elementwise fusion reading
+several large operands to write one result is recomputing a chain of cheap ops from its inputs. The passes:
+"forward" (under jvp, the loss included), "backward" (its transpose), "other" (input cast and one-hot, the
+optimizer update, metrics, and copies XLA adds without a JAX op). Dynamic slices and in-place dynamic updates
+(a scanned model's stacked layers) move only their slice. XLA's cost analysis counts a loop's body once, so
+for `scan_layers` models the two totals differ; without loops they agree within ~1%. The branches of a
+conditional are not entered (its operands and result are counted). The step is compiled, not run.
 """
 
 import argparse
@@ -35,7 +40,8 @@ _spec.loader.exec_module(model_benchmark)
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
                 "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 # Instructions that name or regroup buffers without reading them.
-_NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "while"}
+_NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "while", "call",
+               "opt-barrier", "add-dependency", "domain"}
 LARGE_BYTES = 1 << 20
 
 
@@ -46,16 +52,22 @@ class Instruction:
   out_bytes: int
   operands: list[str]
   op_name: str
+  is_root: bool = False
+  parameter_number: int | None = None
+  runs: int = 1  # times the instruction runs a step: the trip counts of the loops around it
+  fused: list["Instruction"] | None = None  # a fusion's computation
 
 
 def shape_bytes(shape: str) -> int:
   """Bytes of an HLO shape: "f32[8,56,56,256]{3,2,1,0}", a tuple of them, "token[]" (0). Types of under a
   byte (s4, f8...) count one byte an element."""
   total = 0
-  for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape):
+  for dtype, dims in re.findall(r"(\w+)\[([\d,<=]*)\]", shape):
     if dtype == "token":
       continue
-    total += _DTYPE_BYTES.get(dtype, 1) * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
+    # A dynamic dimension "<=8" counts at its bound.
+    sizes = [int(d.removeprefix("<=")) for d in dims.split(",") if d]
+    total += _DTYPE_BYTES.get(dtype, 1) * int(np.prod(sizes, dtype=np.int64))
   return total
 
 
@@ -70,7 +82,7 @@ def _balanced(text: str, start: int) -> int:
 
 
 def parse_instruction(line: str) -> Instruction | None:
-  match = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*", line)
+  match = re.match(r"\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*", line)
   if not match:
     return None
   rest = line[match.end():]
@@ -79,8 +91,10 @@ def parse_instruction(line: str) -> Instruction | None:
   opcode = rest[:rest.index("(")]
   operands = rest[len(opcode):_balanced(rest, len(opcode))]
   op_name = re.search(r'op_name="([^"]*)"', rest)
-  return Instruction(match.group(1), opcode, shape_bytes(shape), re.findall(r"%([\w.\-]+)", operands),
-                     op_name.group(1) if op_name else "")
+  number = re.fullmatch(r"\((\d+)\)", operands) if opcode == "parameter" else None
+  return Instruction(match.group(2), opcode, shape_bytes(shape), re.findall(r"%([\w.\-]+)", operands),
+                     op_name.group(1) if op_name else "", is_root=bool(match.group(1)),
+                     parameter_number=int(number.group(1)) if number else None)
 
 
 def computations(hlo: str) -> tuple[str, dict[str, list[str]]]:
@@ -102,12 +116,13 @@ def computations(hlo: str) -> tuple[str, dict[str, list[str]]]:
 
 
 def top_level_instructions(hlo: str) -> list[Instruction]:
-  """The entry computation's instructions and, recursively, those of the loops it runs (bodies and
-  conditions, counted once: a loop's trip count is not in the text)."""
+  """The entry computation's instructions and, recursively, those of the computations it calls and the loops
+  it runs (body and condition), each with the number of times it runs: the product of the enclosing loops'
+  known trip counts (XLA's backend_config "known_trip_count"; 1 where unknown)."""
   entry, comps = computations(hlo)
-  out, pending, seen = [], [entry], set()
+  out, pending, seen = [], [(entry, 1)], set()
   while pending:
-    name = pending.pop()
+    name, runs = pending.pop()
     if name in seen:
       continue
     seen.add(name)
@@ -115,9 +130,18 @@ def top_level_instructions(hlo: str) -> list[Instruction]:
       instruction = parse_instruction(line)
       if instruction is None:
         continue
+      instruction.runs = runs
       out.append(instruction)
       if instruction.opcode == "while":
-        pending += re.findall(r"(?:body|condition)=%?([\w.\-]+)", line)
+        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+        inner = runs * (int(trips.group(1)) if trips else 1)
+        pending += [(c, inner) for c in re.findall(r"(?:body|condition)=%?([\w.\-]+)", line)]
+      elif instruction.opcode == "call":
+        pending += [(c, runs) for c in re.findall(r"to_apply=%?([\w.\-]+)", line)]
+      elif instruction.opcode == "fusion":
+        called = re.search(r"calls=%?([\w.\-]+)", line)
+        if called:
+          instruction.fused = [f for f in map(parse_instruction, comps[called.group(1)]) if f is not None]
   return out
 
 
@@ -133,18 +157,52 @@ class Traffic:
 
 
 def traffic(instructions: list[Instruction]) -> list[Traffic]:
-  """Bytes each instruction reads (its distinct operands) and writes (its result)."""
+  """Bytes each instruction reads (its distinct operands) and writes (its result) a step, times its runs."""
   sizes = {i.name: i.out_bytes for i in instructions}
   rows = []
   for i in instructions:
     if i.opcode in _NO_TRAFFIC:
       continue
-    operand_bytes = [sizes.get(o, 0) for o in dict.fromkeys(i.operands)]
+    unknown = [o for o in i.operands if o not in sizes]
+    if unknown:
+      raise ValueError(f"instruction {i.name} reads {unknown}, which no parsed instruction defines")
+    reads, written = _bytes_moved(i, [sizes[o] for o in i.operands])
+    operand_bytes = [reads[i.operands.index(o)] for o in dict.fromkeys(i.operands)]
     step_pass = "backward" if "transpose(jvp(" in i.op_name else "forward" if "jvp(" in i.op_name else "other"
     operation = re.sub(r"\[.*", "", i.op_name.rsplit("/", 1)[-1]) if i.op_name else i.opcode
-    rows.append(Traffic(i.name, sum(operand_bytes), i.out_bytes, sum(b > LARGE_BYTES for b in operand_bytes),
-                        step_pass, operation, i.op_name))
+    rows.append(Traffic(i.name, i.runs * sum(operand_bytes), i.runs * written,
+                        sum(b > LARGE_BYTES for b in operand_bytes), step_pass, operation, i.op_name))
   return rows
+
+
+def _bytes_moved(i: Instruction, operand_sizes: list[int]) -> tuple[list[int], int]:
+  """(bytes read from each operand, bytes written). A dynamic slice reads only its slice of the operand and a
+  dynamic update writes only the update, in place, also inside fusions: a scanned model's loop body slices its
+  layer's parameters out of the stacked ones and writes its activations into stacked buffers."""
+  reads, written = list(operand_sizes), i.out_bytes
+  if i.opcode == "dynamic-slice":
+    reads[0] = i.out_bytes
+  elif i.opcode == "dynamic-update-slice":
+    reads[0], written = 0, operand_sizes[1]
+  elif i.fused:
+    inner = {f.name: f for f in i.fused}
+    users = collections.defaultdict(list)
+    for f in i.fused:
+      for position, operand in enumerate(f.operands):
+        users[operand].append((f, position))
+    for f in i.fused:
+      uses = users[f.name]
+      if f.parameter_number is None or f.parameter_number >= len(reads) or not uses:
+        continue
+      if all(u.opcode == "dynamic-slice" and position == 0 for u, position in uses):
+        reads[f.parameter_number] = sum(u.out_bytes for u, _ in uses)
+      elif all(u.opcode == "dynamic-update-slice" and position == 0 for u, position in uses):
+        reads[f.parameter_number] = 0
+    root = next(f for f in i.fused if f.is_root)
+    outputs = [inner[o] for o in root.operands] if root.opcode == "tuple" else [root]
+    if all(o.opcode == "dynamic-update-slice" for o in outputs):
+      written = sum(inner[o.operands[1]].out_bytes for o in outputs)
+  return reads, written
 
 
 def report(name: str, rows: list[Traffic], xla_bytes: float | None, top: int) -> str:
@@ -172,7 +230,7 @@ def compiled_train_step(name: str, batch: int, image_size: int = 224):
   model = lvm_jax.create_model(name, num_classes=model_benchmark.NUM_CLASSES)
   rng = np.random.default_rng(0)
   images = rng.standard_normal((batch, image_size, image_size, 3), dtype=np.float32)
-  labels = rng.integers(0, model_benchmark.NUM_CLASSES, batch)
+  labels = rng.integers(0, model_benchmark.NUM_CLASSES, batch).astype(np.int32)
   train, state, device_batch, _, _ = model_benchmark.train_setup(model, images, labels)
   return train.lower(state, device_batch).compile()
 
