@@ -14,7 +14,8 @@ several large operands to write one result is recomputing a chain of cheap ops f
 optimizer update, metrics, and copies XLA adds without a JAX op). Dynamic slices and in-place dynamic updates
 (a scanned model's stacked layers) move only their slice. XLA's cost analysis counts a loop's body once, so
 for `scan_layers` models the two totals differ; without loops they agree within ~1%. The branches of a
-conditional are not entered (its operands and result are counted). The step is compiled, not run.
+conditional are not entered (its operands and result are counted). The step is the trainer's, as
+benchmarks/scaling.py builds it, compiled from abstract inputs: nothing is allocated or run.
 """
 
 import argparse
@@ -29,13 +30,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-import lvm_jax  # noqa: E402
+import jax  # noqa: E402
+
+from lvm_jax.parallel import create_mesh, partitioning  # noqa: E402
 from lvm_jax.train import throughput  # noqa: E402
 
-# benchmarks/models.py, loaded by path (benchmarks/ is not a package): the train step it times.
-_spec = importlib.util.spec_from_file_location("models_benchmark", pathlib.Path(__file__).with_name("models.py"))
-model_benchmark = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(model_benchmark)
+# benchmarks/scaling.py, loaded by path (benchmarks/ is not a package): it compiles the trainer's step from
+# abstract inputs, nothing allocated.
+_spec = importlib.util.spec_from_file_location("scaling_benchmark", pathlib.Path(__file__).with_name("scaling.py"))
+scaling = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(scaling)
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
                 "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
@@ -226,24 +230,21 @@ def report(name: str, rows: list[Traffic], xla_bytes: float | None, top: int) ->
   return "\n".join(lines)
 
 
-def compiled_train_step(name: str, batch: int, image_size: int = 224):
-  model = lvm_jax.create_model(name, num_classes=model_benchmark.NUM_CLASSES)
-  rng = np.random.default_rng(0)
-  images = rng.standard_normal((batch, image_size, image_size, 3), dtype=np.float32)
-  labels = rng.integers(0, model_benchmark.NUM_CLASSES, batch).astype(np.int32)
-  train, state, device_batch, _, _ = model_benchmark.train_setup(model, images, labels)
-  return train.lower(state, device_batch).compile()
+def compiled_train_step(name: str, batch: int):
+  """The trainer's step for `name` at its own image size on one device (data parallel), compiled."""
+  mesh = create_mesh(devices=jax.devices()[:1])
+  compiled, *_ = scaling.compile_train_step(scaling.build_model(name), mesh, partitioning.get_strategy("dp"), batch)
+  return compiled
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--models", default="resnet50,vit_b16,swin_t", help="comma-separated registered names")
   parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--image-size", type=int, default=224)
   parser.add_argument("--top", type=int, default=15, help="rows in each table")
   args = parser.parse_args(argv)
   for name in [n.strip() for n in args.models.split(",") if n.strip()]:
-    compiled = compiled_train_step(name, args.batch, args.image_size)
+    compiled = compiled_train_step(name, args.batch)
     rows = traffic(top_level_instructions(compiled.as_text()))
     print(report(f"{name} train step, batch {args.batch}", rows, throughput.compiled_cost(compiled, "bytes accessed"), args.top))
     print()

@@ -100,30 +100,21 @@ def model_overrides(name: str, args) -> dict:
   return overrides
 
 
-def train_setup(model, images: np.ndarray, labels: np.ndarray):
-  """What the real train step needs on a 1-device mesh, as the trainer builds it: (the jitted step, its initial
-  state, the batch on the device, the mesh and strategy)."""
+def jax_benchmarks(name: str, images: np.ndarray, labels: np.ndarray, args) -> dict:
+  model = lvm_jax.create_model(name, **model_overrides(name, args))
+  batch_size = images.shape[0]
   input_shape = (1,) + images.shape[1:]
   mesh = create_mesh(devices=jax.devices()[:1])
   strategy = partitioning.get_strategy("dp")
   params_shapes = registry.abstract_variables(model)["params"]
   tx, schedule = optimizer_lib.make_optimizer(OPTIMIZER, params_shapes)
   shardings = state_lib.shardings(model, tx, input_shape, mesh, strategy, use_ema=False)
-  data_sharding = batch_sharding(mesh, images.shape[0])
+  data_sharding = batch_sharding(mesh, batch_size)
   batch = jax.device_put({"image": images, "label": labels}, data_sharding)
-  state = state_lib.create(model, tx, jax.random.key(0), input_shape, shardings, use_ema=False)
-  step = steps.make_train_step(model, tx, schedule, steps.StepConfig(num_classes=NUM_CLASSES))
-  train = steps.jit_train_step(step, mesh, strategy, shardings, data_sharding)
-  return train, state, batch, mesh, strategy
-
-
-def jax_benchmarks(name: str, images: np.ndarray, labels: np.ndarray, args) -> dict:
-  model = lvm_jax.create_model(name, **model_overrides(name, args))
-  batch_size = images.shape[0]
-  train, state, batch, mesh, strategy = train_setup(model, images, labels)
   timing = dict(seconds=args.seconds, steps=args.steps, min_repeats=args.min_repeats)
   out = {}
 
+  state = state_lib.create(model, tx, jax.random.key(0), input_shape, shardings, use_ema=False)
   # Own copies: the train step donates the state's buffers.
   variables = jax.tree.map(jnp.copy, state.variables)
   infer = jax.jit(partitioning.with_sharding_rules(lambda v, x: model.apply(v, x, train=False), mesh, strategy))
@@ -137,6 +128,9 @@ def jax_benchmarks(name: str, images: np.ndarray, labels: np.ndarray, args) -> d
   gc.collect()
 
   if args.train:
+    step_config = steps.StepConfig(num_classes=NUM_CLASSES)
+    step = steps.make_train_step(model, tx, schedule, step_config)
+    train = steps.jit_train_step(step, mesh, strategy, shardings, data_sharding)
     t0 = time.perf_counter()
     train_c = train.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0

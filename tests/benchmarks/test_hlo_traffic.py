@@ -64,7 +64,7 @@ def test_counts_the_entry_and_its_loops_not_fused_computations():
 
 
 def test_real_train_step_agrees_with_xla_cost_analysis():
-  compiled = hlo_traffic.compiled_train_step("resnet18", batch=2, image_size=32)
+  compiled = hlo_traffic.compiled_train_step("resnet18", batch=2)
   rows = hlo_traffic.traffic(hlo_traffic.top_level_instructions(compiled.as_text()))
   moved = sum(r.read + r.written for r in rows)
   xla = hlo_traffic.throughput.compiled_cost(compiled, "bytes accessed")
