@@ -9,9 +9,12 @@ unknown size (lr 0.01, 2,500 steps at batch 512) and big_vision's warmup (a fift
 
 The folder is root/<class>/*.jpg (a held-out `holdout_fraction` of each class is the eval split) or
 root/<split>/<class>/*.jpg (then eval_split names the split folder to evaluate on, e.g. eval_split=val).
+data.train.layout says which: "auto" (default) tells them apart, "classes" or "splits" chooses; set
+--config.data.train.layout=classes when the class folders keep their images in subfolders
+(root/<class>/<sub>/*.jpg), which "auto" cannot tell from split folders.
 Arguments: root, eval_split, pretrained (anything lvm_jax.from_pretrained reads; also --config.pretrained),
 image_size (the fine-tuning resolution; ViT position embeddings are resized), runlocal.
-The data blocks share root, holdout_fraction and index_path (set either block's). Class names come from the
+The data blocks share root, layout, holdout_fraction and index_path (set either block's). Class names come from the
 folder names; the new head has their count. Inputs are normalised with the checkpoint's own mean/std.
 """
 
@@ -47,7 +50,7 @@ def get_config(arg=None):
   c.dtype = "bfloat16"
 
   # One FieldReference per setting, in both blocks: --config.data.train.root sets the eval one too.
-  shared = dict(kind="folder", root=FieldReference(args.root or None, field_type=str),
+  shared = dict(kind="folder", root=FieldReference(args.root or None, field_type=str), layout=FieldReference("auto"),
                 holdout_fraction=FieldReference(0.1), index_path=placeholder(str))
   c.data.train = dict(shared, split="train")
   # Without split folders "validation" is the held-out part (FolderSource's holdout_split).

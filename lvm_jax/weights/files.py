@@ -1,8 +1,11 @@
 """Finding and reading checkpoint files safely: safetensors, npz without pickle, torch .bin weights only."""
 
+import contextlib
 import json
 import os
 import pathlib
+import secrets
+import stat
 from typing import Sequence
 
 import numpy as np
@@ -55,17 +58,53 @@ def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def read_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
-  """PyTorch .bin files are pickles: read only with torch's weights_only loader, never a plain unpickle."""
+  """PyTorch .bin files are pickles: read only with torch's weights_only loader, never a plain unpickle.
+
+  The file holds a flat dict of tensor name -> tensor (torch.save(model.state_dict())), or a training
+  checkpoint with that dict under "state_dict" or "model" (timm's train.py, many scripts), which is unwrapped.
+  """
   try:
     import torch
   except ImportError:
     raise ImportError(f"{path} is a PyTorch .bin checkpoint; reading it safely needs torch installed "
                       "(torch.load(weights_only=True)). Convert it to safetensors to read it without torch.") from None
   try:
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    loaded = torch.load(str(path), map_location="cpu", weights_only=True)
   except Exception as e:
-    raise ValueError(f"{path} could not be read as a weights-only PyTorch checkpoint: {e}") from None
+    raise ValueError(f"{path} could not be read as a weights-only PyTorch checkpoint. Objects other than tensors "
+                     "and plain containers (a training checkpoint's argparse arguments, ...) are never unpickled: "
+                     "save the state dict alone, torch.save(model.state_dict(), path). torch.load said: "
+                     f"{e}") from None
+  state = _state_dict(loaded, path, torch.Tensor)
   return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
+
+
+_TORCH_LAYOUT = "a flat dict of tensor name -> tensor, as torch.save(model.state_dict()) writes"
+# Where training checkpoints keep the model's state dict, in the order timm's own loader looks.
+_STATE_DICT_KEYS = ("state_dict", "model")
+
+
+def _state_dict(loaded, path: pathlib.Path, tensor_type: type) -> dict:
+  """The flat {name: tensor} dict in what torch.load returned, unwrapped from a training checkpoint (torch.Tensor
+  comes in as tensor_type: only the .bin reader imports torch)."""
+  if not isinstance(loaded, dict):
+    raise ValueError(f"{path} holds a {type(loaded).__name__}; expected {_TORCH_LAYOUT}.")
+  where = ""
+  if not all(isinstance(v, tensor_type) for v in loaded.values()):
+    for key in _STATE_DICT_KEYS:
+      if isinstance(loaded.get(key), dict):
+        loaded, where = loaded[key], f"[{key!r}]"
+        break
+  bad = [(k, v) for k, v in loaded.items() if not (isinstance(k, str) and isinstance(v, tensor_type))]
+  if not bad:
+    return loaded
+  listed = ", ".join(f"{k!r} ({type(v).__name__})" for k, v in bad[:5])
+  more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+  nested = [k for k, v in bad if isinstance(v, dict) and v and all(isinstance(t, tensor_type) for t in v.values())]
+  hint = (f" The tensors may be the dict under {nested[0]!r}: save it alone with "
+          f"torch.save(checkpoint[{nested[0]!r}], ...).") if nested and not where else ""
+  raise ValueError(f"{path}{where} holds entries that are not tensors: {listed}{more}. Expected {_TORCH_LAYOUT}, "
+                   f"or that dict under {' or '.join(repr(k) for k in _STATE_DICT_KEYS)}.{hint}")
 
 
 def read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -91,17 +130,36 @@ def read_weights(folder: pathlib.Path) -> dict[str, np.ndarray]:
   raise FileNotFoundError(f"{folder} has no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {TORCH_BIN}.")
 
 
+@contextlib.contextmanager
+def _replaced_atomically(path: pathlib.Path):
+  """Yields a temporary path beside `path` to write; on success it becomes `path` in one rename, so a killed save
+  never leaves a half-written file. The result gets the mode a plain open() gives (0666 less the umask):
+  safetensors writes through its own 0600 temporary, so the mode is read off one we create, never by os.umask
+  (setting the umask to read it races with other threads)."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+  try:
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+  finally:
+    os.close(fd)
+  try:
+    yield tmp
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
 def write_safetensors(tensors: dict[str, np.ndarray], path: pathlib.Path) -> None:
-  """Writes through a temporary file so a killed save never leaves a half-written checkpoint."""
   from safetensors.numpy import save_file
-  tmp = path.with_name(path.name + ".tmp")
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-  os.replace(tmp, path)
+  with _replaced_atomically(path) as tmp:
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
 
 
 def write_json(data: dict, path: pathlib.Path) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  with _replaced_atomically(path) as tmp:
+    with open(tmp, "w") as f:
+      json.dump(data, f, indent=2, sort_keys=True)
+      f.write("\n")

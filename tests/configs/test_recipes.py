@@ -15,7 +15,7 @@ from ml_collections import config_flags
 from sklearn.datasets import load_digits
 
 import lvm_jax
-from lvm_jax.data import pp
+from lvm_jax.data import pp, sources
 from lvm_jax.train import checkpoints as checkpoints_lib
 from lvm_jax.train import config as config_lib
 from lvm_jax.train import optimizer as optimizer_lib
@@ -172,6 +172,7 @@ def parse_flags(*args):
     ("finetune_tfds", "data_dir", "/data/tfds"),
     ("finetune_folder", "root", "/data/photos"),
     ("finetune_folder", "holdout_fraction", 0.2),
+    ("finetune_folder", "layout", "classes"),
 ])
 def test_command_line_sets_a_source_argument_in_both_blocks(name, key, value):
   config = parse_flags(f"--config={REPO / 'configs' / name}.py", f"--config.data.train.{key}={value}")
@@ -185,6 +186,24 @@ def test_command_line_sets_any_optimizer_key(name):
                        "--config.optimizer.clip_norm=2.0", "--config.optimizer.schedule.warmup_steps=7")
   opt = config_lib.validate(config).optimizer
   assert (opt.ema_decay, opt.clip_norm, opt.schedule.warmup_steps) == (0.9999, 2.0, 7)
+
+
+def test_command_line_layout_reads_class_folders_with_subfolders(tmp_path):
+  # root/<class>/<sub>/*.png: layout "auto" cannot tell these class folders from split folders.
+  for label, name in enumerate(("ant", "bee")):
+    for sub in ("day", "night"):
+      for i in range(5):
+        (tmp_path / name / sub).mkdir(parents=True, exist_ok=True)
+        PIL.Image.fromarray(np.full((4, 4, 3), 80 * label, np.uint8)).save(tmp_path / name / sub / f"{i}.png")
+  recipe = f"--config={REPO / 'configs' / 'finetune_folder.py'}:root={tmp_path}"
+  assert parse_flags(recipe).data.train.layout == "auto"
+  with pytest.raises(ValueError, match=r"set layout='classes'.*--config.data.train.layout=classes"):
+    sources.make_source(**parse_flags(recipe).data.train)
+  config = config_lib.validate(parse_flags(recipe, "--config.data.train.layout=classes",
+                                           "--config.data.train.holdout_fraction=0.5"))
+  train, held = (sources.make_source(**block) for block in (config.data.train, config.data.eval))
+  assert train.layout == held.layout == "classes" and train.class_names == held.class_names == ["ant", "bee"]
+  assert train.num_examples + held.num_examples == 20 and set(held.labels) == set(train.labels) == {0, 1}
 
 
 def test_command_line_sets_pretrained_and_image_size():

@@ -212,5 +212,106 @@ def test_all_files_bad_is_an_error(tmp_path):
   (tmp_path / "cat" / "a.jpg").write_bytes(b"nope")
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    with pytest.raises(ValueError, match="has no readable images"):
+    with pytest.raises(ValueError, match="class 'cat' has no readable images"):
       folders.FolderSource(str(tmp_path), "train", holdout_fraction=0.01)
+
+
+# ------------------------------------------------------------ a class with no readable image (strict=False too)
+
+def spoil(class_dir, count: int = 3) -> None:
+  """Replaces the class folder's files with `count` files that do not decode."""
+  for f in class_dir.iterdir():
+    f.unlink()
+  for i in range(count):
+    (class_dir / f"bad_{i}.jpg").write_bytes(b"not a jpeg")
+
+
+def test_split_layout_class_with_no_readable_image_is_an_error(split_tree):
+  spoil(split_tree / "train" / "fox")
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # the skipped-files warning; the error is what matters
+    with pytest.raises(ValueError, match=r"split 'train' .*class 'fox' has no readable images.*train/fox: 3 file"):
+      folders.FolderSource(str(split_tree), "train")
+  assert folders.FolderSource(str(split_tree), "val").num_examples == 6  # val/fox is fine
+
+
+def test_class_layout_class_with_no_readable_image_is_an_error_in_both_splits(tmp_path):
+  make_tree(tmp_path, 12)
+  spoil(tmp_path / "fox", 12)
+  for split in ("train", "validation"):  # whether or not any of fox's files is held out
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      with pytest.raises(ValueError, match=rf"split '{split}' .*class 'fox' has no readable images.*/fox: 12 file"):
+        folders.FolderSource(str(tmp_path), split, holdout_fraction=0.25)
+
+
+def name_scoring(prefix: str, keep) -> str:
+  """The first "<prefix>_<i>.png" whose hold-out score satisfies `keep`."""
+  return next(f"{prefix}_{i}.png" for i in range(1000) if keep(folders.holdout_score(f"{prefix}_{i}.png")))
+
+
+def test_small_class_with_nothing_held_out_is_a_warning_not_an_error(tmp_path):
+  make_tree(tmp_path, 12)
+  only = name_scoring("owl/owl", lambda score: score >= 0.25)  # the hash keeps it in train
+  write_image(tmp_path / only, 3)
+  with pytest.warns(UserWarning, match=r"Split 'validation' .*no example of class\(es\) 'owl' \(1 readable"):
+    held = folders.FolderSource(str(tmp_path), "validation", holdout_fraction=0.25)
+  assert held.class_names == CLASSES + ["owl"] and 3 not in held.labels
+  train = folders.FolderSource(str(tmp_path), "train", holdout_fraction=0.25)
+  assert train.files.count(only) == 1
+
+
+def test_held_out_files_unreadable_but_train_files_fine_is_a_warning(tmp_path):
+  make_tree(tmp_path, 12)
+  good = name_scoring("owl/owl", lambda score: score >= 0.25)
+  bad = name_scoring("owl/bad", lambda score: score < 0.25)
+  write_image(tmp_path / good, 3)
+  (tmp_path / bad).write_bytes(b"broken")
+  with pytest.warns(UserWarning) as record:
+    folders.FolderSource(str(tmp_path), "validation", holdout_fraction=0.25)
+  messages = " ".join(str(r.message) for r in record)
+  assert bad in messages and "no example of class(es) 'owl'" in messages
+
+
+def test_no_file_held_out_at_all_is_an_error(tmp_path):
+  write_image(tmp_path / name_scoring("cat/a", lambda score: score >= 0.1), 0)
+  with pytest.raises(ValueError, match=r"None of the 1 files .*falls in split 'validation'.*holdout_fraction=0.1"):
+    folders.FolderSource(str(tmp_path), "validation")
+
+
+# --------------------------------------------------------------------- class folders holding subfolders
+
+def make_nested_tree(root) -> None:
+  """root/<class>/<sub>/*.png: classes whose images sit in subfolders."""
+  for label, name in enumerate(CLASSES):
+    for sub in ("indoor", "outdoor"):
+      for i in range(6):
+        write_image(root / name / sub / f"{i}.png", label)
+
+
+def test_layout_classes_reads_class_folders_with_subfolders(tmp_path):
+  make_nested_tree(tmp_path)
+  train = folders.FolderSource(str(tmp_path), "train", layout="classes", holdout_fraction=0.25)
+  held = folders.FolderSource(str(tmp_path), "validation", layout="classes", holdout_fraction=0.25)
+  assert train.layout == "classes" and train.class_names == held.class_names == CLASSES
+  assert train.num_examples + held.num_examples == 36 and "cat/indoor/0.png" in train.files + held.files
+  assert_labels_match_content(read(train))
+  assert_labels_match_content(read(held))
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_auto_on_class_folders_with_subfolders_asks_for_a_layout(tmp_path, split):
+  make_nested_tree(tmp_path)
+  with pytest.raises(ValueError, match=r"layout='auto' cannot tell.*cat/indoor.*"
+                                       r"set layout='classes'.*--config.data.train.layout=classes"):
+    folders.FolderSource(str(tmp_path), split)
+  with pytest.raises(ValueError, match=r"no split 'train'.*set layout='classes'"):
+    folders.FolderSource(str(tmp_path), "train", layout="splits")
+
+
+@pytest.mark.parametrize("names,split", [(("train2017", "val2017"), "val2017"), (("trn", "tst"), "tst")])
+def test_auto_reads_split_folders_named_like_splits_or_asked_for(tmp_path, names, split):
+  for name in names:
+    make_tree(tmp_path / name, 2)
+  source = folders.FolderSource(str(tmp_path), split)
+  assert source.layout == "splits" and source.class_names == CLASSES and source.num_examples == 6
