@@ -1,18 +1,19 @@
 r"""The lvm_jax command line. Kept short on purpose: it parses flags and calls into lvm_jax.
 
   python main.py --config=configs/digits.py --workdir=/tmp/digits [--config.num_epochs=5 ...]   # train (+ resume)
-  python main.py --mode=eval --config=configs/digits.py --workdir=/tmp/digits                   # latest checkpoint
+  python main.py --mode=eval --config=configs/digits.py --workdir=/tmp/digits [--step=N]        # newest intact one
   python main.py --mode=predict --workdir=/tmp/digits --image=digit.png                         # a trained run
   python main.py --mode=predict --pretrained=google/vit-base-patch16-224 --image=cat.jpg [--top_k=5] [--json]
 
 Several processes (a TPU pod slice, several GPU hosts): pass --distributed on every host. Cloud TPU VMs and
 SLURM are detected; elsewhere give --coordinator_address, --num_processes and --process_id (or the
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables).
+
+A user error (config, data, checkpoint, weights, workdir) is one line on stderr and exit status 1; the full
+traceback comes with --verbosity=1 or LVM_JAX_TRACEBACK=1.
 """
 
 import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tf.data only feeds input: keep its C++ notices off the console
 
 from absl import app
 from absl import flags
@@ -26,6 +27,7 @@ flags.DEFINE_string("workdir", None, "train/eval: where checkpoints, logs and th
                     "a checkpoint). predict: a trained run's workdir.")
 flags.DEFINE_string("pretrained", None, "predict: a checkpoint lvm_jax.load_checkpoint reads (Hugging Face or timm "
                     "folder or hub id, big_vision .npz file).")
+flags.DEFINE_integer("step", None, "eval/predict: the checkpoint step to use (default: the newest intact one).")
 flags.DEFINE_string("image", None, "predict: the image file to classify.")
 flags.DEFINE_integer("top_k", 5, "predict: how many classes to print.", lower_bound=1)
 flags.DEFINE_bool("json", False, "predict: print a JSON list of {label, index, probability}.")
@@ -62,26 +64,29 @@ def train() -> None:
 def evaluate() -> None:
   _require("config", "workdir")
   from lvm_jax.train import trainer
-  trainer.evaluate(FLAGS.config, FLAGS.workdir)
+  trainer.evaluate(FLAGS.config, FLAGS.workdir, step=FLAGS.step)
 
 
 def predict() -> None:
   _require("image")
   if bool(FLAGS.pretrained) == bool(FLAGS.workdir):
     raise app.UsageError("--mode=predict needs exactly one of --pretrained (a checkpoint) and --workdir (a run).")
+  if FLAGS.step is not None and not FLAGS.workdir:
+    raise app.UsageError("--step picks a checkpoint of a run: it needs --workdir.")
   from lvm_jax.tasks import classify
-  try:
-    source = FLAGS.pretrained
-    if FLAGS.workdir:
-      from lvm_jax.train import workdir_checkpoint
-      source = workdir_checkpoint.load(FLAGS.workdir)
-    predictions = classify.classify(source, FLAGS.image, top_k=FLAGS.top_k)[0]
-  except (OSError, ValueError) as e:  # a bad file or checkpoint: the message says which and why
-    raise SystemExit(f"error: {e}") from None
+  source = FLAGS.pretrained
+  if FLAGS.workdir:
+    from lvm_jax.train import workdir_checkpoint
+    source = workdir_checkpoint.load(FLAGS.workdir, step=FLAGS.step)
+  predictions = classify.classify(source, FLAGS.image, top_k=FLAGS.top_k)[0]
   print(classify.format_predictions(predictions, as_json=FLAGS.json))
 
 
 MODES = {"train": train, "eval": evaluate, "predict": predict}
+
+
+def _show_traceback() -> bool:
+  return (FLAGS["verbosity"].present and FLAGS.verbosity >= 1) or os.environ.get("LVM_JAX_TRACEBACK") == "1"
 
 
 def main(argv):
@@ -89,9 +94,15 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS["verbosity"].present:  # Orbax logs every file operation at INFO; the console has our lines
     logging.set_verbosity(logging.WARNING)
-  if FLAGS.distributed:
-    _initialize_distributed()
-  MODES[FLAGS.mode]()
+  from lvm_jax import errors
+  try:
+    if FLAGS.distributed:
+      _initialize_distributed()
+    MODES[FLAGS.mode]()
+  except Exception as e:
+    if _show_traceback() or not errors.is_user_error(e):
+      raise
+    raise SystemExit(f"error: {errors.one_line(e)}") from None  # one line on stderr, exit status 1
 
 
 if __name__ == "__main__":

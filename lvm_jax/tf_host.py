@@ -5,6 +5,35 @@ every GPU (and reserve its memory) on its first op, leaving nothing for JAX. Imp
 train steps never imports TensorFlow at all, so they run where it is not installed.
 """
 
-import tensorflow as tf
+import os
+import sys
+import tempfile
 
+# Start-up notices TensorFlow's C++ side prints on import before its logging is set up, so that
+# TF_CPP_MIN_LOG_LEVEL cannot silence them; they say nothing about the run.
+_IMPORT_NOTICES = ("All log messages before absl::InitializeLog() is called",
+                   "oneDNN custom operations are on")
+
+
+def _import_tensorflow():
+  """`import tensorflow` with its start-up notices dropped; anything else it prints reaches stderr."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      import tensorflow
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True):
+        if not any(notice in line for notice in _IMPORT_NOTICES):
+          sys.stderr.write(line)
+      sys.stderr.flush()
+  return tensorflow
+
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tf.data feeds input only: its C++ INFO lines are noise
+tf = _import_tensorflow()
 tf.config.set_visible_devices([], "GPU")

@@ -2,25 +2,61 @@
 restores onto any mesh.
 
 One step directory holds two items: "state" (the pytree a resume needs: params, batch_stats, optimizer state,
-EMA, step, rng key data, data position) and "meta" (small JSON). What Orbax already does, and we rely on:
+EMA, step, rng key data, data position) and "meta" (small JSON: the caller's meta and the step's eval
+metrics), plus an integrity record (integrity.py) written before the step is renamed into place and checked
+before any restore. What Orbax already does, and we rely on:
   - atomic writes: a step is written under "<step>.orbax-checkpoint-tmp" and renamed when finalized; listings
     ignore the temporary names, so a save killed midway is never found, and the next manager deletes it;
   - async saves: save() returns once the arrays are staged; the write and the rename finish on a thread;
-  - retention: LatestN(keep) OR BestN(1) by the metric, decided when a save starts, applied when it finalizes;
+  - retention: LatestN(keep) OR the best by the metric, decided when a save starts, applied when it finalizes;
   - multi-process: every process calls save/restore; each writes its own shards, process 0 the JSON.
+What we add: the integrity record; the choice of the newest intact step (process 0 verifies, every process
+restores the step it chose); bad steps of a resumed run moved aside; the best-by-metric retention from our own
+metrics (Orbax's `best_fn` would warn at every save without metrics).
 """
 
 import math
+import os
+import time
 from typing import Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
+
+from lvm_jax.errors import UserError
+from lvm_jax.train import integrity
+from lvm_jax.train.integrity import CorruptCheckpointError
 
 _STATE, _META = "state", "meta"
 _MODES = ("max", "min")
+QUARANTINE_SUFFIX = "-quarantine"  # WORKDIR/checkpoints-quarantine/<step>-<time>: bad steps moved aside
+
+
+class CheckpointSaveError(UserError, RuntimeError):
+  """Writing a checkpoint failed; the run stops rather than train on with nothing it could resume from."""
+
+
+def absolute(path: str) -> str:
+  """`path` made absolute once, where it enters (Orbax rejects relative paths, and the working directory of a
+  resumed run may differ); URLs such as gs://bucket/run are left as they are."""
+  path = os.fspath(path)
+  return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+class _BestByMetric:
+  """Orbax preservation policy: keeps the one step with the best score among those that have one."""
+
+  def __init__(self, checkpoints: "Checkpoints"):
+    self._checkpoints = checkpoints
+
+  def should_preserve(self, infos, *, context):
+    del context
+    best = self._checkpoints.best_step([info.step for info in infos])
+    return [info.step == best for info in infos]
 
 
 class Checkpoints:
@@ -28,40 +64,45 @@ class Checkpoints:
 
   keep: the newest `keep` checkpoints are kept; with `best_metric`, also the single best one by that eval
   metric ("max" or "min" by `best_mode`) among saves that carried metrics. async_save: save() returns before
-  the write finishes (wait() or the next save() blocks until it is finalized).
+  the write finishes (wait() or the next save() blocks until it is finalized). read_only: for readers (eval,
+  predict): nothing is created, saved or cleaned up, so a training run may be writing the same directory.
   """
 
   def __init__(self, directory: str, *, keep: int = 3, best_metric: Optional[str] = None,
-               best_mode: str = "max", async_save: bool = True):
+               best_mode: str = "max", async_save: bool = True, read_only: bool = False):
     if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
       raise ValueError(f"keep must be an int >= 1 (the newest checkpoints to keep), got {keep!r}.")
     if best_mode not in _MODES:
       raise ValueError(f"best_mode must be one of {_MODES}, got {best_mode!r}.")
-    self.directory = str(directory)
+    self.directory = absolute(directory)
     self.best_metric = best_metric
     self.best_mode = best_mode
+    self.read_only = read_only
+    self._async = async_save
     keep_policies = [policies.LatestN(n=keep)]
     if best_metric is not None:
-      # keep_checkpoints_without_metrics=False: saves without metrics are LatestN's business only.
-      keep_policies.append(policies.BestN(get_metric_fn=self._score, reverse=best_mode == "min", n=1,
-                                          keep_checkpoints_without_metrics=False))
+      keep_policies.append(_BestByMetric(self))  # saves without metrics are LatestN's business only
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy(keep_policies),
-        best_fn=self._score if best_metric is not None else None,  # makes Orbax write the metrics file
-        best_mode=best_mode,
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,  # leftovers of a killed save must not block saving that step again
-        create=True)
+        # Always Orbax's async checkpointer: only it runs the hook that seals a step before its rename; a
+        # synchronous save is an async one waited for.
+        enable_async_checkpointing=True,
+        async_options=ocp.options.AsyncOptions(post_finalization_callback=self._seal),
+        # Leftovers of a killed save must not block saving that step again; a reader leaves them (they may be
+        # a live run's save in progress). Orbax's own read_only option only adds warnings to this.
+        cleanup_tmp_directories=not read_only,
+        create=not read_only)
     # Handlers named up front: a fresh manager (a resumed run) can then read the saved layout before restoring.
     registry = ocp.handlers.create_default_handler_registry(
         **{_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()})
     self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
     self._in_flight: Optional[int] = None  # the step an async save may still be writing
+    self._verified: set[int] = set()
     self._scores: dict[int, float] = {}
     if best_metric is not None:
       for step in self._manager.all_steps():
-        metrics = self._manager.metrics(step)
-        if metrics is not None:
+        metrics = self._saved_meta(step).get("metrics")
+        if metrics and best_metric in metrics:
           self._scores[step] = self._score(metrics)
 
   # -- what is on disk -------------------------------------------------------------------------------------
@@ -78,12 +119,12 @@ class Checkpoints:
     steps = self.all_steps()
     return steps[-1] if steps else None
 
-  def best_step(self) -> Optional[int]:
-    """The finalized checkpoint with the best `best_metric` (ties: the newest); None without metrics."""
-    sign = 1.0 if self.best_mode == "max" else -1.0
-    scored = [(sign * self._scores[s], s) for s in self.all_steps()
-              if s in self._scores and math.isfinite(self._scores[s])]
-    return max(scored)[1] if scored else None  # BestN's stable sort also keeps the newest of equal scores
+  def best_step(self, steps: Optional[list[int]] = None) -> Optional[int]:
+    """The finalized checkpoint (or of `steps`) with the best `best_metric` (ties: the newest; NaN ranks
+    worst); None without metrics."""
+    steps = self.all_steps() if steps is None else steps
+    scored = [(self._scores[s], s) for s in steps if math.isfinite(self._scores.get(s, math.nan))]
+    return max(scored)[1] if scored else None
 
   # -- save / restore ---------------------------------------------------------------------------------------
 
@@ -95,6 +136,9 @@ class Checkpoints:
     already exists is left as it is.
     """
     step = int(step)
+    if self.read_only:
+      raise ValueError(f"{self.directory} was opened read-only: it cannot save step {step}.")
+    self.wait()  # the previous save is sealed first (the hook seals the step in flight); raises if it failed
     if step in self._manager.all_steps():
       return
     _check_no_typed_keys(state)
@@ -104,14 +148,20 @@ class Checkpoints:
         raise ValueError(f"Checkpoint metrics {sorted(metrics)} lack best_metric={self.best_metric!r}, which "
                          "decides the best checkpoint to keep; pass it or change best_metric.")
       scores = _json_floats(metrics)
-    # force: Orbax's own interval policy would skip steps; the trainer decides when to save.
-    self._manager.save(step, force=True, metrics=scores, args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(dict(meta or {}))}))
+      self._scores[step] = self._score(scores)  # before the save: retention runs when it finalizes
     self._in_flight = step
-    if scores is not None:
-      self._scores[step] = self._score(scores)
+    try:
+      # force: Orbax's own interval policy would skip steps; the trainer decides when to save.
+      self._manager.save(step, force=True, args=ocp.args.Composite(**{
+          _STATE: ocp.args.StandardSave(state),
+          _META: ocp.args.JsonSave({"meta": dict(meta or {}), "metrics": scores})}))
+    except Exception as e:
+      raise CheckpointSaveError(f"Saving the checkpoint of step {step} in {self.directory} failed: "
+                                f"{type(e).__name__}: {e}") from e
     if jax.process_index() == 0:
       logging.info("Checkpoint of step %d started in %s.", step, self.directory)
+    if not self._async:
+      self.wait()
 
   def restore(self, target, step: Optional[int] = None):
     """The state saved at `step` (None: the latest), laid out like `target`.
@@ -120,7 +170,7 @@ class Checkpoints:
     arrays (their sharding is used); numpy arrays / Python scalars restore as such. The result has exactly the
     target's shardings (and dtypes), whatever mesh or device count the checkpoint was saved with.
     """
-    step = self._existing_step(step)
+    step = self.intact_step(step)
     abstract = jax.tree.map(_abstract_leaf, target)
     saved = self._manager.item_metadata(step)[_STATE]
     _check_same_layout(saved.tree if hasattr(saved, "tree") else saved, abstract, step, self.directory)
@@ -133,7 +183,7 @@ class Checkpoints:
     """The state saved at `step` (None: the latest) without a target: numpy arrays on the host, in the saved
     structure as Orbax stores it (named tuples and dataclasses become dicts, tuples lists). For tools that
     only read a checkpoint (export, inference), on any number of devices."""
-    step = self._existing_step(step)
+    step = self.intact_step(step)
     saved = self._manager.item_metadata(step)[_STATE]
     # np.zeros is calloc'ed: the full-size targets only tell Orbax the type, their pages are never touched.
     target = jax.tree.map(_host_leaf, saved.tree if hasattr(saved, "tree") else saved, is_leaf=_is_metadata)
@@ -141,15 +191,87 @@ class Checkpoints:
     return restored[_STATE]
 
   def restore_meta(self, step: Optional[int] = None) -> dict:
-    """The `meta` dict saved with `step` (None: the latest)."""
-    step = self._existing_step(step)
-    return dict(self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META])
+    """The `meta` dict saved with `step` (None: the latest intact step)."""
+    return dict(self._saved_meta(self.intact_step(step), strict=True).get("meta") or {})
 
   def wait(self) -> None:
-    """Blocks until pending async saves are finalized; raises if one failed."""
-    self._manager.wait_until_finished()
-    self._manager.check_for_errors()
-    self._in_flight = None
+    """Blocks until pending async saves are finalized; raises CheckpointSaveError if one failed."""
+    step = self._in_flight  # read by the sealing hook until the save is done
+    try:
+      self._manager.wait_until_finished()
+      self._manager.check_for_errors()
+    except Exception as e:
+      raise CheckpointSaveError(f"Saving the checkpoint of step {step} in {self.directory} failed: "
+                                f"{type(e).__name__}: {e}") from e
+    finally:
+      self._in_flight = None
+
+  def check(self) -> None:
+    """Raises CheckpointSaveError if a background save has failed (without waiting for one in progress)."""
+    if not self._manager.is_saving_in_progress():
+      self.wait()
+
+  # -- integrity ----------------------------------------------------------------------------------------------
+
+  def step_path(self, step: int) -> str:
+    return os.path.join(self.directory, str(int(step)))
+
+  def verify(self, step: int) -> None:
+    """Raises CorruptCheckpointError if the finalized `step` differs from its integrity record (each step is
+    read once per manager: a resume verifies, then restores the same step)."""
+    if int(step) not in self._verified:
+      integrity.verify(self.step_path(step), int(step))
+      self._verified.add(int(step))
+
+  def intact_step(self, step: Optional[int] = None, *, quarantine: bool = False) -> int:
+    """`step` after verifying it, or (None) the newest step that verifies, with a warning for each newer one
+    skipped. quarantine: move skipped steps to `<directory>-quarantine/` so that a resumed run can save
+    those step numbers again. Every process gets process 0's answer. Raises FileNotFoundError without a
+    checkpoint, CorruptCheckpointError when `step` (or every step) is bad."""
+    self.wait()  # a save still being written cannot be read yet
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+    if step is not None and int(step) not in steps:
+      raise FileNotFoundError(f"No checkpoint of step {step} in {self.directory}; it has steps {steps}.")
+    error, chosen = None, -1
+    if jax.process_index() == 0:
+      for candidate in [int(step)] if step is not None else reversed(steps):
+        try:
+          self.verify(candidate)
+          chosen = candidate
+          break
+        except CorruptCheckpointError as e:
+          error = e
+          if step is None:
+            moved = self._quarantine(candidate) if quarantine and not self.read_only else None
+            logging.warning("Skipped checkpoint step %d (%s): %s%s.", e.step, e.path, e.reason,
+                            f"; moved to {moved}" if moved else "")
+    chosen = _from_process_0(chosen)
+    if quarantine:
+      self._manager.reload()  # process 0 may have moved steps away
+    if chosen < 0:
+      if error is not None and step is not None:
+        raise error
+      raise CorruptCheckpointError(steps[-1] if step is None else int(step), self.directory,
+                                   f"none of the {len(steps)} checkpoint(s) {steps} verifies"
+                                   + (f"; the newest problem: {error.reason}" if error else ""))
+    return chosen
+
+  def _quarantine(self, step: int) -> str:
+    target = f"{self.directory.rstrip('/')}{QUARANTINE_SUFFIX}/{step}-{int(time.time())}"
+    epath.Path(target).parent.mkdir(parents=True, exist_ok=True)
+    epath.Path(self.step_path(step)).rename(target)
+    self._scores.pop(step, None)
+    return target
+
+  def _seal(self) -> None:
+    """Orbax's post-finalization hook (process 0, after every process wrote its files, before the rename)."""
+    step = self._in_flight
+    folder = epath.Path(self.directory)
+    pending = sorted(folder.glob(f"{step}.orbax-checkpoint-tmp*"))
+    # Object stores are not renamed into place: there the step is written under its final name.
+    integrity.write_record(pending[-1] if pending else folder / str(step))
 
   def close(self) -> None:
     """Finishes pending saves and releases Orbax's threads."""
@@ -165,22 +287,28 @@ class Checkpoints:
   # -- helpers ----------------------------------------------------------------------------------------------
 
   def _score(self, metrics) -> float:
-    """The metric Orbax's BestN sorts by (it handles best_mode); NaN (a diverged eval) ranks worst."""
+    """Higher is better whatever best_mode is; NaN (a diverged eval) ranks worst."""
     value = float(metrics[self.best_metric])
     if math.isnan(value):
-      return -math.inf if self.best_mode == "max" else math.inf
-    return value
+      return -math.inf
+    return value if self.best_mode == "max" else -value
 
-  def _existing_step(self, step: Optional[int]) -> int:
-    self.wait()  # a save still being written cannot be read yet
-    steps = self.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-    if step is None:
-      return steps[-1]
-    if int(step) not in steps:
-      raise FileNotFoundError(f"No checkpoint of step {step} in {self.directory}; it has steps {steps}.")
-    return int(step)
+  def _saved_meta(self, step: int, strict: bool = False) -> dict:
+    """The meta item of `step` ({"meta": ..., "metrics": ...}); {} if it cannot be read and not strict."""
+    try:
+      saved = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+    except Exception:  # a damaged step: verification says what is wrong with it when it is restored
+      if strict:
+        raise
+      return {}
+    return dict(saved) if isinstance(saved, dict) else {}
+
+
+def _from_process_0(value: int) -> int:
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
 def _json_floats(metrics: dict) -> dict:

@@ -1,16 +1,18 @@
 """The training loop: resume or start, train with periodic logs, evals and checkpoints, stop cleanly on SIGTERM.
 
     final_metrics = train_and_evaluate(config, workdir)
-    metrics = evaluate(config, workdir)            # the latest checkpoint in workdir
+    metrics = evaluate(config, workdir)            # the newest intact checkpoint in workdir (or step=N)
 
 The steps are jitted once with the state's shardings (donated) and the batch sharding. The host only waits for
 the devices at log, eval and checkpoint time, so input and compute overlap in between.
 """
 
+import io
 import os
 from typing import Optional
 
 import jax
+from absl import logging
 
 from lvm_jax.data import device_batches, host_memory
 from lvm_jax.parallel import partitioning
@@ -18,6 +20,7 @@ from lvm_jax.tf_host import tf
 from lvm_jax.train import checkpoints as checkpoints_lib
 from lvm_jax.train import preemption, reporting, setup, steps, throughput
 from lvm_jax.train import workdir_checkpoint
+from lvm_jax.train.workdir_lock import WorkdirLock
 
 
 TRAIN_METRICS = ("loss", "lr", "top1", "grad_norm")  # the console's order
@@ -60,25 +63,41 @@ def _check_finite(state, checkpoints: checkpoints_lib.Checkpoints) -> None:
                              f"({kept}). Lower the learning rate, add warmup or clipping (optimizer.clip_norm).")
 
 
-def _checkpoints(run: setup.Run, workdir: str) -> checkpoints_lib.Checkpoints:
+def _checkpoints(run: setup.Run, workdir: str, read_only: bool = False) -> checkpoints_lib.Checkpoints:
   return checkpoints_lib.Checkpoints(os.path.join(workdir, workdir_checkpoint.CHECKPOINT_DIR),
                                      keep=run.config.keep_checkpoints, best_metric=run.config.best_metric,
-                                     best_mode="max", async_save=run.config.async_checkpoints)
+                                     best_mode="max", async_save=run.config.async_checkpoints,
+                                     read_only=read_only)
+
+
+def _resume_step(checkpoints: checkpoints_lib.Checkpoints) -> int:
+  """The newest intact checkpoint's step (bad newer ones moved aside with a warning), 0 if there is none."""
+  try:
+    return checkpoints.intact_step(quarantine=True)
+  except FileNotFoundError:
+    return 0
+  except checkpoints_lib.CorruptCheckpointError as e:
+    logging.warning("No intact checkpoint to resume from (%s): training starts again from step 0.", e.reason)
+    return 0
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the last eval metrics."""
+  """Trains `config` in `workdir` (resuming from its newest intact checkpoint); returns the last eval metrics."""
+  workdir = checkpoints_lib.absolute(workdir)
   run = setup.build(config)
   tf.io.gfile.makedirs(workdir)  # a local path or a gs:// bucket
-  with _checkpoints(run, workdir) as checkpoints:  # on any exit, pending saves finish and Orbax's threads stop
-    start = checkpoints.latest_step() or 0
+  # The lock comes first: opening the checkpoints cleans up unfinished saves, which may be another run's.
+  with WorkdirLock(workdir), _checkpoints(run, workdir) as checkpoints:  # on exit, pending saves finish
+    start = _resume_step(checkpoints)
     if start >= run.num_steps:
       if jax.process_index() == 0:
         print(f"{workdir} already holds the final checkpoint (step {start} of {run.num_steps}): nothing to train. "
               "Evaluate it with --mode=eval, or raise num_steps / num_epochs to train on.")
       return {}
-    state = checkpoints.restore(run.abstract_state) if start else run.new_state()
+    state = checkpoints.restore(run.abstract_state, step=start) if start else run.new_state()
     if jax.process_index() == 0:
+      if start:
+        print(f"resumed from step {start} of {run.num_steps} ({workdir})", flush=True)
       reporting.save_config(workdir, run.config)
       run.train_source.save_class_names(os.path.join(workdir, workdir_checkpoint.CLASS_NAMES_FILE))
       workdir_checkpoint.save_model_description(workdir, run.model, run.step_config.normalize)
@@ -100,6 +119,7 @@ def _train(run: setup.Run, workdir: str, checkpoints: checkpoints_lib.Checkpoint
   clock = throughput.Throughput(total_steps=run.num_steps, global_batch_size=config.data.batch_size,
                                 start_step=start)
   eval_metrics: dict = {}
+  first_save = True
   with reporting.MetricLogger(workdir, total_steps=run.num_steps,
                               progress_bar=None if config.progress_bar else False) as logger, \
        preemption.PreemptionWatch(sync_every=config.log_every_steps) as watch:
@@ -116,6 +136,7 @@ def _train(run: setup.Run, workdir: str, checkpoints: checkpoints_lib.Checkpoint
         values = jax.device_get(metrics)
         logger.write(step, "train", {**{k: values[k] for k in TRAIN_METRICS}, **rates, "mfu": mfu})
         _check_finite(state, checkpoints)  # after the line: the log shows which metric blew up
+        checkpoints.check()  # a failed background save stops the run now, not hours later
 
       evaluated = None
       if run.eval_source is not None and (last or (config.eval_every_steps and
@@ -133,6 +154,9 @@ def _train(run: setup.Run, workdir: str, checkpoints: checkpoints_lib.Checkpoint
           _check_finite(state, checkpoints)
           checkpoints.save(step, state, metrics=evaluated,
                            meta={"examples_seen": step * config.data.batch_size, "num_steps": run.num_steps})
+          if first_save:  # a workdir that cannot take a checkpoint fails within seconds of the first save
+            checkpoints.wait()
+            first_save = False
       if stopping:
         logger.write(step, "train", {"preempted": 1.0})
         break
@@ -141,17 +165,28 @@ def _train(run: setup.Run, workdir: str, checkpoints: checkpoints_lib.Checkpoint
 
 
 def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
-  """Evaluates the latest (or the given) checkpoint in `workdir` on config.data.eval; logs split "eval"."""
+  """Evaluates the newest intact (or the given) checkpoint in `workdir` on config.data.eval.
+
+  The metrics are printed first; then they are logged (split "eval") to metrics.jsonl and TensorBoard, where a
+  workdir that cannot be written (read-only, a copy) only gives a warning. The workdir is only read otherwise,
+  so a run may still be training in it.
+  """
+  workdir = checkpoints_lib.absolute(workdir)
   run = setup.build(config)
   if run.eval_source is None:
     raise ValueError("config.data.eval is None: there is nothing to evaluate on.")
-  with _checkpoints(run, workdir) as checkpoints:
-    step = checkpoints.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {checkpoints.directory} to evaluate.")
+  with _checkpoints(run, workdir, read_only=True) as checkpoints:
+    step = checkpoints.intact_step(step)
     state = checkpoints.restore(run.abstract_state, step=step)
   metrics = _evaluate(run, _jit_eval_step(run), state)
-  with reporting.MetricLogger(workdir, total_steps=run.num_steps, progress_bar=False) as logger:
+  if jax.process_index() == 0:
     for split, values in metrics.items():
-      logger.write(step, split, values)
+      print(reporting.format_line(step, run.num_steps, split, values), flush=True)
+  try:
+    with reporting.MetricLogger(workdir, total_steps=run.num_steps, progress_bar=False,
+                                stream=io.StringIO()) as logger:  # the console lines are printed above
+      for split, values in metrics.items():
+        logger.write(step, split, values)
+  except (OSError, tf.errors.OpError) as e:
+    logging.warning("The eval metrics were not logged in %s: %s", workdir, str(e).splitlines()[0])
   return metrics

@@ -77,15 +77,16 @@ class PipelinePreprocessing:
 
 
 def load(workdir: str, step: Optional[int] = None, *, ema: bool = False) -> Checkpoint:
-  """The run in `workdir` at its latest (or the given) checkpoint; ema=True takes the EMA parameters."""
+  """The run in `workdir` at its newest intact (or the given) checkpoint; ema=True takes the EMA parameters."""
   from lvm_jax.train import reporting  # the saved config
+  workdir = checkpoints_lib.absolute(workdir)
   model_path = os.path.join(workdir, MODEL_FILE)
   if not tf.io.gfile.exists(model_path):
     raise FileNotFoundError(f"{workdir} has no {MODEL_FILE}: it is not a workdir of a lvm_jax training run.")
   model, normalize = _model_from_description(model_path)
   config = reporting.load_config(workdir)
   labels = sources.load_class_names(os.path.join(workdir, CLASS_NAMES_FILE))
-  with checkpoints_lib.Checkpoints(os.path.join(workdir, CHECKPOINT_DIR), async_save=False) as checkpoints:
+  with checkpoints_lib.Checkpoints(os.path.join(workdir, CHECKPOINT_DIR), read_only=True) as checkpoints:
     state = checkpoints.restore_arrays(step)
   params = state["ema_params"] if ema else state["params"]
   if ema and not params:

@@ -7,16 +7,13 @@ import math
 import os
 import re
 import shutil
-import sys
 
 import jax
 import numpy as np
 import PIL.Image
 import pytest
 import tensorflow as tf
-from absl import flags
 
-import main
 from lvm_jax.data import device_batches, sources
 from lvm_jax.train import checkpoints as checkpoints_lib
 from lvm_jax.train import config as config_lib
@@ -70,7 +67,8 @@ def finished(digits_dir, tmp_path_factory):
 def test_a_run_writes_metrics_tensorboard_config_and_checkpoints(finished, digits_dir):
   workdir, lines = finished["workdir"], finished["lines"]
   assert sorted(os.listdir(workdir)) == ["checkpoints", "class_names.json", "config.json", "metrics.jsonl",
-                                         "model.json", "tensorboard"]
+                                         "model.json", "run.lock", "tensorboard"]
+  assert open(os.path.join(workdir, "run.lock")).read() == ""  # released
 
   train = [e for e in lines if e["split"] == "train"]
   assert [e["step"] for e in train] == list(range(1, NUM_STEPS + 1))  # log_every_steps=1
@@ -257,24 +255,6 @@ def test_eval_mode_reproduces_the_final_eval_line(finished):
       [(NUM_STEPS, s, metrics[s]["top1"], metrics[s]["loss"]) for s in ("eval", "eval_ema")]
 
 
-@pytest.fixture
-def run_main(capsys, monkeypatch):
-  """main.main in this process with the given flags; returns what it printed. ml_collections reads the
-  --config.KEY=VALUE overrides from sys.argv, not from the list given to FLAGS, so sys.argv is set too, and it
-  defines one flag per override while parsing, which a second parse in the same process would define again."""
-  def run(*args):
-    argv = ["main.py", *args]
-    monkeypatch.setattr(sys, "argv", argv)
-    try:
-      main.main(flags.FLAGS(argv))
-    finally:
-      flags.FLAGS.unparse_flags()
-      for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-        delattr(flags.FLAGS, name)
-    return capsys.readouterr().out
-  return run
-
-
 def test_predict_from_a_workdir_matches_the_eval_logits(finished, digits_dir, tmp_path, run_main):
   workdir = finished["workdir"]
   run = setup.build(finished["config"])
@@ -312,7 +292,7 @@ def test_a_workdir_without_a_run_is_a_clear_error(digits_dir, tmp_path, run_main
   with pytest.raises(SystemExit) as exit_info:
     run_main("--mode=predict", f"--workdir={empty}", f"--image={image}")
   assert exit_info.value.code == f"error: {empty} has no model.json: it is not a workdir of a lvm_jax training run."
-  with pytest.raises(FileNotFoundError, match=rf"No checkpoint in {re.escape(str(empty))}/checkpoints to evaluate"):
+  with pytest.raises(FileNotFoundError, match=rf"No checkpoint in {re.escape(str(empty))}/checkpoints\."):
     trainer.evaluate(resnet_config(digits_dir), str(empty))
 
 
