@@ -14,6 +14,7 @@ traceback comes with --verbosity=1 or LVM_JAX_TRACEBACK=1.
 """
 
 import os
+import re
 
 from absl import app
 from absl import flags
@@ -89,6 +90,40 @@ def _show_traceback() -> bool:
   return (FLAGS["verbosity"].present and FLAGS.verbosity >= 1) or os.environ.get("LVM_JAX_TRACEBACK") == "1"
 
 
+def _config_error(argv: list[str], e: Exception) -> str:
+  """An unknown --config.KEY=VALUE as ml_collections reports it (a KeyError's repr inside an AttributeError,
+  with a "Did you mean" hint), named by the argument that caused it."""
+  text = str(e)
+  key = re.search(r"(\w+)", text)
+  hint = re.search(r'Did you mean "([\w.]+)"', text)
+  culprits = [a.split("=")[0] for a in argv if a.startswith("--config.") and key and
+              key.group(1) in a.split("=")[0].split(".")[1:]]
+  if not culprits:
+    return f"config override: {' '.join(text.split())}"
+  return f"{culprits[0]}: no such config key" + (f"; did you mean {hint.group(1)}?" if hint else ".")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing with config errors (a recipe that does not exist or fails to load, an unknown
+  --config.KEY override) as one line instead of a traceback."""
+  for arg in argv[1:]:
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1].split(":", 1)[0]
+      if not os.path.isfile(path):
+        raise SystemExit(f"error: --config={path}: no such file (recipes live under configs/, e.g. "
+                         "configs/digits.py).")
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:  # a bad flag value; a recipe that raised while loading appends its traceback
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    message = lines[0] + (f" {lines[-1]}" if len(lines) > 1 and "Traceback" in str(e) else "")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    if os.environ.get("LVM_JAX_TRACEBACK") == "1":
+      raise
+    message = _config_error(argv, e)
+  raise SystemExit(f"error: {message}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -106,4 +141,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

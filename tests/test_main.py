@@ -2,6 +2,7 @@
 (training through main.py is tested in tests/train/)."""
 
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -109,3 +110,32 @@ def test_command_line_end_to_end(checkpoint, photo, tmp_path):
                           text=True, timeout=120)
   assert failed.returncode == 1 and failed.stdout == ""
   assert "missing.jpg does not exist" in failed.stderr and "Traceback" not in failed.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/digits.py:runlocal", "--config.data.batchsize=3"],
+     "error: --config.data.batchsize: no such config key; did you mean batch_size?"),
+    (["--config=configs/digits.py:model=foo"],
+     "error: flag --config=configs/digits.py:model=foo: Error whilst parsing config file: ValueError: "
+     "configs/digits.py: model='foo' is not one of ['resnet', 'swin', 'vit']."),
+    (["--config=configs/nothere.py"],
+     "error: --config=configs/nothere.py: no such file (recipes live under configs/, e.g. configs/digits.py)."),
+    (["--config=configs/digits.py:runlocal", "--config.model=resnet_99"],
+     "error: Unknown model 'resnet_99'. Did you mean resnet50, resnet34, resnet18, resnet152, resnet101? Known"),
+])
+def test_user_errors_are_one_line_with_the_traceback_on_request(args, message, tmp_path):
+  command = [sys.executable, "main.py", f"--workdir={tmp_path / 'run'}", *args]
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 1 and done.stdout == ""
+  assert done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
+  if "resnet_99" in message:  # raised while running: the traceback is there when asked for
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "LVM_JAX_TRACEBACK": "1"})
+    assert again.returncode == 1 and "Traceback (most recent call last)" in again.stderr
+    assert again.stderr.rstrip().splitlines()[-1].startswith("ValueError: Unknown model 'resnet_99'")
+
+
+def test_importing_tensorflow_prints_none_of_its_start_up_notices():
+  done = subprocess.run([sys.executable, "-c", "import lvm_jax.tf_host"], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"})
+  assert done.returncode == 0 and done.stderr == "", done.stderr
