@@ -139,3 +139,17 @@ def test_importing_tensorflow_prints_none_of_its_start_up_notices():
   done = subprocess.run([sys.executable, "-c", "import lvm_jax.tf_host"], cwd=REPO, capture_output=True,
                         text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"})
   assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_a_run_console_holds_only_the_run_s_own_lines(tmp_path):
+  """The README's first command, at runlocal size on a fresh data dir: no TensorFlow or TFDS notices, no Orbax
+  warnings at checkpoints, nothing on stderr."""
+  data_dir = tmp_path / "tfds"
+  command = [sys.executable, "main.py", "--config=configs/digits.py:runlocal", f"--workdir={tmp_path / 'run'}",
+             f"--config.data.train.data_dir={data_dir}", f"--config.data.eval.data_dir={data_dir}"]
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"})
+  assert done.returncode == 0 and done.stderr == "", done.stderr
+  lines = done.stdout.splitlines()
+  assert lines[0] == f"Prepared the built-in digits dataset in {data_dir}/digits/1.0.0 (once: later runs read it)."
+  assert [line.split()[0] for line in lines[1:]] == ["[train]"] * 3 + ["[eval]"], done.stdout

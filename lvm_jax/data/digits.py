@@ -10,10 +10,13 @@ split never changes with library versions. Preparing takes about a second and ne
 default data for the demo, the tests and the notebooks.
 """
 
+import contextlib
+import io
 from typing import Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from lvm_jax import tf_host  # noqa: F401  (before any TF op: keeps TensorFlow off the accelerators)
 
@@ -80,15 +83,36 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield int(index), {"image": images[index], "label": int(digits.target[index])}
 
 
+@contextlib.contextmanager
+def _quiet_tfds():
+  """TFDS reports a preparation as if it were a download (sizes "Unknown", progress bars, a warning that the
+  new folder has no dataset_info.json); this one takes a second and downloads nothing, so one line says it."""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    tfds.display_progress_bar(True)
+    logging.set_verbosity(verbosity)
+
+
 def prepared_builder(data_dir: Optional[str] = None) -> Digits:
   """The digits builder in `data_dir` (default: TFDS's default data dir), prepared there if it is not yet."""
-  builder = Digits(data_dir=data_dir)
-  if not builder.is_prepared():
+  with _quiet_tfds():
+    builder = Digits(data_dir=data_dir)
+    prepared = builder.is_prepared()
+  if not prepared:
     try:
-      builder.download_and_prepare()
+      with _quiet_tfds():
+        builder.download_and_prepare()
+      print(f"Prepared the built-in digits dataset in {builder.data_dir} (once: later runs read it).")
     except Exception:
       # Another process may have prepared the same data_dir at the same moment; its copy is as good as ours.
-      builder = Digits(data_dir=data_dir)
-      if not builder.is_prepared():
+      with _quiet_tfds():
+        builder = Digits(data_dir=data_dir)
+        prepared = builder.is_prepared()
+      if not prepared:
         raise
   return builder
