@@ -49,11 +49,10 @@ def _require(*names: str) -> None:
 
 
 def _initialize_distributed() -> None:
-  import jax
-  # CPU hosts need gloo for cross-process collectives; GPU and TPU backends ignore this setting.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
-                             process_id=FLAGS.process_id)
+  # jax.distributed (gloo collectives on CPU hosts), plus a watch that stops this process within ~20 s, naming the
+  # lost process, when another stops responding (LVM_JAX_HEARTBEAT_TIMEOUT_S; see lvm_jax/parallel/distributed.py).
+  from lvm_jax.parallel import distributed
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
 
 def train() -> None:
@@ -137,6 +136,9 @@ def main(argv):
   except Exception as e:
     if _show_traceback() or not errors.is_user_error(e):
       raise
+    if FLAGS.distributed:  # the other processes may wait for this one in a collective: tell them it stops
+      from lvm_jax.parallel import distributed
+      distributed.fail(type(e).__name__)
     raise SystemExit(f"error: {errors.one_line(e)}") from None  # one line on stderr, exit status 1
 
 
