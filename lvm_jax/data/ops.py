@@ -9,15 +9,16 @@ its seed alone. Images stay uint8 until normalize (or value_range) turns them in
 import math
 from typing import Sequence, Union
 
+from lvm_jax import normalization
 from lvm_jax.data import native
 from lvm_jax.tf_host import tf
 
 Size = Union[int, Sequence[int]]
 
-# In 0..1 units, the same numbers lvm_jax.weights.preprocessing uses for timm and transformers checkpoints.
+# The presets of data.normalize and the normalize op, in 0..1 units.
 NORMALIZATIONS = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "imagenet": normalization.IMAGENET_DEFAULT,
+    "inception": normalization.IMAGENET_STANDARD,
 }
 RESIZE_METHODS = ("bilinear", "bicubic", "nearest", "area", "lanczos3", "lanczos5", "gaussian", "mitchellcubic")
 OVERSHOOTING_METHODS = ("bicubic", "lanczos3", "lanczos5", "mitchellcubic")  # negative lobes: may leave 0..255

@@ -12,6 +12,7 @@ everything, and the enhance ops use factor 0.1; only Rotate, Shear*, Translate* 
 import math
 from typing import Optional, Sequence
 
+from lvm_jax import normalization
 from lvm_jax.data.ops import take_rng
 from lvm_jax.tf_host import tf
 
@@ -188,7 +189,7 @@ OPS = {
         x, _signed(level / _MAX_LEVEL * 0.45, rng) * tf.cast(tf.shape(x)[0], tf.float32), fill),
 }
 
-IMAGENET_FILL = (124, 116, 104)  # timm's img_mean: round(255 * (0.485, 0.456, 0.406))
+IMAGENET_FILL = tuple(round(255 * m) for m in normalization.IMAGENET_DEFAULT[0])  # timm's img_mean: (124, 116, 104)
 
 
 def randaugment(num_layers: int = 2, magnitude: float = 9, prob: float = 0.5,

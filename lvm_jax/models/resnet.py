@@ -13,7 +13,7 @@ from lvm_jax.models import layers, winograd
 # torchvision and timm initialise convolutions with He (Kaiming) normal, fan_out, for ReLU.
 _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 _BLOCKS = ("basic", "bottleneck")
-_EXPANSION = {"basic": 1, "bottleneck": 4}
+EXPANSION = {"basic": 1, "bottleneck": 4}  # output channels of a block over its width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +199,7 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet stage_sizes={tuple(self.stage_sizes)}: every stage needs at least one block.")
     specs, channels = [], self.width
     for stage, (depth, width) in enumerate(zip(self.stage_sizes, widths)):
-      out = width * _EXPANSION[self.block]
+      out = width * EXPANSION[self.block]
       for index in range(depth):
         # The stem already downsampled 4x; each later stage halves the resolution in its first block.
         strides = 2 if stage > 0 and index == 0 else 1

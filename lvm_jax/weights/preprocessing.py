@@ -14,31 +14,30 @@ from typing import Any, Optional
 import numpy as np
 import PIL.Image
 
+from lvm_jax.normalization import IMAGENET_DEFAULT, IMAGENET_STANDARD, OPENAI_CLIP
+
 # PIL resampling codes, which is how transformers' preprocessor_config.json stores "resample".
 INTERPOLATIONS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 CROP_ROUNDINGS = ("floor", "round")
 
-_IMAGENET_DEFAULT = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # timm's, and most torchvision-era models
-_IMAGENET_STANDARD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-_OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
 # Class defaults of the transformers image processors our checkpoints use; a preprocessor_config.json only
 # stores what differs from them (older ones store "size" as an int).
 _HF_PROCESSORS = {
     "ViTImageProcessor": dict(size={"height": 224, "width": 224}, default_to_square=True, resample=2,
-                              image_mean=_IMAGENET_STANDARD[0], image_std=_IMAGENET_STANDARD[1]),
+                              image_mean=IMAGENET_STANDARD[0], image_std=IMAGENET_STANDARD[1]),
     "DeiTImageProcessor": dict(size={"height": 256, "width": 256}, default_to_square=True, resample=3,
                                do_center_crop=True, crop_size={"height": 224, "width": 224},
-                               image_mean=_IMAGENET_STANDARD[0], image_std=_IMAGENET_STANDARD[1]),
+                               image_mean=IMAGENET_STANDARD[0], image_std=IMAGENET_STANDARD[1]),
     "ConvNextImageProcessor": dict(size={"shortest_edge": 384}, default_to_square=False, resample=3,
                                    crop_pct=224 / 256,
-                                   image_mean=_IMAGENET_STANDARD[0], image_std=_IMAGENET_STANDARD[1]),
+                                   image_mean=IMAGENET_STANDARD[0], image_std=IMAGENET_STANDARD[1]),
     "BitImageProcessor": dict(size={"shortest_edge": 224}, default_to_square=False, resample=3,
                               do_center_crop=True, crop_size={"height": 224, "width": 224},
-                              image_mean=_OPENAI_CLIP[0], image_std=_OPENAI_CLIP[1]),
+                              image_mean=OPENAI_CLIP[0], image_std=OPENAI_CLIP[1]),
     "CLIPImageProcessor": dict(size={"shortest_edge": 224}, default_to_square=False, resample=3,
                                do_center_crop=True, crop_size={"height": 224, "width": 224},
-                               image_mean=_OPENAI_CLIP[0], image_std=_OPENAI_CLIP[1]),
+                               image_mean=OPENAI_CLIP[0], image_std=OPENAI_CLIP[1]),
 }
 _HF_COMMON_DEFAULTS = dict(do_resize=True, do_center_crop=False, do_rescale=True, rescale_factor=1 / 255,
                            do_normalize=True, do_pad=False)
@@ -194,7 +193,7 @@ class Preprocessing:
       raise ValueError(f"timm interpolation {interpolation!r} is not supported; expected one of "
                        f"{', '.join(INTERPOLATIONS)}.")
     args = dict(size=size, interpolation=interpolation, crop_rounding="round",
-                mean=cfg.get("mean") or _IMAGENET_DEFAULT[0], std=cfg.get("std") or _IMAGENET_DEFAULT[1])
+                mean=cfg.get("mean") or IMAGENET_DEFAULT[0], std=cfg.get("std") or IMAGENET_DEFAULT[1])
     scaled = tuple(math.floor(s / crop_pct) for s in size)
     if crop_mode == "squash":
       return cls(resize_size=scaled, **args)

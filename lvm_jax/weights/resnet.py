@@ -1,7 +1,7 @@
 """ResNet tensor names and layouts in Hugging Face transformers (ResNetForImageClassification, ResNetModel)
 and timm checkpoints; the transformers names are those on disk, which transformers 5 keeps in memory too."""
 
-from lvm_jax.models.resnet import ResNet
+from lvm_jax.models.resnet import EXPANSION, ResNet
 from lvm_jax.weights.mapping import Tensor
 
 HF_MODEL_TYPE = "resnet"
@@ -12,13 +12,12 @@ HF_IGNORE = ("num_batches_tracked",)  # a training counter torch keeps; Flax's B
 _HF_DEFAULTS = dict(num_channels=3, embedding_size=64, hidden_sizes=(256, 512, 1024, 2048), depths=(3, 4, 6, 3),
                     layer_type="bottleneck", hidden_act="relu", downsample_in_first_stage=False,
                     downsample_in_bottleneck=False)
-_EXPANSION = {"basic": 1, "bottleneck": 4}  # transformers' bottleneck "reduction"
 
 
 def hf_model_args(config: dict) -> dict:
   get = lambda field: config.get(field, _HF_DEFAULTS[field])
   layer_type = get("layer_type")
-  if layer_type not in _EXPANSION:
+  if layer_type not in EXPANSION:
     raise ValueError(f"ResNet config layer_type={layer_type!r} is not supported; expected 'basic' or 'bottleneck'.")
   if get("hidden_act") != "relu":
     raise ValueError(f"ResNet config hidden_act={get('hidden_act')!r} is not supported; lvm_jax ResNet uses 'relu'.")
@@ -33,7 +32,7 @@ def hf_model_args(config: dict) -> dict:
   depths, hidden_sizes = tuple(get("depths")), tuple(get("hidden_sizes"))
   if len(depths) != len(hidden_sizes):
     raise ValueError(f"ResNet config depths={list(depths)} and hidden_sizes={list(hidden_sizes)} differ in length.")
-  expansion = _EXPANSION[layer_type]
+  expansion = EXPANSION[layer_type]
   if any(size % expansion for size in hidden_sizes):
     raise ValueError(f"ResNet config hidden_sizes={list(hidden_sizes)}: bottleneck stage outputs must be multiples "
                      f"of {expansion}.")

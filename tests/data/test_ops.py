@@ -219,10 +219,14 @@ def test_normalize_per_channel_over_a_whole_image():
     ops.normalize("imagenet")(_example(image[..., :1]))
 
 
-def test_normalize_matches_the_checkpoint_preprocessing_numbers():
-  from lvm_jax.weights import preprocessing
-  assert ops.NORMALIZATIONS["imagenet"] == preprocessing._IMAGENET_DEFAULT
-  assert ops.NORMALIZATIONS["inception"] == preprocessing._IMAGENET_STANDARD
+def test_normalize_presets_are_the_published_numbers():
+  from transformers import image_utils
+  from lvm_jax import normalization
+  assert ops.NORMALIZATIONS["imagenet"] == normalization.IMAGENET_DEFAULT == \
+      (tuple(image_utils.IMAGENET_DEFAULT_MEAN), tuple(image_utils.IMAGENET_DEFAULT_STD))
+  assert ops.NORMALIZATIONS["inception"] == normalization.IMAGENET_STANDARD == \
+      (tuple(image_utils.IMAGENET_STANDARD_MEAN), tuple(image_utils.IMAGENET_STANDARD_STD))
+  assert normalization.OPENAI_CLIP == (tuple(image_utils.OPENAI_CLIP_MEAN), tuple(image_utils.OPENAI_CLIP_STD))
 
 
 def test_onehot_and_label_smoothing():
