@@ -99,6 +99,11 @@ class Dense(nn.Module):
     return y if bias is None else y + bias
 
 
+def drop_path_rates(max_rate: float, num_blocks: int) -> list[float]:
+  """Stochastic depth per block, linear from 0 (first block) to `max_rate` (last), as timm and the papers."""
+  return [max_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
+
+
 class DropPath(nn.Module):
   """Stochastic depth: drops the whole residual branch per example during training.
 

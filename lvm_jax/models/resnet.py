@@ -217,8 +217,7 @@ class ResNet(nn.Module):
     x = layers.constrain(x, ("batch", "height", "width", "conv_out"))
 
     features = {}
-    for i, spec in enumerate(specs):
-      rate = self.drop_path * i / max(len(specs) - 1, 1)
+    for i, (spec, rate) in enumerate(zip(specs, layers.drop_path_rates(self.drop_path, len(specs)))):
       x = ResidualBlock(spec, self.block == "bottleneck", rate, self.bn_momentum, self.bn_eps, self.zero_init_last,
                         name=spec.name, **kw)(x, train=train)
       if i + 1 == len(specs) or specs[i + 1].stage != spec.stage:

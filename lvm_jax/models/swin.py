@@ -197,16 +197,13 @@ class SwinTransformer(nn.Module):
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = layers.constrain(x, ("batch", "height", "width", "embed"))
 
-    total = sum(self.depths)
-    features, block_index = {}, 0
+    rates = iter(layers.drop_path_rates(self.drop_path, sum(self.depths)))
+    features = {}
     for stage, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
       for i in range(depth):
-        # Stochastic depth grows linearly from 0 for the first block to drop_path for the last.
-        rate = self.drop_path * block_index / max(total - 1, 1)
         x = SwinBlock(heads, self.window_size, i % 2 == 1, self.mlp_ratio, self.qkv_bias, self.dropout,
-                      self.attention_dropout, rate, self.layer_norm_eps, name=f"stage_{stage}_block_{i}",
+                      self.attention_dropout, next(rates), self.layer_norm_eps, name=f"stage_{stage}_block_{i}",
                       **kw)(x, train=train)
-        block_index += 1
       features[f"stride_{p * 2 ** stage}"] = x
       if stage < len(self.depths) - 1:
         x = PatchMerging(self.layer_norm_eps, name=f"merge_{stage}", **kw)(x)

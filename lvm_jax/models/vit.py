@@ -172,7 +172,7 @@ class VisionTransformer(nn.Module):
 
   def drop_path_rates(self) -> list[float]:
     """Stochastic depth per block: linear from 0 (first block) to `drop_path` (last)."""
-    return [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
+    return layers.drop_path_rates(self.drop_path, self.depth)
 
   def _attention_implementation(self, tokens: int) -> str:
     return layers.attention_implementation(self.attention_impl, self.width // self.num_heads, self.dtype,

@@ -249,3 +249,11 @@ def test_params_carry_logical_axis_names():
 def test_depths_and_heads_of_different_length_is_a_clear_error():
   with pytest.raises(ValueError, match=r"depths=\(2, 2\) and num_heads=\(2,\) must have one entry per stage"):
     _shapes(SwinTransformer(**{**SMALL, "num_heads": (2,)}), 32)
+
+
+def test_stochastic_depth_grows_linearly_over_all_blocks_as_in_the_reference_code():
+  import torch
+  from lvm_jax.models import layers
+  # Swin's and timm's code: [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))].
+  np.testing.assert_allclose(layers.drop_path_rates(0.2, 12), torch.linspace(0, 0.2, 12).numpy(), atol=1e-7)
+  assert layers.drop_path_rates(0.1, 1) == [0.0]
