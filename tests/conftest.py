@@ -15,3 +15,10 @@ def digits_dir(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds")
   sources.make_source("digits", split="train", data_dir=str(data_dir))
   return str(data_dir)
+
+
+@pytest.fixture
+def run_main():
+  """main.main in this process with the given flags; returns what it printed (see tests/main_runner.py)."""
+  from tests.main_runner import run_main_in_process
+  return run_main_in_process

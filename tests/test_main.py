@@ -15,7 +15,6 @@ import skimage.data
 from absl import app
 from absl import flags
 
-import main
 from tests.tasks.test_classify import LABELS, pipeline_top_k, save_tiny_vit
 
 REPO = pathlib.Path(__file__).parents[1]
@@ -32,18 +31,6 @@ def photo(tmp_path_factory):
   path = tmp_path_factory.mktemp("photos") / "chelsea.jpg"
   PIL.Image.fromarray(skimage.data.chelsea()).save(path)
   return path
-
-
-@pytest.fixture
-def run_main(capsys):
-  """Runs main.main in this process with the given flags; returns what it printed."""
-  def run(*args):
-    try:
-      main.main(flags.FLAGS(["main.py", *args]))
-    finally:
-      flags.FLAGS.unparse_flags()
-    return capsys.readouterr().out
-  return run
 
 
 def test_json_output_equals_the_pipeline(run_main, checkpoint, photo):

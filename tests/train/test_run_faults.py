@@ -38,7 +38,7 @@ def error_of(run, *args) -> str:
 @pytest.fixture(scope="module")
 def trained(digits_dir, tmp_path_factory):
   """A 4-step run's workdir (checkpoints 3 and 4): 3 steps with a relative --workdir, then resumed to step 4."""
-  from tests.train.conftest import run_main_in_process
+  from tests.main_runner import run_main_in_process
   root = tmp_path_factory.mktemp("relative")
   here = os.getcwd()
   os.chdir(root)

@@ -1,10 +1,9 @@
-"""Fixtures shared by the training tests."""
+"""main.py run in the test process, as the CLI tests drive it."""
 
 import contextlib
 import io
 import sys
 
-import pytest
 from absl import flags
 
 import main
@@ -26,8 +25,3 @@ def run_main_in_process(*args) -> str:
     for name in [n for n in flags.FLAGS if n.startswith("config.")]:
       delattr(flags.FLAGS, name)
   return printed.getvalue()
-
-
-@pytest.fixture
-def run_main():
-  return run_main_in_process
