@@ -83,15 +83,24 @@ def test_new_head_and_image_size_for_transfer(tiny_folder):
   assert model.apply(variables, np.zeros((2, 64, 64, 3), np.float32)).shape == (2, 3)
 
 
-def test_resized_position_embeddings_keep_a_constant_grid_constant(tiny_folder, tmp_path):
+@pytest.mark.parametrize("image_size", [56, 24])
+def test_resized_position_embeddings_match_timms_bicubic_resample(tiny_folder, image_size):
+  # timm's resample_abs_pos_embed: F.interpolate(mode="bicubic", antialias=True, align_corners=False) on the
+  # patch grid, prefix tokens kept. A random grid, so that a wrong filter or a transposed grid shows.
   folder, _ = tiny_folder
   model, variables = lvm_jax.from_pretrained(folder)
-  pos = np.asarray(variables["params"]["pos_embed"]).copy()
-  pos[:, 1:] = 0.25
+  pos = np.random.default_rng(0).standard_normal(variables["params"]["pos_embed"].shape).astype(np.float32)
   variables["params"]["pos_embed"] = pos
   from lvm_jax.weights.pretrained import retarget
-  _, bigger = retarget(model, variables, image_size=56)
-  np.testing.assert_allclose(bigger["params"]["pos_embed"][:, 1:], 0.25, atol=1e-6)
+  _, resized = retarget(model, variables, image_size=image_size)
+  new = image_size // 8
+  grid = torch.from_numpy(pos[0, 1:].reshape(4, 4, 48).transpose(2, 0, 1)[None].astype(np.float64))
+  expected = torch.nn.functional.interpolate(grid, size=(new, new), mode="bicubic", antialias=True,
+                                             align_corners=False)[0].numpy().transpose(1, 2, 0).reshape(-1, 48)
+  got = np.asarray(resized["params"]["pos_embed"])
+  assert got.shape == (1, 1 + new * new, 48)
+  np.testing.assert_array_equal(got[0, 0], pos[0, 0])
+  np.testing.assert_allclose(got[0, 1:], expected, atol=1e-5, rtol=0)
 
 
 def test_shape_mismatch_names_tensor_and_both_shapes(tiny_folder, tmp_path):
@@ -144,3 +153,31 @@ def test_missing_source_is_a_clear_error(tmp_path):
     lvm_jax.from_pretrained(str(tmp_path / "nope" / "deeper"))
   with pytest.raises(FileNotFoundError, match="config.json"):
     lvm_jax.from_pretrained(tmp_path)
+
+
+class _WritesAFile:
+  """Unpickling this calls open(path, "w"): a stand-in for any code a hostile .bin could run."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return open, (str(self.path), "w")
+
+
+def test_torch_bin_with_code_in_its_pickle_is_refused_before_anything_runs(tiny_folder, tmp_path):
+  folder, _ = tiny_folder
+  from safetensors.torch import load_file
+  marker = tmp_path / "ran"
+  state = load_file(str(folder / "model.safetensors"))
+  state["vit.layernorm.bias"] = _WritesAFile(marker)
+  (tmp_path / "ckpt").mkdir()
+  (tmp_path / "ckpt" / "config.json").write_text((folder / "config.json").read_text())
+  torch.save(state, tmp_path / "ckpt" / "pytorch_model.bin")
+  assert not marker.exists()
+  with pytest.raises(ValueError, match="could not be read as a weights-only PyTorch checkpoint"):
+    lvm_jax.from_pretrained(tmp_path / "ckpt")
+  assert not marker.exists()
+  # the file really is hostile: a plain unpickle runs the call
+  torch.load(tmp_path / "ckpt" / "pytorch_model.bin", weights_only=False)
+  assert marker.exists()
