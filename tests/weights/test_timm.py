@@ -1,11 +1,15 @@
-"""Models from timm checkpoints, against logits timm computed (fixtures made by tests/fixtures/timm/make_timm_fixtures.py)."""
+"""Models from timm checkpoints, against logits and pixels timm computed (fixtures made by
+tests/fixtures/timm/make_timm_fixtures.py)."""
 
+import hashlib
 import json
 import pathlib
 import shutil
 
 import numpy as np
+import PIL.Image
 import pytest
+import skimage.data
 
 import lvm_jax
 
@@ -45,6 +49,28 @@ def test_timm_preprocessing_comes_from_pretrained_cfg():
   assert ckpt.preprocessing.size == (32, 32)
   assert ckpt.preprocessing.interpolation == "bicubic"
   assert tuple(ckpt.preprocessing.mean) == (0.5, 0.5, 0.5)
+
+
+PHOTOS = {"chelsea": lambda: skimage.data.chelsea(),
+          "chelsea_portrait": lambda: np.ascontiguousarray(skimage.data.chelsea().transpose(1, 0, 2))}
+
+
+@pytest.mark.parametrize("photo", sorted(PHOTOS))
+@pytest.mark.parametrize("name", ["vit_token", "vit_gap", "swin", "resnet_basic", "resnet_bottleneck"])
+def test_preprocessing_gives_the_pixels_of_timms_eval_transform(name, photo):
+  # timm's resolve_data_config + create_transform on the model it loads from the folder, applied to a real photo:
+  # resize of the shorter side to floor(size / crop_pct) (bicubic), center crop with round-half-even margins,
+  # ToTensor, Normalize. One pixel level off is >= 0.0078 after normalisation; float32 rounding is ~1e-7.
+  pixels = PHOTOS[photo]()
+  manifest = json.loads((FIXTURES / "MANIFEST.json").read_text())["preprocessing"]
+  assert hashlib.sha256(pixels.tobytes()).hexdigest() == manifest["photos"][photo]["sha256"]
+  stored = {cfg: fixture for fixture, c in manifest["fixtures"].items() for cfg in [fixture, *c["same_config"]]}
+  with np.load(FIXTURES / "preprocessing.npz") as data:
+    levels = data[f"{stored[name]}.{photo}"]
+  preprocessing = lvm_jax.load_checkpoint(FIXTURES / name).preprocessing
+  mean, std = (np.asarray(manifest["fixtures"][stored[name]]["data_config"][k], np.float32) for k in ("mean", "std"))
+  timm_pixels = (levels.astype(np.float32) / np.float32(255) - mean) / std  # torchvision's float32 arithmetic
+  np.testing.assert_allclose(preprocessing(PIL.Image.fromarray(pixels)), timm_pixels, atol=1e-5, rtol=0)
 
 
 def test_unknown_timm_architecture_is_a_clear_error(tmp_path):
