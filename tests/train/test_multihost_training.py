@@ -10,17 +10,24 @@ measured on a loaded 2-core machine. What is checked:
     from process 0 only), while every process writes its part of each checkpoint;
   - the two processes are fed different examples, and their local batches put together are the 1-process
     global batch (the recipe's data.num_shards makes it so; equal losses could not happen otherwise);
-  - the final parameters and batch_stats: within 1e-3 in relative L2 norm (measured: ~4e-4), see below.
+  - the final parameters and batch_stats, tensor by tensor: each differs between the runs by a small fraction
+    of how far training moved it over the last checkpoint interval (steps 3 to 6), see below.
 
 Parameters are not within 1e-5 element-wise, and cannot be: the two layouts sum gradients across devices in
 different orders (gloo's ring vs XLA's in-process all-reduce), which differ in the last bits, and Adam's
 normalisation turns such ulp-level noise into lr-sized updates wherever a gradient is pure cancellation
 (BatchNorm biases feeding BatchNorm, the zero-initialised last BN of each block). Measured (jax 0.10.2, CPU):
 after step 1 (lr 0) the parameters are bit-identical and the step-1 gradients agree to 3.6e-6 per tensor;
-after 6 steps they are ~4e-4 apart in relative L2. The same happens between 1x2 and 1x4 devices in one
-process (1.5e-6 L2), so it is the optimizer's sensitivity, not the multi-host path. The losses follow that
-drift: measured up to 7.9e-6 relative, and 1.2e-5 at step 6 once the 1x1 convolutions became matrix
-products (another summation order); hence rtol 5e-5.
+after 6 steps ~1e-5 to 4e-4 apart in relative L2 over all parameters together. The same happens between 1x2
+and 1x4 devices in one process (1.5e-6 L2), so it is the optimizer's sensitivity, not the multi-host path.
+The losses follow that drift: measured up to 7.9e-6 relative, and 1.2e-5 at step 6 once the 1x1
+convolutions became matrix products (another summation order); hence rtol 5e-5.
+
+One bound over all parameters together would hide a small tensor (a BatchNorm bias is ~1e-3 of the total
+norm), so each tensor is held to its own scale: how far it moved from step 3 to step 6 (every tensor moves).
+A tensor left untrained, reset, swapped or given another gradient in one run differs by about that much or
+more. Measured: params at most 0.026 of it (a BatchNorm bias fed by cancelling gradients; conv kernels
+<= 2e-3), batch_stats at most 2.2e-5.
 
 The last test loses a process: the same 2-process run, SIGKILLed in one process once a checkpoint is written,
 must stop in the other within 40 s (lvm_jax/parallel/distributed.py), and the same command must then resume it
@@ -49,7 +56,8 @@ RTOL = 5e-5
 # process ends the others at once. The runs took up to 240 s on a loaded machine.
 TIMEOUT_S = 600
 
-PARAMS_RTOL_L2 = 1e-3  # see the module docstring
+# Per tensor: |two - one| (L2) over how far one moved from step 3 to 6; see the module docstring.
+MOVED_FRACTION = {"params": 0.2, "batch_stats": 1e-3}
 
 
 def _free_port() -> int:
@@ -225,22 +233,21 @@ def test_two_processes_end_with_the_same_parameters_as_one(runs):
   saved = {}
   for name in ("one", "two"):
     ckpt = Checkpoints(os.path.join(runs[name], "checkpoints"))
-    saved[name] = ckpt.restore_arrays()
+    saved[name] = {step: ckpt.restore_arrays(step) for step in (3, 6)}
     ckpt.close()
-  for collection in ("params", "batch_stats"):
-    one, two = _flat(saved["one"][collection]), _flat(saved["two"][collection])
-    assert one.keys() == two.keys()
-    x = np.concatenate([v.ravel() for v in one.values()]).astype(np.float64)
-    y = np.concatenate([two[k].ravel() for k in one]).astype(np.float64)
-    worst = max(one, key=lambda k: np.abs(one[k] - two[k]).max() / max(np.abs(one[k]).max(), 1e-30))
-    print(f"{collection}: relative L2 {np.linalg.norm(x - y) / np.linalg.norm(x):.2e}, "
-          f"{np.mean(np.abs(x - y) > RTOL * np.abs(x)):.1%} of elements beyond rtol {RTOL}, worst leaf {worst}: "
-          f"{np.abs(one[worst] - two[worst]).max() / np.abs(one[worst]).max():.2e} of its largest value")
-  for collection in ("params", "batch_stats"):
-    one, two = _flat(saved["one"][collection]), _flat(saved["two"][collection])
-    x = np.concatenate([v.ravel() for v in one.values()]).astype(np.float64)
-    y = np.concatenate([two[k].ravel() for k in one]).astype(np.float64)
-    assert np.linalg.norm(x - y) <= PARAMS_RTOL_L2 * np.linalg.norm(x), collection
+  for collection, bound in MOVED_FRACTION.items():
+    one, two, earlier = (_flat(saved[name][step][collection]) for name, step in (("one", 6), ("two", 6), ("one", 3)))
+    assert one.keys() == two.keys() == earlier.keys()
+    ratio = {}
+    for key in one:
+      x, y, x3 = (t[key].astype(np.float64) for t in (one, two, earlier))
+      moved = np.linalg.norm(x - x3)
+      assert moved > 0, f"{collection} {key} did not change from step 3 to 6"
+      ratio[key] = np.linalg.norm(x - y) / moved
+    worst = sorted(ratio, key=ratio.get)[-3:]
+    print(f"{collection}: |two - one| / |one(6) - one(3)|, largest: " + ", ".join(f"{k} {ratio[k]:.1e}" for k in worst))
+    bad = {k: f"{r:.2e}" for k, r in ratio.items() if not r <= bound}
+    assert not bad, f"{collection} tensors further apart than {bound} of their last 3 steps' change: {bad}"
 
 
 # The survivor of a lost process must stop within this (measured: ~20 s when process 1 is lost, the watch's
