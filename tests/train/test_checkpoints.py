@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import flax.linen as nn
 import jax
@@ -104,15 +106,32 @@ def test_restore_arrays_reads_a_checkpoint_without_a_target(tmp_path, state8):
   assert (host["step"], host["data"]) == (12, {"epoch": 1, "position": 96})
 
 
-def test_async_save_returns_before_the_write_and_restores_in_a_new_manager(tmp_path):
+def test_async_save_returns_before_the_write_and_restores_in_a_new_manager(tmp_path, monkeypatch):
+  # The sealing hook runs on the save's thread once the files are written, before the rename: holding it
+  # there makes the in-between state observable on any machine, instead of racing the write.
+  reached, release, held_for = threading.Event(), threading.Event(), []
+  seal = Checkpoints._seal
+
+  def held_seal(self):
+    reached.set()
+    start = time.monotonic()
+    release.wait(timeout=60)  # a synchronous save() would wait here the whole minute
+    held_for.append(time.monotonic() - start)
+    seal(self)
+
+  monkeypatch.setattr(Checkpoints, "_seal", held_seal)
   rng = np.random.default_rng(0)
-  state = {"w": jax.device_put(rng.standard_normal((4096, 4096), dtype=np.float32)), "step": 5}  # 64 MiB
+  state = {"w": jax.device_put(rng.standard_normal((1024, 1024), dtype=np.float32)), "step": 5}
   ckpt = Checkpoints(str(tmp_path), async_save=True)
   ckpt.save(5, state)
-  # save() returned while the step was still being written under a temporary name, so it is not listed yet.
+  assert not release.is_set() and not held_for  # save() returned with the write not finalized
+  assert reached.wait(timeout=60)
+  # Written, not yet renamed: under a temporary name, so not listed.
   assert not os.path.exists(tmp_path / "5") and glob.glob(str(tmp_path / "5.orbax-checkpoint-tmp*"))
   assert (ckpt.latest_step(), ckpt.all_steps()) == (None, [])
+  release.set()
   ckpt.wait()
+  assert held_for and held_for[0] < 60
   assert (ckpt.latest_step(), sorted(os.listdir(tmp_path))) == (5, ["5"])
   ckpt.close()
   assert_bit_identical(Checkpoints(str(tmp_path)).restore(state), state)

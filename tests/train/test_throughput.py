@@ -1,6 +1,5 @@
 """Throughput: img/s, ETA and pauses on a fake clock; FLOPs of compiled steps; published peaks; MFU."""
 
-import time
 import types
 
 import jax
@@ -127,27 +126,54 @@ def test_mfu_arithmetic():
   assert tp.mfu(2e12, {}.get("steps_per_sec"), 24e12) is None  # the first, untimed Throughput.update
 
 
-def test_measured_peak_and_mfu_of_the_same_matmul_agree():
-  """The units line up: a step that is one big matmul runs near the measured matmul peak (MFU ~ 1)."""
-  start = time.perf_counter()
-  peak = tp.measured_matmul_peak("float32", size=512, seconds=0.3)
-  assert time.perf_counter() - start < 10
-  assert 1e9 < peak < 1e13  # 1.0e11 FLOP/s measured at size 1024 on this project's 2-core VM
-  x = jnp.asarray(np.random.default_rng(0).standard_normal((512, 512)), jnp.float32)
-  step = jax.jit(lambda a: a @ a * 1e-3).lower(x).compile()
+class MatmulClock(FakeClock):
+  """A clock that every executed [SIZE, SIZE] matmul advances by SECONDS_PER_MATMUL: rates measured on it are
+  exact, whatever the machine's load, and a matmul that is not really run does not count."""
+
+  def __init__(self):
+    super().__init__()
+    self.matmuls = 0
+
+  def tick(self):
+    """Called where the matmul is traced, so the callback runs each time it is executed."""
+    jax.debug.callback(self._advance)
+
+  def _advance(self):
+    self.now += SECONDS_PER_MATMUL
+    self.matmuls += 1
+
+
+SIZE, SECONDS_PER_MATMUL = 512, 0.01
+
+
+def test_measured_peak_and_mfu_of_the_same_matmul_agree(monkeypatch):
+  """The units line up: a step that is one big matmul runs at the measured matmul peak (MFU 1); an 8x unit error
+  (per-device vs total FLOPs) or a peak that miscounts the matmuls it timed would not give 1."""
+  clock = MatmulClock()
+  monkeypatch.setattr(tp, "time", types.SimpleNamespace(perf_counter=clock))
+  fori_loop = jax.lax.fori_loop
+  monkeypatch.setattr(jax.lax, "fori_loop", lambda lo, hi, body, init: fori_loop(
+      lo, hi, lambda i, y: (clock.tick(), body(i, y))[1], init))
+  peak = tp.measured_matmul_peak("float32", size=SIZE, seconds=0.3)
+  assert peak == pytest.approx(2 * SIZE**3 / SECONDS_PER_MATMUL, rel=1e-9)
+  # It aims at `seconds`: 1 matmul to compile, 1 to time, then 30 (0.3 s); no runaway loop.
+  assert clock.matmuls == 32
+
+  def matmul_step(a):
+    clock.tick()
+    return a @ a * 1e-3
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((SIZE, SIZE)), jnp.float32)
+  step = jax.jit(matmul_step).lower(x).compile()
   flops = tp.compiled_flops(step)
-  assert flops >= 2 * 512**3
-  steps = 0
-  meter = tp.Throughput(total_steps=10**6, global_batch_size=1)
+  assert 2 * SIZE**3 <= flops <= 2 * SIZE**3 + 2 * SIZE**2  # the matmul and the scaling
+  meter = tp.Throughput(total_steps=10**6, global_batch_size=1, clock=clock)
   jax.block_until_ready(step(x))
   meter.update(0)
-  deadline = time.perf_counter() + 0.3
-  while time.perf_counter() < deadline:
+  for _ in range(5):
     jax.block_until_ready(step(x))
-    steps += 1
-  rate = meter.update(steps)["steps_per_sec"]
-  # An 8x unit error (per-device vs total FLOPs) would fall outside; the machine's load is allowed for.
-  assert 0.25 < tp.mfu(flops, rate, peak) < 2.5
+  rate = meter.update(5)["steps_per_sec"]
+  assert rate == pytest.approx(1 / SECONDS_PER_MATMUL, rel=1e-9)
+  assert tp.mfu(flops, rate, peak) == pytest.approx(1.0, rel=1e-2)
 
 
 def test_total_peak_on_cpu_is_one_measurement_for_all_fake_devices():
