@@ -52,7 +52,11 @@ def test_gap_checkpoint_without_class_token(tmp_path):
   np.savez(tmp_path / "gap.npz", **tensors)
   model, variables = lvm_jax.from_pretrained(tmp_path / "gap.npz")
   assert model.pooling == "gap" and not model.class_token
-  assert model.apply(variables, np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 10)
+  # timm's logits for this file, loaded into class_token=False, global_pool="avg", fc_norm=False: the mean of
+  # the normed tokens, as vision_transformer's classifier="gap".
+  with np.load(NPZ / "reference.npz") as ref:
+    np.testing.assert_allclose(model.apply(variables, ref["input"]), ref["logits_gap"], atol=1e-4, rtol=0)
+    assert np.abs(ref["logits_gap"] - ref["logits"]).max() > 0.1  # not the class-token model's output
 
 
 def test_pickled_npz_is_refused(tmp_path):
