@@ -2,7 +2,8 @@
 
 glibc serves every allocation above its mmap threshold (32 MB once it has adapted) with fresh pages from the
 kernel and returns them on free, so each training batch's float32 copy is zero-filled page by page again: on a
-CPU-only machine that costs ~17-19 ms a batch of 64 images at 224 (2.3 ms when the pages are reused). Raising
+CPU-only machine, where that work shares the cores with tf.data and the step, it costs several times the copy
+into reused pages. Raising
 the mmap and trim thresholds keeps freed buffers for reuse, as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_
 in the environment would, but from inside the process.
 """

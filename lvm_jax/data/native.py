@@ -2,8 +2,8 @@
 
 Beside this file: crop_resize.cc crops a column range of a uint8 image and resizes it bilinearly in one pass;
 crop_box.cc computes the inception crop's box, ~100 graph ops as TensorFlow ops. They are the training crop's
-hot path (the figures are in the README's input pipeline section). The library is built against the installed
-TensorFlow (tf.sysconfig's flags, ~13 s, once) into $LVM_JAX_CACHE (default ~/.cache/lvm_jax) under a name
+hot path (the measurements are in docs/performance.md). The library is built against the installed
+TensorFlow (tf.sysconfig's flags, once) into $LVM_JAX_CACHE (default ~/.cache/lvm_jax) under a name
 keyed by the sources, TensorFlow's version and the flags. Where it cannot be built (no compiler), or with
 LVM_JAX_NATIVE_OPS=0, library() is None and lvm_jax.data.ops uses TensorFlow's ops: the same crop windows,
 each resized value within one level."""

@@ -48,7 +48,7 @@ def _to_uint8(image: tf.Tensor) -> tf.Tensor:
 def _resize_uint8(image, size, method="bilinear", antialias=True):
   if method not in RESIZE_METHODS:
     raise ValueError(f"resize: method must be one of {RESIZE_METHODS}, got {method!r}.")
-  # TF's resize kernels read float32 far faster than uint8: casting first takes a third off the op's time.
+  # TF's resize kernels read float32 far faster than uint8, so casting first is the cheaper path overall.
   resized = tf.image.resize(tf.cast(image, tf.float32), size, method=method, antialias=antialias)
   if method in OVERSHOOTING_METHODS:
     return _to_uint8(resized)

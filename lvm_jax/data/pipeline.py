@@ -101,7 +101,24 @@ def train_dataset(source, spec: PpSpec, *, global_batch_size: int, seed: int, st
   its num_shards / process_count shards and concatenates their batches. The global batch is therefore the same
   for every process count that divides num_shards: a run can move between 1 host and several and see the same
   examples in the same order.
-  `start` is how many examples each shard already consumed: step * global_batch_size / num_shards on resume.
+
+  Args:
+    source: a Source (lvm_jax.data.sources.make_source) of the training split.
+    spec: the pp string (or list of op strings), e.g. "decode_inception_crop(224)|flip_lr|mixup_cutmix(0.8, 1.0)";
+      batch ops (mixup, cutmix) come last and run on each shard's batches.
+    global_batch_size: examples per step over all processes; divisible by num_shards and the process count.
+    seed: the run's seed: the same seed gives the same shuffles and augmentations.
+    start: how many examples each shard already consumed, step * global_batch_size / num_shards on resume; the
+      stream then continues exactly as an uninterrupted one would, without reading the skipped examples.
+    shard: which process this is (default: jax.process_index() of jax.process_count()).
+    num_shards: data shards the split is read as (default: one per process); a multiple of the process count.
+    shuffle_buffer: examples (or file references) per shard's shuffle buffer; capped at the shard's size.
+    prefetch: batches prepared ahead.
+
+  Returns:
+    An endless tf.data.Dataset of this process's batches, dicts of "image" (whatever the pp leaves: uint8
+    unless it normalises) and "label" (int, or soft [batch, classes] labels after onehot/mixup), with
+    global_batch_size / process_count examples each.
   """
   shard = shard or Shard.current()
   num_shards = num_shards or shard.count
@@ -134,6 +151,18 @@ def eval_dataset(source, spec: PpSpec, *, global_batch_size: int, shard: Optiona
   """Every example of the split exactly once across processes, in batches with a "mask" (1 real, 0 padding).
 
   All processes yield eval_steps(...) batches, so collective computations line up.
+
+  Args:
+    source: a Source of the evaluation split.
+    spec: the pp string, deterministic and ending in a fixed size, e.g. "decode|resize_small(256)|central_crop(224)";
+      batch ops (mixup, cutmix) are an error here.
+    global_batch_size: examples per step over all processes, divisible by the process count.
+    shard: which process this is (default: jax.process_index() of jax.process_count()).
+    prefetch: batches prepared ahead.
+
+  Returns:
+    A finite tf.data.Dataset of this process's batches: the pp's outputs plus "mask" (int32), zero-filled
+    examples with mask 0 padding the last batches; weight every metric by the mask.
   """
   shard = shard or Shard.current()
   local_batch = local_batch_size(global_batch_size, shard)

@@ -209,8 +209,22 @@ def _kinds() -> dict[str, Callable[..., Source]]:
 
 
 def make_source(kind: str, **kwargs) -> Source:
-  """make_source("tfds", name="cifar10", split="train[:98%]", data_dir=...),
-  make_source("folder", root="/data/pets", split="train"), make_source("digits", split="test")."""
+  """A source of one split by kind, with that kind's arguments (unknown or missing ones are a TypeError).
+
+      make_source("tfds", name="cifar10", split="train[:98%]", data_dir=...)
+      make_source("folder", root="/data/pets", split="train")
+      make_source("digits", split="test")
+
+  Args:
+    kind: "tfds" (TfdsSource: name, split, data_dir, download, manual_dir, image_key, label_key), "folder"
+      (folders.FolderSource: root, split, holdout_fraction, holdout_split, train_split, layout, strict,
+      index_path) or "digits" (split, data_dir: the built-in digits set, prepared offline on first use).
+    **kwargs: the arguments of that kind, as the classes above document them.
+
+  Returns:
+    The Source: its num_examples, class_names (index i is label i) and per-process shards of encoded examples
+    ({"image": encoded image bytes, "label": int64}) for lvm_jax.data.pipeline.
+  """
   kinds = _kinds()
   if kind not in kinds:
     raise ValueError(f"Unknown source kind {kind!r}; expected one of {', '.join(kinds)}.{_close(str(kind), kinds)}")

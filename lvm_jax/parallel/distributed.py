@@ -5,7 +5,7 @@
 
 When a process of a multi-process run dies, the others cannot go on: their next collective has a missing
 member. jax's coordination service notices a process that stopped sending heartbeats and aborts the others, but
-only after jax's heartbeat_timeout_seconds (default 100 s; measured 82-92 s), with a C++ error that does not say
+only after jax's heartbeat_timeout_seconds (default 100 s), with a C++ error that does not say
 what to do. If process 0 itself dies (it hosts the coordination service), the others lose their connection to it
 and jax aborts them within a second ("Failed to send RPC to coordination service. Either the leader task was
 preempted/died..."); that case needs nothing more. A process that ends with a Python exception is worse: it
@@ -14,9 +14,9 @@ waits in jax's shutdown for the others, which wait in a collective for it, until
 So each process also runs a PeerWatch: a background thread that writes a counter into jax's key-value store
 every few seconds and reads the others' (process 0 reads every process's, the rest read process 0's). A counter
 that has not moved for `heartbeat_timeout_s` (default 20 s, environment variable LVM_JAX_HEARTBEAT_TIMEOUT_S),
-or a coordinator that has not answered for as long, means that process is lost (seen 16-24 s after it died);
-a process that ends with an uncaught exception writes "failed" instead of its counter (seen within one
-interval, 4 s; SystemExit is not caught that way: call distributed.fail before raising it). Either way the others
+or a coordinator that has not answered for as long, means that process is lost; a process that ends with an
+uncaught exception writes "failed" instead of its counter, which the others see within one interval (SystemExit
+is not caught that way: call distributed.fail before raising it). Either way the others
 print which process and how to restart, and exit with status 1 at once (their main thread may be blocked in a
 collective that will never complete). With more than 2 processes, process 0 waits for the others to read its
 verdict before it exits, so every survivor names the lost process. jax's own heartbeat timeout stays as the
@@ -71,10 +71,10 @@ def timeout_from_env() -> float:
 
 def jax_heartbeat_timeout_s(timeout_s: float) -> int:
   """jax's own timeout, the backstop, for a watch of `timeout_s`: jax's service declares a process dead between
-  half its timeout and its timeout after the process stopped (measured: 19.5 s at 20 s, 25.6 s at 35 s, 82-92 s
-  at 100 s; the clients beat every half timeout), and the watch needs up to its timeout plus one interval to see
-  a loss, plus 1.5 intervals that process 0 waits for the others to read its verdict. Ours must come first, or
-  the survivors end with jax's C++ abort and its message. 65 s for the default 20 s."""
+  half its timeout and its timeout after the process stopped (the clients beat every half timeout), and the
+  watch needs up to its timeout plus one interval to see a loss, plus 1.5 intervals that process 0 waits for the
+  others to read its verdict. Ours must come first, or the survivors end with jax's C++ abort and its message.
+  65 s for the default 20 s."""
   return int(2 * (timeout_s + 3 * timeout_s / 5)) + 1
 
 

@@ -35,8 +35,15 @@ class Classifier:
   """A checkpoint loaded once, with its forward pass compiled once per batch bucket (powers of two up to
   `batch_size`: a bigger request is split, a smaller one padded), so repeated calls do not recompile.
 
-  source_or_checkpoint: anything lvm_jax.load_checkpoint reads, or a Checkpoint already loaded.
-  overrides: model arguments that do not change the weights, e.g. dtype=jnp.bfloat16 (only with a source).
+  Calling it, `classifier(images, top_k=5)`, returns one list of Predictions (label, index, probability) per
+  image, most likely first; `logits` and `probabilities` give the [N, num_classes] arrays.
+
+  Args:
+    source_or_checkpoint: anything lvm_jax.load_checkpoint reads (a transformers or timm hub id or folder, a
+      big_vision .npz file), or a Checkpoint already loaded. Its head must have classes (num_classes > 0), and
+      its preprocessing must be readable to classify image files.
+    batch_size: the largest batch the forward pass runs at once.
+    **overrides: model arguments that do not change the weights, e.g. dtype=jnp.bfloat16 (only with a source).
   """
 
   def __init__(self, source_or_checkpoint: Union[str, Checkpoint], *, batch_size: int = 32, **overrides: Any):
@@ -101,7 +108,18 @@ class Classifier:
 
 def classify(source_or_checkpoint: Union[str, Checkpoint, Classifier], images, top_k: int = 5
              ) -> list[list[Prediction]]:
-  """The `top_k` predictions for each image. For repeated calls build a Classifier once instead."""
+  """The `top_k` predictions for each image. For repeated calls build a Classifier once instead.
+
+  Args:
+    source_or_checkpoint: a checkpoint to load (anything lvm_jax.load_checkpoint reads), a loaded Checkpoint,
+      or a Classifier.
+    images: one image or several: a path, a PIL image, a uint8 [H, W] or [H, W, C] array, a list of those, or an
+      [N, H, W, C] array. Each is preprocessed as the checkpoint's own preprocessor config says.
+    top_k: how many classes to return per image.
+
+  Returns:
+    One list per image of `top_k` Predictions (label, index, probability), most likely first.
+  """
   classifier = source_or_checkpoint
   if not isinstance(classifier, Classifier):
     classifier = Classifier(source_or_checkpoint)

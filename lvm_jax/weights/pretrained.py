@@ -33,14 +33,26 @@ def _hub_folder(source: str) -> pathlib.Path:
 
 
 def load_checkpoint(source: str, **overrides: Any) -> Checkpoint:
-  """Reads a checkpoint exactly as saved. `source` is one of:
+  """Reads a checkpoint exactly as saved: its own architecture, head and image size.
 
-  - a Hugging Face transformers folder or hub id (config.json with model_type vit / swin / resnet),
-  - a timm folder or hub id such as "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k" (config.json with
-    "architecture"),
-  - a big_vision / vision_transformer .npz file (ViT; the architecture is read from the tensor shapes).
-  `overrides` replace model arguments that do not change the weights (dtype, drop_path, dropout, ...);
-  scan_layers=True (ViT) loads the per-layer checkpoint and stacks its blocks (vit.stack_blocks).
+  Args:
+    source: one of
+      - a Hugging Face transformers folder or hub id (config.json with model_type vit / swin / resnet),
+      - a timm folder or hub id such as "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k" (config.json with
+        "architecture"),
+      - a big_vision / vision_transformer .npz file (ViT; the architecture is read from the tensor shapes).
+      Hub ids are downloaded with huggingface_hub, or read from its cache when offline.
+    **overrides: model arguments that do not change the weights (dtype, drop_path, dropout, ...);
+      scan_layers=True (ViT) loads the per-layer checkpoint and stacks its blocks (vit.stack_blocks).
+
+  Returns:
+    A Checkpoint: the model, its variables (in the model's param_dtype), the class names (None when the
+    checkpoint has none) and the input preprocessing it was trained with (None, with preprocessing_error saying
+    why, when its preprocessor config is one this library cannot apply).
+
+  Raises:
+    WeightsMismatchError: the tensors do not fit the architecture of the config (every mismatch listed).
+    FileNotFoundError, ValueError: the source cannot be found or read, or is not a supported architecture.
   """
   scan = overrides.pop("scan_layers", False)
   source = str(source)
@@ -92,9 +104,19 @@ def from_pretrained(source: str, *, num_classes: Optional[int] = None, image_siz
                     seed: int = 0, **overrides: Any):
   """(model, variables) from a pretrained checkpoint, optionally re-targeted for transfer learning.
 
-  num_classes: a new head, freshly initialised (0 removes the head: the model returns pooled features).
-  image_size: ViT position embeddings are resized; a Swin whose window is image_size // 32 (7 at 224,
-  12 at 384, as the released models) keeps that rule, with its relative position bias tables resized.
+  Args:
+    source: anything load_checkpoint reads (a transformers or timm hub id or folder, a big_vision .npz file).
+    num_classes: a new head, freshly initialised (0 removes the head: the model returns pooled features);
+      None keeps the checkpoint's head.
+    image_size: the input size to fine-tune at; ViT position embeddings are resized (bicubic on the 2-D grid),
+      and a Swin whose window is image_size // 32 (7 at 224, 12 at 384, as the released models) keeps that
+      rule, with its relative position bias tables resized. None keeps the checkpoint's size.
+    seed: the key of the new head's initialisation.
+    **overrides: model arguments that do not change the weights (dtype, drop_path, scan_layers, ...).
+
+  Returns:
+    (model, variables): a flax module and its variables ({"params", ...}; "batch_stats" for ResNet), ready for
+    model.apply(variables, images, train=False).
   """
   ckpt = load_checkpoint(source, **overrides)
   return retarget(ckpt.model, ckpt.variables, num_classes=num_classes, image_size=image_size, seed=seed)
@@ -116,9 +138,23 @@ def retarget(model, variables, *, num_classes=None, image_size=None, seed=0):
 
 
 def save_pretrained(model, variables, folder, *, labels=None, preprocessing: Optional[Preprocessing] = None):
-  """Writes a Hugging Face transformers checkpoint folder (config.json, model.safetensors and, when given,
-  preprocessor_config.json) that transformers loads into the same network with the same outputs.
-  A scan_layers ViT is written per layer, as every released checkpoint is."""
+  """Writes a Hugging Face transformers checkpoint folder that transformers loads into the same network.
+
+  transformers.AutoModelForImageClassification.from_pretrained(folder) gives the same outputs as
+  model.apply(variables, ...). A scan_layers ViT is written per layer, as every released checkpoint is; each file
+  is written atomically.
+
+  Args:
+    model: a VisionTransformer, SwinTransformer or ResNet.
+    variables: its variables (boxed or not).
+    folder: the folder to write (created if missing).
+    labels: class names, index i the name of class i (config.json's id2label); None writes LABEL_0, LABEL_1, ...
+    preprocessing: the input preprocessing to write as preprocessor_config.json (e.g. a Checkpoint's), so that
+      transformers' image processors and lvm_jax.classify prepare images the same way; None writes none.
+
+  Returns:
+    The folder written, as a pathlib.Path.
+  """
   model, variables = _per_layer(model, variables)
   folder = hf.save(model, variables, folder, labels=labels)
   if preprocessing is not None:
