@@ -53,11 +53,7 @@ def _mesh1():
 
 
 def _state(model, tx, shape, *, use_ema=False, variables=None, seed=0):
-  # shardings(use_ema=True) raises (see test_shardings_with_ema); the EMA shards like the params, so those are
-  # built here and the other tests still check what they are about.
-  shardings = state_lib.shardings(model, tx, shape, _mesh1(), "dp", use_ema=False)
-  if use_ema:
-    shardings = shardings.replace(ema_params=shardings.params)
+  shardings = state_lib.shardings(model, tx, shape, _mesh1(), "dp", use_ema=use_ema)
   return state_lib.create(model, tx, jax.random.key(seed), shape, shardings, use_ema=use_ema, variables=variables)
 
 
@@ -585,10 +581,8 @@ def test_fsdp_shardings_shard_big_kernels_and_their_adam_moments_alike(fsdp_setu
 
 
 def test_shardings_with_ema(fsdp_setup):
-  """BUG (state.py, abstract_state): with use_ema=True, jax.eval_shape closes over the ShapeDtypeStructs of
-  `boxed`, so _new_state's jnp.copy gets a ShapeDtypeStruct and raises TypeError; every run with
-  optimizer.ema_decay set fails in setup. Fix: pass the variables as eval_shape's argument:
-  jax.eval_shape(lambda v: _new_state(v, tx, jax.random.key(0), use_ema), nn.meta.unbox(boxed))."""
+  """With use_ema=True (optimizer.ema_decay set) the shardings are built, and the EMA copy of the parameters
+  is laid out exactly as the parameters."""
   model, _, tx, mesh = fsdp_setup
   sh = state_lib.shardings(model, tx, VIT_SHAPE, mesh, "fsdp", use_ema=True)
   assert _specs(sh.ema_params) == _specs(sh.params)
