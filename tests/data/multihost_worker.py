@@ -28,8 +28,9 @@ def main(process_id: int, port: int, data_dir: str, out: str) -> None:
   results = {}
   test = sources.make_source("digits", split="test", data_dir=data_dir)
   shard = pipeline.Shard.current()
-  results["shard_labels"] = np.array([int(ex["label"]) for ex in test.dataset(shard.index, shard.count)
-                                      .as_numpy_iterator()])
+  examples = list(test.dataset(shard.index, shard.count).as_numpy_iterator())
+  results["shard_labels"] = np.array([int(ex["label"]) for ex in examples])
+  results["shard_images"] = np.array([ex["image"] for ex in examples])  # encoded bytes: an example's identity
   evals = pipeline.eval_dataset(test, EVAL_PP, global_batch_size=GLOBAL_BATCH)
   for i, batch in enumerate(device_batches.global_batches(evals.as_numpy_iterator(), sharding)):
     for key, value in batch.items():

@@ -46,7 +46,15 @@ def test_train_batches_on_the_mesh_with_soft_labels(photos, tmp_path):
     assert images.dtype == np.float32 and -1.0 <= images.min() and images.max() <= 1.0
     labels = np.asarray(batch["label"])
     np.testing.assert_allclose(labels.sum(-1), 1.0, atol=1e-5)  # mixed soft labels still sum to one
-    assert (labels.max(-1) < 1.0).all()  # smoothing and mixing leave no hard label
+    # Example i is mixed with example 15 - i, so each pair still holds its two smoothed one-hot labels
+    # (0.9 * onehot + 0.1 / 3) in total, whatever the weight ...
+    hot = (labels + labels[::-1] - 2 * 0.1 / 3) / 0.9
+    np.testing.assert_allclose(hot, hot.round(), atol=1e-4)
+    assert (hot.round().sum(-1) == 2).all()
+    # ... and mixing happened: labels that are not a smoothed one-hot, with 0.9 + 0.1 / 3 at most.
+    mixed = ~np.isclose(labels.max(-1), 0.9 + 0.1 / 3, atol=1e-3)
+    print(f"step {step}: {mixed.sum()} of 16 labels mixed")
+    assert mixed.any()
 
 
 def test_eval_covers_the_held_out_files_exactly_once(photos):
