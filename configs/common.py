@@ -1,5 +1,5 @@
-"""What several recipes share: ImageNet's TFDS blocks, the DeiT augmentation (also Swin's), and the run length
-of every recipe's `runlocal` variant. Data only, like the recipes."""
+"""What several recipes share: ImageNet's TFDS blocks, the DeiT augmentation (also Swin's), the ViT paper's
+fine-tuning optimizer, and the run length of every recipe's `runlocal` variant. Data only, like the recipes."""
 
 from ml_collections.config_dict import FieldReference, placeholder
 
@@ -26,6 +26,19 @@ def deit_pp_train(size: int, num_classes: int) -> str:
 def deit_pp_eval(size: int) -> str:
   # Resize the shorter side to size / 0.875 (bicubic), central crop (DeiT and Swin's TEST.CROP).
   return f"decode|center_crop_fraction({size}, crop_fraction=0.875, method='bicubic')"
+
+
+def vit_transfer_optimizer(c, lr: float, warmup_steps: int) -> None:
+  """The ViT paper's fine-tuning optimizer (Dosovitskiy et al. 2021, B.1.1; big_vision transfer.py): SGD momentum
+  0.9, no weight decay, gradient clipping at global norm 1, linear warmup then cosine to 0."""
+  c.optimizer.name = "sgd"
+  c.optimizer.lr = lr
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.clip_norm = 1.0
+  c.optimizer.schedule.warmup_steps = warmup_steps
+  c.optimizer.schedule.decay = "cosine"
 
 
 def runlocal(c) -> None:

@@ -63,11 +63,7 @@ def get_config(arg=None):
 
   c.num_steps = NUM_STEPS
   c.label_smoothing = 0.0
-  # SGD momentum 0.9, no weight decay, gradient clipping at global norm 1, linear warmup then cosine to 0
-  # (ViT paper B.1.1).
-  # Set on the default block (not a new dict): every optimizer key stays a --config.optimizer.KEY flag.
-  c.optimizer.update(dict(name="sgd", lr=LR, momentum=0.9, nesterov=False, weight_decay=0.0, clip_norm=1.0,
-                          schedule=dict(warmup_steps=WARMUP_STEPS, decay="cosine")))
+  common.vit_transfer_optimizer(c, lr=LR, warmup_steps=WARMUP_STEPS)   # SGD, clipping, warmup + cosine (B.1.1)
   c.log_every_steps = 10
   c.eval_every_steps = NUM_STEPS // 5
   c.checkpoint_every_steps = c.eval_every_steps

@@ -63,10 +63,13 @@ def get_config(arg=None):
   # SGD with Nesterov momentum 0.9 (Bag of Tricks 2.1; Flax's imagenet example), L2 weight decay 1e-4 (He et al.
   # 2016) on conv and dense kernels only: no decay on biases and BatchNorm scale/bias (Bag of Tricks 3.1).
   # Linear warmup from 0 over 5 epochs, then cosine to 0 (Bag of Tricks 5.1). No clipping.
-  # Set on the default block (not a new dict): every optimizer key stays a --config.optimizer.KEY flag.
-  c.optimizer.update(dict(name="sgd", lr=BASE_LR * batch_size / BASE_BATCH, momentum=0.9, nesterov=True,
-                          weight_decay=1e-4,
-                          schedule=dict(warmup_steps=math.ceil(WARMUP_EPOCHS * steps_per_epoch), decay="cosine")))
+  c.optimizer.name = "sgd"
+  c.optimizer.lr = BASE_LR * batch_size / BASE_BATCH
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = True
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.schedule.warmup_steps = math.ceil(WARMUP_EPOCHS * steps_per_epoch)
+  c.optimizer.schedule.decay = "cosine"
   c.log_every_steps = 100
   c.eval_every_steps = math.ceil(5 * steps_per_epoch)    # every 5 epochs
   c.checkpoint_every_steps = 1000

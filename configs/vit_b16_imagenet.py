@@ -55,10 +55,13 @@ def get_config(arg=None):
   # AdamW, betas (0.9, 0.999), eps 1e-8, weight decay 0.05 (not on biases, norms, position embedding, class
   # token), cosine decay after a linear warmup; no gradient clipping, no EMA (Table 9).
   peak_lr = BASE_LR * batch_size / BASE_BATCH
-  # Set on the default block (not a new dict): every optimizer key stays a --config.optimizer.KEY flag.
-  c.optimizer.update(dict(name="adamw", lr=peak_lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
-                          schedule=dict(warmup_steps=math.ceil(WARMUP_EPOCHS * steps_per_epoch), decay="cosine",
-                                        end_lr_fraction=min(MIN_LR / peak_lr, 1.0))))
+  c.optimizer.name = "adamw"
+  c.optimizer.lr = peak_lr
+  c.optimizer.b1, c.optimizer.b2, c.optimizer.eps = 0.9, 0.999, 1e-8
+  c.optimizer.weight_decay = 0.05
+  c.optimizer.schedule.warmup_steps = math.ceil(WARMUP_EPOCHS * steps_per_epoch)
+  c.optimizer.schedule.decay = "cosine"
+  c.optimizer.schedule.end_lr_fraction = min(MIN_LR / peak_lr, 1.0)
   c.log_every_steps = 100
   c.eval_every_steps = math.ceil(10 * steps_per_epoch)   # every 10 epochs
   c.checkpoint_every_steps = 1000

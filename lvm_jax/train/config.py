@@ -20,6 +20,9 @@ FREE_FORM = ("model_args", "data.train", "data.eval", "optimizer", "mesh", "shar
 DTYPES = ("float32", "bfloat16", "float16")
 # Settings whose None means something ("no evaluation", "the checkpoint's own normalisation", "keep no best").
 NULLABLE = ("data.eval", "data.normalize", "best_metric")
+# Blocks a recipe edits in place (c.optimizer.lr = ...): --config.optimizer.KEY can only set a key the recipe's
+# config still holds, so a recipe that assigns a new block (c.optimizer = dict(...)) loses every key it leaves out.
+IN_PLACE = ("optimizer", "optimizer.schedule")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -126,12 +129,34 @@ def set_path(tree, key: str, value, sep: str = ".") -> None:
   tree[name] = value
 
 
+def _replaced_blocks(config) -> list[str]:
+  """Errors for IN_PLACE blocks of a ConfigDict config (a recipe: what the command line overrides) that lack
+  keys of their default block, i.e. that a recipe replaced rather than edited. Plain dicts are Python callers'
+  partial settings, replaced whole on purpose."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    return []
+  errors = []
+  reference = defaults()
+  for path in IN_PLACE:
+    block, default = config, reference
+    for name in path.split("."):
+      block, default = (block.get(name) if isinstance(block, ml_collections.ConfigDict) else None), default[name]
+    if not isinstance(block, ml_collections.ConfigDict):
+      continue  # absent (the default applies) or the wrong type (reported as such)
+    lost = [key for key in default if key not in block]
+    if lost:
+      errors.append(f"{path} was assigned a new block that lacks {', '.join(map(repr, lost))}, so "
+                    f"--config.{path}.KEY cannot set them: set fields of the default block instead "
+                    f"(c.{path}.KEY = VALUE, or c.{path}.update(KEY=VALUE, ...)), never c.{path} = {{...}}")
+  return errors
+
+
 def validate(config) -> ml_collections.ConfigDict:
   """The config with defaults filled in; raises ValueError on unknown keys, wrong types or bad values."""
   schema = _flatten(defaults())
   blocks = {k.rsplit(".", 1)[0] for k in schema if "." in k}
   given = _flatten(config, blocks=blocks)
-  errors = []
+  errors = _replaced_blocks(config)
   for key, value in given.items():
     if key not in schema:
       close = difflib.get_close_matches(key, schema, n=1)

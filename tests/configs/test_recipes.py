@@ -180,12 +180,32 @@ def test_command_line_sets_a_source_argument_in_both_blocks(name, key, value):
   assert config_lib.validate(config).data.eval[key] == value
 
 
-@pytest.mark.parametrize("name", RECIPES)
-def test_command_line_sets_any_optimizer_key(name):
-  config = parse_flags(f"--config={REPO / 'configs' / name}.py", "--config.optimizer.ema_decay=0.9999",
-                       "--config.optimizer.clip_norm=2.0", "--config.optimizer.schedule.warmup_steps=7")
+# A value for every key of the optimizer block, none of them any recipe's own.
+OPTIMIZER_FLAGS = dict(name="lamb", lr=0.5, b1=0.8, b2=0.95, eps=1e-7, momentum=0.5, nesterov=True, weight_decay=0.02,
+                       clip_norm=2.0, layer_decay=0.75, frozen=("^head/",), no_decay=("bias$",), accumulate_steps=3,
+                       ema_decay=0.9999, **{"schedule.warmup_steps": 7, "schedule.total_steps": 90,
+                                            "schedule.decay": "linear", "schedule.end_lr_fraction": 0.01})
+# Every recipe under configs/, the digits demo and any added later included.
+ALL_RECIPES = sorted(path.stem for path in (REPO / "configs").glob("*.py") if path.stem != "common")
+
+
+def test_the_flags_cover_every_optimizer_key():
+  block = config_lib.defaults().optimizer
+  assert set(OPTIMIZER_FLAGS) == (set(block) - {"schedule"}) | {f"schedule.{key}" for key in block.schedule}
+
+
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+@pytest.mark.parametrize("name", ALL_RECIPES)
+def test_command_line_sets_any_optimizer_key(name, arg):
+  flag_text = {key: repr(value) if isinstance(value, tuple) else value for key, value in OPTIMIZER_FLAGS.items()}
+  config = parse_flags(f"--config={REPO / 'configs' / name}.py" + (f":{arg}" if arg else ""),
+                       *(f"--config.optimizer.{key}={value}" for key, value in flag_text.items()))
   opt = config_lib.validate(config).optimizer
-  assert (opt.ema_decay, opt.clip_norm, opt.schedule.warmup_steps) == (0.9999, 2.0, 7)
+  assert {key: opt[key] for key in OPTIMIZER_FLAGS if "." not in key} == {
+      key: value for key, value in OPTIMIZER_FLAGS.items() if "." not in key}
+  assert {f"schedule.{key}": value for key, value in opt.schedule.items()} == {
+      key: value for key, value in OPTIMIZER_FLAGS.items() if "." in key}
+  optimizer_lib.read_config(opt)
 
 
 def test_command_line_layout_reads_class_folders_with_subfolders(tmp_path):

@@ -176,13 +176,40 @@ def test_free_form_blocks_are_replaced_whole():
   assert full.data.train.to_dict() == {"kind": "folder", "path": "/images"}
   # The rest of `data` is not free-form: its other keys keep their defaults, data.eval included.
   assert full.data.to_dict() == {**_expected()["data"], "train": {"kind": "folder", "path": "/images"}}
-  # Keys inside a free-form block are not checked here (their owners check them) ...
+  # Keys inside a free-form block are not checked here (their owners check them).
   config_lib.validate({"num_steps": 10, "optimizer": {"anything": 1}, "model_args": {"whatever": "x"}})
-  # ... but a ConfigDict given for such a block behaves like a dict.
+
+
+def recipe_assigning(path: str, block):
+  """What a recipe's get_config returns after `c.<path> = block` (rather than setting the block's fields)."""
   c = config_lib.defaults()
   c.num_steps = 10
-  c.optimizer = ml_collections.ConfigDict({"name": "lamb", "lr": 2e-3})
-  assert config_lib.validate(c).optimizer.to_dict() == {"name": "lamb", "lr": 2e-3}
+  config_lib.set_path(c, path, block)
+  return c
+
+
+@pytest.mark.parametrize("path, block, lost", [
+    ("optimizer", {"name": "sgd", "lr": 0.1, "schedule": {"warmup_steps": 5}}, "'accumulate_steps', 'b1'"),
+    ("optimizer", ml_collections.ConfigDict({"name": "lamb", "lr": 2e-3}), "'accumulate_steps', 'b1'"),
+    ("optimizer.schedule", {"warmup_steps": 5}, "'decay', 'end_lr_fraction', 'total_steps'"),
+])
+def test_a_recipe_that_assigns_a_new_optimizer_block_is_an_error(path, block, lost):
+  # --config.optimizer.KEY can only set keys the recipe's config holds: the dropped ones would be out of reach.
+  with pytest.raises(ValueError, match=rf"{path} was assigned a new block that lacks {lost}.*so "
+                                       rf"--config\.{path}\.KEY cannot set them: set fields of the default block "
+                                       rf"instead \(c\.{path}\.KEY = VALUE, or c\.{path}\.update\(KEY=VALUE"):
+    config_lib.validate(recipe_assigning(path, block))
+
+
+def test_a_recipe_that_edits_the_optimizer_block_in_place_is_fine():
+  c = recipe_assigning("optimizer.lr", 0.1)
+  c.optimizer.update(name="sgd", clip_norm=1.0, schedule={"warmup_steps": 5})  # update merges nested blocks
+  c.optimizer.schedule.decay = "linear"
+  opt = config_lib.validate(c).optimizer
+  assert (opt.name, opt.lr, opt.clip_norm, opt.weight_decay, opt.b1) == ("sgd", 0.1, 1.0, 0.05, 0.9)
+  assert (opt.schedule.warmup_steps, opt.schedule.decay) == (5, "linear")
+  # A block with every key (e.g. a validated config, validated again) was not cut down.
+  assert config_lib.validate(config_lib.validate(c)).optimizer.to_dict() == opt.to_dict()
 
 
 # ------------------------------------------------------------------------------------------------ parse_arg
