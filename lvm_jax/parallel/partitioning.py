@@ -1,9 +1,10 @@
 """Sharding strategies: logical axis rules (+ FSDP) -> PartitionSpecs for variables, optimizer state, activations.
 
-A strategy maps the models' logical axis names ("batch", "embed", "mlp", "heads", ...) onto the mesh axes
-("data", "fsdp", "model"). FSDP additionally shards every tensor of at least `fsdp_min_size` elements over the
-fsdp axis along its largest dimension that divides evenly and no rule already shards (big_vision's idea), so
-conv kernels, position embeddings and BatchNorm statistics are covered without naming their dimensions.
+A strategy maps the models' logical axis names ("batch", "embed", "mlp", "heads", ...; lvm_jax.logical_axes
+declares them all, and a rule naming another is an error) onto the mesh axes ("data", "fsdp", "model"). FSDP
+additionally shards every tensor of at least `fsdp_min_size` elements over the fsdp axis along its largest
+dimension that divides evenly and no rule already shards (big_vision's idea), so conv kernels, position
+embeddings and BatchNorm statistics are covered without naming their dimensions.
 The decision depends only on a tensor's shape and names, so optimizer state mirrors its parameter exactly.
 """
 
@@ -20,15 +21,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lvm_jax import logical_axes
 from lvm_jax.parallel import mesh as mesh_lib
 
 Rules = tuple[tuple[str, Any], ...]
 
-_BATCH_RULE = ("batch", mesh_lib.BATCH_AXES)
+_BATCH_RULE = (logical_axes.BATCH, mesh_lib.BATCH_AXES)
 # Megatron-style: attention heads and the MLP hidden layer split over "model"; the residual stream ("embed")
 # stays whole, so each block needs one all-reduce after attention and one after the MLP.
-_TP_RULES = (("heads", "model"), ("mlp", "model"))
-LAYER_AXIS = "layers"  # the stacked axis of scanned layers (ViT scan_layers): never sharded by FSDP
+_TP_RULES = ((logical_axes.HEADS, "model"), (logical_axes.MLP, "model"))
+LAYER_AXIS = logical_axes.LAYERS  # the stacked axis of scanned layers (ViT scan_layers): never sharded by FSDP
+
+
+def _preset_rules(*sharded) -> tuple:
+  """`sharded` then every other declared name replicated, so each preset's table names every logical axis."""
+  named = {name for name, _ in sharded}
+  return tuple(sharded) + tuple((name, None) for name in logical_axes.NAMES if name not in named)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +50,10 @@ class Strategy:
 
 
 PRESETS = {
-    "dp": Strategy((_BATCH_RULE,), name="dp"),
-    "fsdp": Strategy((_BATCH_RULE,), fsdp_axis="fsdp", name="fsdp"),
-    "tp": Strategy((_BATCH_RULE,) + _TP_RULES, name="tp"),
-    "fsdp_tp": Strategy((_BATCH_RULE,) + _TP_RULES, fsdp_axis="fsdp", name="fsdp_tp"),
+    "dp": Strategy(_preset_rules(_BATCH_RULE), name="dp"),
+    "fsdp": Strategy(_preset_rules(_BATCH_RULE), fsdp_axis="fsdp", name="fsdp"),
+    "tp": Strategy(_preset_rules(_BATCH_RULE, *_TP_RULES), name="tp"),
+    "fsdp_tp": Strategy(_preset_rules(_BATCH_RULE, *_TP_RULES), fsdp_axis="fsdp", name="fsdp_tp"),
 }
 _SPEC_KEYS = ("preset", "rules", "fsdp_axis", "fsdp_min_size")
 
@@ -55,6 +63,11 @@ def _normalize_rules(rules) -> Rules:
   for rule in rules:
     if isinstance(rule, str) or len(rule) != 2 or not isinstance(rule[0], str):
       raise ValueError(f"Sharding rule {rule!r} must be a (logical name, mesh axes) pair, e.g. ('mlp', 'model').")
+    if rule[0] not in logical_axes.NAMES:  # it would match no tensor: whatever it meant to shard stays whole
+      close = difflib.get_close_matches(rule[0], logical_axes.NAMES, n=1)
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      raise ValueError(f"Sharding rule {tuple(rule)!r} names the unknown logical axis {rule[0]!r}.{hint} "
+                       f"The logical axes are {', '.join(logical_axes.NAMES)} (lvm_jax.logical_axes).")
     axes = rule[1]
     if isinstance(axes, (list, tuple)):  # configs hold lists; flax wants tuples
       axes = tuple(axes)

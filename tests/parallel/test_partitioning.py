@@ -9,8 +9,10 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import lvm_jax
 from lvm_jax import ResNet, SwinTransformer, VisionTransformer
-from lvm_jax import parallel
+from lvm_jax import logical_axes, parallel
+from lvm_jax.models import registry
 
 # Width 64 / MLP 256: fc1 and fc2 kernels (16,384 elements) reach FSDP's default threshold of 2**14.
 VIT = VisionTransformer(num_classes=10, image_size=32, patch_size=4, width=64, depth=2, mlp_dim=256, num_heads=4)
@@ -166,6 +168,11 @@ def test_custom_rules_from_a_config():
              r"Did you mean 'fsdp'\?"),
     ({"preset": "tp", "axes": []}, r"Unknown sharding strategy keys \['axes'\]"),
     ({"rules": [("mlp",)]}, r"must be a \(logical name, mesh axes\) pair"),
+    # A typo would match no tensor and silently replicate what it meant to shard.
+    ({"rules": [["embd", "model"]]}, r"Sharding rule \('embd', 'model'\) names the unknown logical axis 'embd'\. "
+                                     r"Did you mean 'embed'\? The logical axes are batch, length, .*, layers"),
+    (parallel.Strategy(rules=(("batch", "data"), ("attention", "model"))),
+     r"Sharding rule \('attention', 'model'\) names the unknown logical axis 'attention'\. The logical"),
 ])
 def test_bad_strategy_is_a_clear_error(spec, match):
   with pytest.raises(ValueError, match=match):
@@ -184,3 +191,42 @@ def test_fsdp_never_shards_the_stacked_layer_axis_of_scanned_layers():
   assert parallel.partition_spec((32, 16, 80), ("layers", "heads", "kv"), mesh, "fsdp") == P(None, None, None)
   # Without the name the same shape would be split along its first axis.
   assert parallel.partition_spec((32, 16, 80), (None, "heads", "kv"), mesh, "fsdp") == P("fsdp", None, None)
+
+
+def test_every_preset_names_every_logical_axis_once():
+  for name, strategy in parallel.PRESETS.items():
+    assert sorted(rule for rule, _ in strategy.rules) == sorted(logical_axes.NAMES), name
+  assert parallel.LOGICAL_AXES == logical_axes.NAMES
+
+
+def logical_names_used(model, monkeypatch) -> tuple[set, set]:
+  """(names on the model's parameters, names its activation constraints use), from an abstract init."""
+  constrained = set()
+
+  def record(x, names, *args, **kwargs):
+    constrained.update(names)
+    return x
+
+  monkeypatch.setattr(nn, "with_logical_constraint", record)
+  size = getattr(model, "image_size", 224)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+  partitioned = [x for x in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+                 if isinstance(x, nn.LogicallyPartitioned)]
+  assert partitioned, "the model tags no parameter with logical names"
+  return {n for x in partitioned for n in x.names} - {None}, constrained - {None}
+
+
+def test_the_models_use_exactly_the_declared_logical_axes(monkeypatch):
+  used = set()
+  for name in lvm_jax.list_models():
+    model = lvm_jax.create_model(name)
+    variants = [model]
+    if "scan_layers" in registry.model_fields(type(model)):  # the stacked layer axis appears only when scanned
+      variants.append(model.clone(scan_layers=True))
+    for variant in variants:
+      params, activations = logical_names_used(variant, monkeypatch)
+      unknown = (params | activations) - set(logical_axes.NAMES)
+      assert not unknown, f"{name} uses logical axes {sorted(unknown)} that lvm_jax.logical_axes does not declare"
+      used |= params | activations
+  # A declared name no model uses would be a rule target that never matches anything.
+  assert used == set(logical_axes.NAMES)
