@@ -73,12 +73,13 @@ def predict() -> None:
     raise app.UsageError("--mode=predict needs exactly one of --pretrained (a checkpoint) and --workdir (a run).")
   if FLAGS.step is not None and not FLAGS.workdir:
     raise app.UsageError("--step picks a checkpoint of a run: it needs --workdir.")
+  if FLAGS.workdir:  # what predict shows is the run's task's to say
+    from lvm_jax import tasks
+    task = tasks.task_of_workdir(FLAGS.workdir)
+    print(task.predict(FLAGS.workdir, FLAGS.image, step=FLAGS.step, top_k=FLAGS.top_k, as_json=FLAGS.json))
+    return
   from lvm_jax.tasks import classify
-  source = FLAGS.pretrained
-  if FLAGS.workdir:
-    from lvm_jax.train import workdir_checkpoint
-    source = workdir_checkpoint.load(FLAGS.workdir, step=FLAGS.step)
-  predictions = classify.classify(source, FLAGS.image, top_k=FLAGS.top_k)[0]
+  predictions = classify.classify(FLAGS.pretrained, FLAGS.image, top_k=FLAGS.top_k)[0]
   print(classify.format_predictions(predictions, as_json=FLAGS.json))
 
 

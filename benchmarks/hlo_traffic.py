@@ -21,9 +21,7 @@ benchmarks/scaling.py builds it, compiled from abstract inputs: nothing is alloc
 import argparse
 import collections
 import dataclasses
-import importlib.util
 import os
-import pathlib
 import re
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -32,14 +30,15 @@ import numpy as np  # noqa: E402
 
 import jax  # noqa: E402
 
+import lvm_jax  # noqa: E402
 from lvm_jax.parallel import create_mesh, partitioning  # noqa: E402
+from lvm_jax.tasks.classification import Classification  # noqa: E402
 from lvm_jax.train import throughput  # noqa: E402
+from lvm_jax.train.program import TrainProgram  # noqa: E402
 
-# benchmarks/scaling.py, loaded by path (benchmarks/ is not a package): it compiles the trainer's step from
-# abstract inputs, nothing allocated.
-_spec = importlib.util.spec_from_file_location("scaling_benchmark", pathlib.Path(__file__).with_name("scaling.py"))
-scaling = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(scaling)
+NUM_CLASSES = 1000
+OPTIMIZER = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05,
+             "schedule": {"warmup_steps": 100, "total_steps": 10_000, "decay": "cosine"}}
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
                 "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
@@ -231,10 +230,17 @@ def report(name: str, rows: list[Traffic], xla_bytes: float | None, top: int) ->
 
 
 def compiled_train_step(name: str, batch: int):
-  """The trainer's step for `name` at its own image size on one device (data parallel), compiled."""
+  """The trainer's step (lvm_jax.train.program) for `name` at its own image size on one device, compiled from
+  abstract inputs: nothing is allocated."""
+  model = lvm_jax.create_model(name, num_classes=NUM_CLASSES)
+  size = getattr(model, "image_size", 224)
   mesh = create_mesh(devices=jax.devices()[:1])
-  compiled, *_ = scaling.compile_train_step(scaling.build_model(name), mesh, partitioning.get_strategy("dp"), batch)
-  return compiled
+  program = TrainProgram.create(task=Classification(NUM_CLASSES), model=model, optimizer=OPTIMIZER, mesh=mesh,
+                                strategy=partitioning.get_strategy("dp"), input_shape=(1, size, size, 3))
+  sharding = program.batch_sharding
+  batch = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), np.float32, sharding=sharding),
+           "label": jax.ShapeDtypeStruct((batch,), np.int32, sharding=sharding)}
+  return program.train_step().lower(program.abstract_state, batch).compile()
 
 
 def main(argv=None) -> None:

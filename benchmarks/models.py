@@ -7,8 +7,8 @@
 
 For each model (any registered variant name, built with lvm_jax.create_model(num_classes=1000)):
   infer:  jax.jit(model.apply(..., train=False)) on one fixed batch;
-  train:  the real train step (lvm_jax.train.steps.make_train_step with AdamW from make_optimizer, the state
-          created in its shardings on a 1-device mesh, jitted with donation as the trainer does):
+  train:  the trainer's own train step (lvm_jax.train.program.TrainProgram: AdamW, the state created in its
+          shardings on a 1-device mesh, jitted with donation):
           forward + backward + optimizer update + BatchNorm statistics.
 Compilation (lower().compile()) is timed apart; each measurement then warms up and reports the median time of
 repeated calls (each call waited for with block_until_ready), as images/s.
@@ -47,9 +47,9 @@ from lvm_jax.data import host_memory  # noqa: E402
 from lvm_jax.models import registry  # noqa: E402
 from lvm_jax.parallel import create_mesh, partitioning  # noqa: E402
 from lvm_jax.parallel.mesh import batch_sharding  # noqa: E402
-from lvm_jax.train import optimizer as optimizer_lib  # noqa: E402
-from lvm_jax.train import state as state_lib  # noqa: E402
-from lvm_jax.train import steps, throughput  # noqa: E402
+from lvm_jax.tasks.classification import Classification  # noqa: E402
+from lvm_jax.train import throughput  # noqa: E402
+from lvm_jax.train.program import TrainProgram  # noqa: E402
 
 # Published forward MACs per image at 224 (ViT paper / timm / Swin paper tables), in GMACs.
 PUBLISHED_GMACS = {"vit_b16": 17.58, "resnet50": 4.11, "swin_t": 4.51}
@@ -103,18 +103,15 @@ def model_overrides(name: str, args) -> dict:
 def jax_benchmarks(name: str, images: np.ndarray, labels: np.ndarray, args) -> dict:
   model = lvm_jax.create_model(name, **model_overrides(name, args))
   batch_size = images.shape[0]
-  input_shape = (1,) + images.shape[1:]
   mesh = create_mesh(devices=jax.devices()[:1])
   strategy = partitioning.get_strategy("dp")
-  params_shapes = registry.abstract_variables(model)["params"]
-  tx, schedule = optimizer_lib.make_optimizer(OPTIMIZER, params_shapes)
-  shardings = state_lib.shardings(model, tx, input_shape, mesh, strategy, use_ema=False)
-  data_sharding = batch_sharding(mesh, batch_size)
-  batch = jax.device_put({"image": images, "label": labels}, data_sharding)
+  program = TrainProgram.create(task=Classification(NUM_CLASSES), model=model, optimizer=OPTIMIZER, mesh=mesh,
+                                strategy=strategy, input_shape=(1,) + images.shape[1:])
+  batch = jax.device_put({"image": images, "label": labels}, batch_sharding(mesh, batch_size))
   timing = dict(seconds=args.seconds, steps=args.steps, min_repeats=args.min_repeats)
   out = {}
 
-  state = state_lib.create(model, tx, jax.random.key(0), input_shape, shardings, use_ema=False)
+  state = program.new_state()
   # Own copies: the train step donates the state's buffers.
   variables = jax.tree.map(jnp.copy, state.variables)
   infer = jax.jit(partitioning.with_sharding_rules(lambda v, x: model.apply(v, x, train=False), mesh, strategy))
@@ -128,11 +125,8 @@ def jax_benchmarks(name: str, images: np.ndarray, labels: np.ndarray, args) -> d
   gc.collect()
 
   if args.train:
-    step_config = steps.StepConfig(num_classes=NUM_CLASSES)
-    step = steps.make_train_step(model, tx, schedule, step_config)
-    train = steps.jit_train_step(step, mesh, strategy, shardings, data_sharding)
     t0 = time.perf_counter()
-    train_c = train.lower(state, batch).compile()
+    train_c = program.train_step().lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     holder = [state]
 

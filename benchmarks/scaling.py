@@ -14,8 +14,8 @@ needs ~30 GiB of host memory, so raise --max-host-gib on a big host):
 
 Table 1, for each model x strategy x device count, the train step exactly as the trainer builds it: mesh from
 lvm_jax.parallel.create_mesh (dp: data=N, fsdp: fsdp=N, tp: model=N, fsdp_tp: fsdp=N/2 x model=2), the
-strategy's sharded TrainState (AdamW from make_optimizer, no EMA), make_train_step under with_sharding_rules,
-jitted with in/out shardings and the state donated. The global batch is N x --batch-per-device images; under TP
+strategy's sharded TrainState (AdamW, no EMA) and the step jitted with in/out shardings and the state donated,
+both from lvm_jax.train.program.TrainProgram, which the trainer uses. The global batch is N x --batch-per-device images; under TP
 every device sees the whole batch (there is no data-parallel axis).
   params / opt state MiB:  bytes one device holds (the shard shape of each array on device 0, from the shardings:
                            nothing is allocated to compute it); "of 1 dev" is the whole state per device over the
@@ -64,12 +64,10 @@ import numpy as np  # noqa: E402
 import jax  # noqa: E402
 
 import lvm_jax  # noqa: E402
-from lvm_jax.models import registry  # noqa: E402
 from lvm_jax.parallel import create_mesh, partitioning  # noqa: E402
 from lvm_jax.parallel.mesh import batch_sharding  # noqa: E402
-from lvm_jax.train import optimizer as optimizer_lib  # noqa: E402
-from lvm_jax.train import state as state_lib  # noqa: E402
-from lvm_jax.train import steps  # noqa: E402
+from lvm_jax.tasks.classification import Classification  # noqa: E402
+from lvm_jax.train.program import TrainProgram  # noqa: E402
 
 NUM_CLASSES = 1000
 OPTIMIZER = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05,
@@ -120,30 +118,27 @@ def build_model(name: str, **overrides):
 
 
 def compile_train_step(model, mesh, strategy, batch_size: int):
-  """(compiled step, sharded abstract TrainState, state shardings, batch sharding, tx, compile seconds), built as the
-  trainer builds it, lowered from abstract inputs so nothing is allocated."""
+  """(compiled step, its TrainProgram, compile seconds): the trainer's own step (lvm_jax.train.program), lowered
+  from abstract inputs so nothing is allocated."""
   size = getattr(model, "image_size", 224)
-  input_shape = (1, size, size, 3)
-  tx, schedule = optimizer_lib.make_optimizer(OPTIMIZER, registry.abstract_variables(model)["params"])
-  abstract = state_lib.sharded_abstract_state(model, tx, input_shape, mesh, strategy, use_ema=False)
-  shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  data_sharding = batch_sharding(mesh, batch_size)
+  program = TrainProgram.create(task=Classification(model.num_classes), model=model, optimizer=OPTIMIZER, mesh=mesh,
+                                strategy=strategy, input_shape=(1, size, size, 3))
+  data_sharding = batch_sharding(mesh, batch_size)  # also checks that the batch splits over the devices
   batch = {"image": jax.ShapeDtypeStruct((batch_size, size, size, 3), np.float32, sharding=data_sharding),
            "label": jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=data_sharding)}
-  step = steps.make_train_step(model, tx, schedule, steps.StepConfig(num_classes=model.num_classes))
-  train = steps.jit_train_step(step, mesh, strategy, shardings, data_sharding)
   t0 = time.perf_counter()
-  compiled = train.lower(abstract, batch).compile()
-  return compiled, abstract, shardings, data_sharding, tx, time.perf_counter() - t0
+  compiled = program.train_step().lower(program.abstract_state, batch).compile()
+  return compiled, program, time.perf_counter() - t0
 
 
-def time_steps(compiled, model, tx, shardings, data_sharding, batch_size: int, count: int) -> float:
+def time_steps(compiled, program: TrainProgram, batch_size: int, count: int) -> float:
   """Median seconds of `count` steps after one warmup step, on a freshly created state and a random batch."""
-  size = getattr(model, "image_size", 224)
+  size = program.input_shape[1]
   rng = np.random.default_rng(0)
   batch = jax.device_put({"image": rng.standard_normal((batch_size, size, size, 3), dtype=np.float32),
-                          "label": rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32)}, data_sharding)
-  state = state_lib.create(model, tx, jax.random.key(0), (1, size, size, 3), shardings, use_ema=False)
+                          "label": rng.integers(0, program.task.num_classes, batch_size).astype(np.int32)},
+                         program.batch_sharding)
+  state = program.new_state()
   times = []
   for i in range(count + 1):
     t0 = time.perf_counter()
@@ -160,7 +155,8 @@ def scaling_row(name: str, strategy_name: str, devices: int, args) -> dict:
   mesh = create_mesh(mesh_shape(strategy_name, devices), jax.devices()[:devices])
   strategy = partitioning.get_strategy(strategy_name)
   batch_size = devices * args.batch_per_device
-  compiled, abstract, shardings, data_sharding, tx, compile_s = compile_train_step(model, mesh, strategy, batch_size)
+  compiled, program, compile_s = compile_train_step(model, mesh, strategy, batch_size)
+  abstract = program.abstract_state
   row = dict(model=name, scan_layers=getattr(model, "scan_layers", False), strategy=strategy_name,
              devices=devices, mesh=dict(mesh.shape), batch=batch_size,
              params_bytes=per_device_bytes(abstract.params), opt_bytes=per_device_bytes(abstract.opt_state),
@@ -169,7 +165,7 @@ def scaling_row(name: str, strategy_name: str, devices: int, args) -> dict:
   host = devices * (row["xla"].get("argument", row["state_bytes"]) + row["xla"].get("temp", 0))
   row["host_bytes"] = host
   if args.steps and host <= args.max_host_gib * 2 ** 30:
-    row["step_s"] = time_steps(compiled, model, tx, shardings, data_sharding, batch_size, args.steps)
+    row["step_s"] = time_steps(compiled, program, batch_size, args.steps)
   return row
 
 

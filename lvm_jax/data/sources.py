@@ -56,12 +56,17 @@ class Source(abc.ABC):
 
   def save_class_names(self, path: str) -> None:
     """Writes class_names as a JSON list (index i is the name of label i), for runs and predict to keep."""
-    with tf.io.gfile.GFile(os.fspath(path), "w") as f:
-      json.dump(list(self.class_names), f, indent=0, ensure_ascii=False)
+    write_class_names(self.class_names, path)
+
+
+def write_class_names(class_names, path: str) -> None:
+  """`class_names` as a JSON list at `path` (a local path or gs://), index i the name of label i."""
+  with tf.io.gfile.GFile(os.fspath(path), "w") as f:
+    json.dump(list(class_names), f, indent=0, ensure_ascii=False)
 
 
 def load_class_names(path: str) -> list[str]:
-  """The list save_class_names wrote."""
+  """The list write_class_names wrote."""
   with tf.io.gfile.GFile(os.fspath(path)) as f:
     names = json.load(f)
   if not isinstance(names, list) or not all(isinstance(n, str) for n in names):

@@ -27,6 +27,7 @@ IN_PLACE = ("optimizer", "optimizer.schedule")
 
 def defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.task = "classification"                    # what the model learns: a name in lvm_jax.tasks.TASKS
   c.seed = 0
 
   # The model: a registered name plus argument overrides, or a checkpoint to fine-tune (then `model` is ignored

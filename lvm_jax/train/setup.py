@@ -1,4 +1,5 @@
-"""A run's pieces built from its config: mesh, sources, model (fresh or pretrained), optimizer, shardings.
+"""A run's pieces built from its config: mesh, sources, the task and its model (fresh or pretrained), optimizer,
+shardings.
 
 Everything here is checked before anything is compiled: config keys and types, mesh against the device count,
 batch sizes against the data-parallel devices, source and pp errors, optimizer settings.
@@ -6,74 +7,72 @@ batch sizes against the data-parallel devices, source and pp errors, optimizer s
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from typing import Optional
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import ml_collections
 
+from lvm_jax import tasks
 from lvm_jax.data import ops as data_ops
 from lvm_jax.data import pipeline, pp, sources
-from lvm_jax.models import registry
 from lvm_jax.parallel import mesh as mesh_lib
 from lvm_jax.parallel import partitioning
 from lvm_jax.train import config as config_lib
 from lvm_jax.train import optimizer as optimizer_lib
-from lvm_jax.train import state as state_lib
-from lvm_jax.train import steps
-from lvm_jax.weights import pretrained as pretrained_lib
+from lvm_jax.train import program as program_lib
 
 _NORMALIZING_OPS = ("normalize", "value_range")
 
 
-@dataclasses.dataclass
-class Run:
+@dataclasses.dataclass(kw_only=True)
+class Run(program_lib.TrainProgram):
+  """A TrainProgram with the data it trains and evaluates on."""
   config: ml_collections.ConfigDict
-  mesh: jax.sharding.Mesh
-  strategy: partitioning.Strategy
   train_source: sources.Source
   eval_source: Optional[sources.Source]
-  class_names: list[str]
-  model: nn.Module
-  pretrained_variables: Optional[dict]   # initial variables when fine-tuning, else None (fresh init)
-  tx: Any
-  schedule: Callable
   num_steps: int
-  batch_sharding: jax.sharding.NamedSharding
-  # Filled in by build() once the pipeline says what the model sees:
-  step_config: Optional[steps.StepConfig]
-  input_shape: Optional[tuple[int, ...]]    # (1, H, W, 3): one example
-  # The state as ShapeDtypeStructs with their shardings: where to create it, and the target to restore onto.
-  abstract_state: Optional[state_lib.TrainState]
 
   @property
-  def use_ema(self) -> bool:
-    return self.step_config.ema_decay is not None
+  def best_mode(self) -> str:
+    """"max" or "min": which way config.best_metric is better (checked against the task's eval metrics)."""
+    return _best_mode(self.task, self.config.best_metric)
 
   @property
   def eval_batch_size(self) -> int:
-    return self.config.data.eval_batch_size or self.config.data.batch_size
-
-  @property
-  def state_shardings(self) -> state_lib.TrainState:
-    return jax.tree.map(lambda a: a.sharding, self.abstract_state)
-
-  def new_state(self) -> state_lib.TrainState:
-    return state_lib.create(self.model, self.tx, jax.random.key(self.config.seed), self.input_shape,
-                            self.state_shardings, use_ema=self.use_ema, variables=self.pretrained_variables)
+    return _eval_batch_size(self.config)
 
   def train_dataset(self, start_step: int):
-    shard = pipeline.Shard.current()
-    num_shards = self.config.data.num_shards or shard.count
-    return pipeline.train_dataset(
-        self.train_source, self.config.data.pp_train, global_batch_size=self.config.data.batch_size,
-        seed=self.config.seed, start=start_step * (self.config.data.batch_size // num_shards), shard=shard,
-        num_shards=num_shards, shuffle_buffer=self.config.data.shuffle_buffer, prefetch=self.config.data.prefetch)
+    return _train_dataset(self.config, self.train_source, start_step)
 
   def eval_dataset(self):
-    return pipeline.eval_dataset(self.eval_source, self.config.data.pp_eval,
-                                 global_batch_size=self.eval_batch_size, prefetch=self.config.data.prefetch)
+    return _eval_dataset(self.config, self.eval_source)
+
+
+def _best_mode(task, best_metric: Optional[str]) -> str:
+  if best_metric is None:
+    return "max"
+  name = best_metric.removeprefix("ema_")
+  if name not in task.eval_metrics:
+    raise ValueError(f"best_metric={best_metric!r} is not an eval metric of task {task.name!r}: one of "
+                     f"{sorted(task.eval_metrics)} (or ema_<name> for the EMA parameters), or None.")
+  return task.eval_metrics[name]
+
+
+def _eval_batch_size(config) -> int:
+  return config.data.eval_batch_size or config.data.batch_size
+
+
+def _train_dataset(config, source: sources.Source, start_step: int):
+  shard = pipeline.Shard.current()
+  num_shards = config.data.num_shards or shard.count
+  return pipeline.train_dataset(
+      source, config.data.pp_train, global_batch_size=config.data.batch_size, seed=config.seed,
+      start=start_step * (config.data.batch_size // num_shards), shard=shard, num_shards=num_shards,
+      shuffle_buffer=config.data.shuffle_buffer, prefetch=config.data.prefetch)
+
+
+def _eval_dataset(config, source: sources.Source):
+  return pipeline.eval_dataset(source, config.data.pp_eval, global_batch_size=_eval_batch_size(config),
+                               prefetch=config.data.prefetch)
 
 
 def _make_source(block, where: str) -> sources.Source:
@@ -105,29 +104,6 @@ def _normalization(config, pretrained_mean_std) -> Optional[tuple]:
   return data_ops.NORMALIZATIONS[config.data.normalize]
 
 
-def _model(config, num_classes: int):
-  """(model, pretrained variables or None, the checkpoint's (mean, std) or None)."""
-  dtype = jnp.dtype(config.dtype)
-  overrides = dict(config.model_args)
-  for key in ("num_classes", "dtype"):
-    if key in overrides:
-      raise ValueError(f"model_args.{key}: set the top-level config.{key} instead.")
-  if config.pretrained is None:
-    if config.image_size is not None:
-      overrides["image_size"] = config.image_size
-    return registry.create_model(config.model, num_classes=num_classes, dtype=dtype, **overrides), None, None
-  checkpoint = pretrained_lib.load_checkpoint(config.pretrained, dtype=dtype, **overrides)
-  model, variables = pretrained_lib.retarget(checkpoint.model, checkpoint.variables, num_classes=num_classes,
-                                             image_size=config.image_size, seed=config.seed)
-  mean_std = None
-  if checkpoint.preprocessing is not None:
-    mean_std = (checkpoint.preprocessing.mean, checkpoint.preprocessing.std)
-  elif config.data.normalize is None:
-    raise ValueError(f"pretrained={config.pretrained!r}: its preprocessing cannot be read "
-                     f"({checkpoint.preprocessing_error}); set data.normalize to a preset.")
-  return model, variables, mean_std
-
-
 def _num_steps(config, train_source) -> int:
   if config.num_steps:
     return int(config.num_steps)
@@ -154,42 +130,28 @@ def build(config) -> Run:
 
   train_source = _make_source(config.data.train, "data.train")
   eval_source = _make_source(config.data.eval, "data.eval") if config.data.eval else None
-  if eval_source is not None and eval_source.class_names != train_source.class_names:
-    raise ValueError(f"data.eval has classes {eval_source.class_names[:5]}... but data.train has "
-                     f"{train_source.class_names[:5]}...: they must be the same, in the same order.")
-  num_classes = config.num_classes or train_source.num_classes
-
-  model, variables, mean_std = _model(config, num_classes)
-  normalize = _normalization(config, mean_std)
+  task = tasks.get_task(config.task).from_config(config, train_source, eval_source)
+  _best_mode(task, config.best_metric)
+  model_init = task.build_model(config)
+  normalize = _normalization(config, model_init.mean_std)
   num_steps = _num_steps(config, train_source)
-  opt_config = _optimizer_config(config, num_steps)
-  params_shape = registry.abstract_variables(model)["params"] if variables is None else variables["params"]
-  tx, schedule = optimizer_lib.make_optimizer(opt_config, params_shape)
 
-  run = Run(config=config, mesh=mesh, strategy=strategy, train_source=train_source, eval_source=eval_source,
-            class_names=list(train_source.class_names), model=model, pretrained_variables=variables, tx=tx,
-            schedule=schedule, step_config=None, input_shape=None, num_steps=num_steps, abstract_state=None,
-            batch_sharding=mesh_lib.batch_sharding(mesh))
   # The pipeline's own element shape says what the model sees (built here, not iterated); this also checks
   # the pp and that the batch splits over the processes and data shards.
-  element = run.train_dataset(0).element_spec
+  element = _train_dataset(config, train_source, 0).element_spec
   image_shape = tuple(element["image"].shape[1:])
   if None in image_shape:
     raise ValueError(f"data.pp_train={config.data.pp_train!r} gives images of unknown size {image_shape}; end it "
                      "with a fixed-size crop or resize.")
-  input_shape = (1,) + image_shape
   if eval_source is not None:
-    eval_shape = tuple(run.eval_dataset().element_spec["image"].shape[1:])
-    if len(eval_shape) != 3 or eval_shape[-1] != 3 or (hasattr(model, "image_size") and eval_shape != image_shape):
+    eval_shape = tuple(_eval_dataset(config, eval_source).element_spec["image"].shape[1:])
+    if len(eval_shape) != 3 or eval_shape[-1] != 3 or (hasattr(model_init.model, "image_size") and
+                                                       eval_shape != image_shape):
       raise ValueError(f"data.pp_eval={config.data.pp_eval!r} gives images of shape {eval_shape}, but the model "
                        f"trains on {image_shape}: start the eval pp with decode and end it at the training size.")
-  label_shape = tuple(element["label"].shape[1:])
-  if label_shape not in ((), (num_classes,)):
-    raise ValueError(f"data.pp_train gives labels of shape {label_shape}; the model has {num_classes} classes.")
+  task.check_data(element, "data.pp_train")
 
-  run.input_shape = input_shape
-  run.step_config = steps.StepConfig(num_classes=num_classes, label_smoothing=config.label_smoothing,
-                                     normalize=normalize, ema_decay=opt_config["ema_decay"],
-                                     accumulate_steps=opt_config["accumulate_steps"])
-  run.abstract_state = state_lib.sharded_abstract_state(model, tx, input_shape, mesh, strategy, use_ema=run.use_ema)
-  return run
+  return Run.create(task=task, model=model_init.model, optimizer=_optimizer_config(config, num_steps), mesh=mesh,
+                    strategy=strategy, input_shape=(1,) + image_shape, normalize=normalize,
+                    pretrained_variables=model_init.variables, seed=config.seed, config=config,
+                    train_source=train_source, eval_source=eval_source, num_steps=num_steps)

@@ -15,30 +15,19 @@ import jax
 from absl import logging
 
 from lvm_jax.data import device_batches, host_memory
-from lvm_jax.parallel import partitioning
 from lvm_jax.tf_host import tf
 from lvm_jax.train import checkpoints as checkpoints_lib
-from lvm_jax.train import preemption, reporting, setup, steps, throughput
+from lvm_jax.train import preemption, reporting, setup, throughput
 from lvm_jax.train import workdir_checkpoint
 from lvm_jax.train.workdir_lock import WorkdirLock
-
-
-TRAIN_METRICS = ("loss", "lr", "top1", "grad_norm")  # the console's order
 
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or Inf; the run stopped without saving the broken state."""
 
 
-def _jit_train_step(run: setup.Run):
-  step = steps.make_train_step(run.model, run.tx, run.schedule, run.step_config)
-  return steps.jit_train_step(step, run.mesh, run.strategy, run.state_shardings, run.batch_sharding)
-
-
-def _jit_eval_step(run: setup.Run):
-  step = partitioning.with_sharding_rules(steps.make_eval_step(run.model, run.step_config), run.mesh,
-                                          run.strategy)
-  return jax.jit(step)  # variables and batch arrive already sharded; the sums come back replicated
+def _train_metric_names(run: setup.Run) -> tuple[str, ...]:
+  return ("loss", "lr", *run.task.train_metrics, "grad_norm")  # the console's order
 
 
 def _evaluate(run: setup.Run, eval_step, state) -> dict[str, dict]:
@@ -50,7 +39,7 @@ def _evaluate(run: setup.Run, eval_step, state) -> dict[str, dict]:
   for batch in device_batches.global_batches(run.eval_dataset().as_numpy_iterator(), run.batch_sharding):
     for name, variables in variable_sets.items():
       sums[name].append(eval_step(variables, batch))
-  return {name: steps.summarize_eval(jax.device_get(s)) for name, s in sums.items()}
+  return {name: run.task.summarize_eval(jax.device_get(s)) for name, s in sums.items()}
 
 
 def _check_finite(state, checkpoints: checkpoints_lib.Checkpoints) -> None:
@@ -66,7 +55,7 @@ def _check_finite(state, checkpoints: checkpoints_lib.Checkpoints) -> None:
 def _checkpoints(run: setup.Run, workdir: str, read_only: bool = False) -> checkpoints_lib.Checkpoints:
   return checkpoints_lib.Checkpoints(os.path.join(workdir, workdir_checkpoint.CHECKPOINT_DIR),
                                      keep=run.config.keep_checkpoints, best_metric=run.config.best_metric,
-                                     best_mode="max", async_save=run.config.async_checkpoints,
+                                     best_mode=run.best_mode, async_save=run.config.async_checkpoints,
                                      read_only=read_only)
 
 
@@ -99,7 +88,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if start:
         print(f"resumed from step {start} of {run.num_steps} ({workdir})", flush=True)
       reporting.save_config(workdir, run.config)
-      run.train_source.save_class_names(os.path.join(workdir, workdir_checkpoint.CLASS_NAMES_FILE))
+      run.task.save_run_files(workdir)
       workdir_checkpoint.save_model_description(workdir, run.model, run.step_config.normalize)
     return _train(run, workdir, checkpoints, state, start)
 
@@ -111,8 +100,8 @@ def _train(run: setup.Run, workdir: str, checkpoints: checkpoints_lib.Checkpoint
                                           prefetch=config.data.prefetch)
   first = next(batches)
   # Compiled ahead once (and only once): the same executable runs every step and tells its FLOPs for the MFU.
-  train_step = _jit_train_step(run).lower(state, first).compile()
-  eval_step = _jit_eval_step(run)
+  train_step = run.train_step().lower(state, first).compile()
+  eval_step = run.eval_step()
   flops_per_step = throughput.compiled_flops(train_step)
   peak = throughput.total_peak_flops(config.dtype, run.mesh.devices.flatten())
   pending = [first]
@@ -134,7 +123,7 @@ def _train(run: setup.Run, workdir: str, checkpoints: checkpoints_lib.Checkpoint
         rates = clock.update(step)
         mfu = throughput.mfu(flops_per_step, rates.get("steps_per_sec"), peak)
         values = jax.device_get(metrics)
-        logger.write(step, "train", {**{k: values[k] for k in TRAIN_METRICS}, **rates, "mfu": mfu})
+        logger.write(step, "train", {**{k: values[k] for k in _train_metric_names(run)}, **rates, "mfu": mfu})
         _check_finite(state, checkpoints)  # after the line: the log shows which metric blew up
         checkpoints.check()  # a failed background save stops the run now, not hours later
 
@@ -178,7 +167,7 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
   with _checkpoints(run, workdir, read_only=True) as checkpoints:
     step = checkpoints.intact_step(step)
     state = checkpoints.restore(run.abstract_state, step=step)
-  metrics = _evaluate(run, _jit_eval_step(run), state)
+  metrics = _evaluate(run, run.eval_step(), state)
   if jax.process_index() == 0:
     for split, values in metrics.items():
       print(reporting.format_line(step, run.num_steps, split, values), flush=True)

@@ -17,12 +17,13 @@ import PIL.Image
 
 from lvm_jax.data import device_batches, pp, sources
 from lvm_jax.models import registry
+from lvm_jax.tasks import classification
 from lvm_jax.tf_host import tf
 from lvm_jax.train import checkpoints as checkpoints_lib
 from lvm_jax.weights.pretrained import Checkpoint
 
 MODEL_FILE = "model.json"
-CLASS_NAMES_FILE = "class_names.json"
+CLASS_NAMES_FILE = classification.CLASS_NAMES_FILE
 CHECKPOINT_DIR = "checkpoints"
 
 

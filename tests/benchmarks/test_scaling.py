@@ -11,7 +11,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lvm_jax import parallel
 from lvm_jax.models.vit import VisionTransformer
-from lvm_jax.train import state as state_lib
 
 _PATH = pathlib.Path(__file__).parents[2] / "benchmarks" / "scaling.py"
 _spec = importlib.util.spec_from_file_location("scaling_benchmark", _PATH)
@@ -39,8 +38,8 @@ def test_reported_state_bytes_match_the_allocated_shards(mesh):
   model = VisionTransformer(num_classes=10, image_size=32, patch_size=8, width=64, depth=2, mlp_dim=256,
                             num_heads=4)
   strategy = parallel.get_strategy("fsdp")
-  compiled, abstract, shardings, _, tx, _ = scaling.compile_train_step(model, mesh, strategy, batch_size=2)
-  state = state_lib.create(model, tx, jax.random.key(0), (1, 32, 32, 3), shardings, use_ema=False)
+  compiled, program, _ = scaling.compile_train_step(model, mesh, strategy, batch_size=2)
+  abstract, state = program.abstract_state, program.new_state()
   device = jax.devices()[0]
   held = sum(s.data.nbytes for leaf in jax.tree.leaves(state) for s in leaf.addressable_shards if s.device == device)
   assert scaling.per_device_bytes(abstract) == held

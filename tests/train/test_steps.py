@@ -17,11 +17,14 @@ from jax.sharding import PartitionSpec as P
 
 import lvm_jax
 from lvm_jax import parallel
+from lvm_jax.tasks import classification
+from lvm_jax.tasks.classification import Classification
 from lvm_jax.train import optimizer as opt
 from lvm_jax.train import state as state_lib
 from lvm_jax.train import steps
 
 NUM_CLASSES = 5
+TASK = Classification(NUM_CLASSES)
 VIT = dict(image_size=16, patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64, num_classes=NUM_CLASSES)
 VIT_SHAPE = (1, 16, 16, 3)
 RESNET = dict(width=8, stage_sizes=(1, 1), num_classes=NUM_CLASSES)
@@ -137,7 +140,7 @@ def sgd_run(vit):
   """One jitted SGD (lr 0.5, no momentum, constant schedule) step shared by the tests that need one."""
   model, variables = vit
   tx, schedule = _sgd(variables["params"])
-  step = jax.jit(steps.make_train_step(model, tx, schedule, steps.StepConfig(num_classes=NUM_CLASSES)))
+  step = jax.jit(steps.make_train_step(TASK, model, tx, schedule, steps.StepConfig()))
   return model, tx, step, _state(model, tx, VIT_SHAPE, variables=variables), _grad_fn(model)
 
 
@@ -147,26 +150,26 @@ def test_targets_and_cross_entropy_match_numpy_float64():
   rng = np.random.default_rng(0)
   logits = rng.normal(scale=3.0, size=(6, NUM_CLASSES)).astype(np.float32)
   labels = np.array([0, 4, 2, 2, 1, 3], np.int32)
-  soft = steps.targets(jnp.asarray(labels), NUM_CLASSES, 0.1)
+  soft = classification.targets(jnp.asarray(labels), NUM_CLASSES, 0.1)
   expected_soft = np.full((6, NUM_CLASSES), 0.1 / NUM_CLASSES)
   expected_soft[np.arange(6), labels] += 0.9
   assert soft.dtype == jnp.float32
   np.testing.assert_allclose(soft, expected_soft, rtol=1e-6, atol=1e-7)  # 0.92 on the label, 0.02 elsewhere
-  loss = steps.cross_entropy(jnp.asarray(logits), soft)
+  loss = classification.cross_entropy(jnp.asarray(logits), soft)
   expected = -(expected_soft * _np_log_softmax(logits)).sum(-1)
   assert loss.shape == (6,) and loss.dtype == jnp.float32
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
   # Smoothing matters: without it the loss is larger on these (mostly wrong) logits' labels.
-  plain = steps.cross_entropy(jnp.asarray(logits), steps.targets(jnp.asarray(labels), NUM_CLASSES))
+  plain = classification.cross_entropy(jnp.asarray(logits), classification.targets(jnp.asarray(labels), NUM_CLASSES))
   np.testing.assert_allclose(plain, -_np_log_softmax(logits)[np.arange(6), labels], rtol=1e-6)
   assert np.max(np.abs(np.asarray(plain) - expected)) > 0.1
 
   # Soft [B, C] labels (e.g. from mixup) are the targets as given: no smoothing on top, cast to float32.
   given = rng.dirichlet(np.ones(NUM_CLASSES), size=6)
-  out = steps.targets(jnp.asarray(given, jnp.bfloat16), NUM_CLASSES, 0.3)
+  out = classification.targets(jnp.asarray(given, jnp.bfloat16), NUM_CLASSES, 0.3)
   assert out.dtype == jnp.float32
   np.testing.assert_array_equal(out, np.asarray(jnp.asarray(given, jnp.bfloat16), np.float32))
-  np.testing.assert_array_equal(steps.targets(jnp.asarray(given, jnp.float32), NUM_CLASSES, 0.3),
+  np.testing.assert_array_equal(classification.targets(jnp.asarray(given, jnp.float32), NUM_CLASSES, 0.3),
                                 given.astype(np.float32))
 
 
@@ -174,8 +177,8 @@ def test_cross_entropy_of_bf16_logits_is_float32():
   # Confident logits: the label's probability is ~e-40, which a bf16 log-softmax cannot resolve.
   logits = np.array([[20.0, -20.0, 0.5, 3.0, -1.0], [1.0, 2.0, 3.0, 4.0, 5.0]], np.float32)
   bf16 = jnp.asarray(logits, jnp.bfloat16)
-  soft = steps.targets(jnp.array([1, 0]), NUM_CLASSES)
-  loss = steps.cross_entropy(bf16, soft)
+  soft = classification.targets(jnp.array([1, 0]), NUM_CLASSES)
+  loss = classification.cross_entropy(bf16, soft)
   assert loss.dtype == jnp.float32
   expected = -(np.asarray(soft, np.float64) * _np_log_softmax(np.asarray(bf16, np.float32))).sum(-1)
   np.testing.assert_allclose(loss, expected, rtol=1e-6)  # 40.0 and 4.4519
@@ -213,7 +216,7 @@ def test_sgd_step_is_params_minus_lr_grad_and_metrics_are_exact(sgd_run):
 def test_lr_metric_is_the_schedule_and_the_lr_the_update_used(sgd_run):
   model, _, constant_step, start, _ = sgd_run
   tx, schedule = _sgd(start.params, lr=1.0, schedule={"warmup_steps": 2, "total_steps": 6, "decay": "linear"})
-  step = jax.jit(steps.make_train_step(model, tx, schedule, steps.StepConfig(num_classes=NUM_CLASSES)))
+  step = jax.jit(steps.make_train_step(TASK, model, tx, schedule, steps.StepConfig()))
   batch = _batch(2)
   states, lrs = [_state(model, tx, VIT_SHAPE, variables=start.variables)], []
   for _ in range(4):
@@ -232,7 +235,7 @@ def test_dropout_key_changes_every_step_and_runs_reproduce_bit_for_bit(vit):
   f32_model, variables = vit
   model = _vit(dropout=0.3)
   tx, schedule = _sgd(variables["params"], lr=0.1)
-  step = jax.jit(steps.make_train_step(model, tx, schedule, steps.StepConfig(num_classes=NUM_CLASSES)))
+  step = jax.jit(steps.make_train_step(TASK, model, tx, schedule, steps.StepConfig()))
   batch = _batch(3)
   start = _state(model, tx, VIT_SHAPE, variables=variables)
 
@@ -267,11 +270,11 @@ def test_resnet_batch_stats_update_in_train_and_are_used_by_eval():
   model = _resnet()
   variables = _variables(model, seed=4)
   tx, schedule = _sgd(variables["params"], lr=0.1)
-  config = steps.StepConfig(num_classes=NUM_CLASSES)
+  config = steps.StepConfig()
   state = _state(model, tx, RESNET_SHAPE, variables=variables)
   images = np.random.default_rng(4).normal(1.0, 2.0, size=(8, 32, 32, 3)).astype(np.float32)
   labels = np.arange(8, dtype=np.int32) % NUM_CLASSES
-  new, _ = jax.jit(steps.make_train_step(model, tx, schedule, config))(state, {"image": images, "label": labels})
+  new, _ = jax.jit(steps.make_train_step(TASK, model, tx, schedule, config))(state, {"image": images, "label": labels})
 
   # The stem BatchNorm's running stats after one step: momentum 0.9 towards the batch's (biased) statistics
   # of the stem conv output, computed here with numpy from the conv's kernel (no bias: BatchNorm follows).
@@ -290,7 +293,7 @@ def test_resnet_batch_stats_update_in_train_and_are_used_by_eval():
     assert _max_diff(stats, state.batch_stats[name]) > 1e-4, name
 
   # Eval uses the running statistics in `state.variables` (train=False), and leaves them as they are.
-  eval_step = jax.jit(steps.make_eval_step(model, config))
+  eval_step = jax.jit(steps.make_eval_step(TASK, model, config))
   batch = {"image": images, "label": labels, "mask": np.ones(8, np.float32)}
   before = jax.tree.map(np.array, new.batch_stats)
   sums = eval_step(new.variables, batch)
@@ -305,14 +308,14 @@ def test_uint8_normalised_on_device_equals_prenormalised_floats(sgd_run):
   uint8 = np.random.default_rng(5).integers(0, 256, size=(8, 16, 16, 3), dtype=np.uint8)
   floats = ((uint8 / 255.0 - np.array(IMAGENET[0])) / np.array(IMAGENET[1])).astype(np.float32)
   labels = np.arange(8, dtype=np.int32) % NUM_CLASSES
-  on_device = steps.StepConfig(num_classes=NUM_CLASSES, normalize=IMAGENET)
+  on_device = steps.StepConfig(normalize=IMAGENET)
   schedule = lambda step: jnp.full((), 0.5)
 
-  a, ma = jax.jit(steps.make_train_step(model, tx, schedule, on_device))(state, {"image": uint8, "label": labels})
+  a, ma = jax.jit(steps.make_train_step(TASK, model, tx, schedule, on_device))(state, {"image": uint8, "label": labels})
   b, mb = on_host_step(state, {"image": floats, "label": labels})
   np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
   _assert_trees(a.params, b.params, rtol=1e-5, atol=1e-6)
-  sums = jax.jit(steps.make_eval_step(model, on_device))(state.variables,
+  sums = jax.jit(steps.make_eval_step(TASK, model, on_device))(state.variables,
                                                          {"image": uint8, "label": labels, "mask": np.ones(8)})
   np.testing.assert_allclose(sums["loss"], 8 * _np_loss(_logits(model, state.variables, floats), labels), rtol=1e-5)
   # The same uint8 batch unnormalised is another input: the comparisons above can fail.
@@ -330,8 +333,8 @@ def accumulation(vit):
   batches = [_batch(10), _batch(11)]
   block = dict(name="adamw", lr=1e-2, schedule={"decay": "linear", "total_steps": 4})
   tx2, sched2 = _tx(variables["params"], accumulate_steps=2, **block)
-  step2 = jax.jit(steps.make_train_step(model, tx2, sched2, steps.StepConfig(
-      num_classes=NUM_CLASSES, ema_decay=0.5, accumulate_steps=2)))
+  step2 = jax.jit(steps.make_train_step(TASK, model, tx2, sched2, steps.StepConfig(
+      ema_decay=0.5, accumulate_steps=2)))
   micro = [_state(model, tx2, VIT_SHAPE, variables=variables, use_ema=True)]
   lrs = []
   for batch in batches:
@@ -341,7 +344,7 @@ def accumulation(vit):
       lrs.append(float(metrics["lr"]))
 
   tx1, sched1 = _tx(variables["params"], accumulate_steps=1, **block)
-  step1 = jax.jit(steps.make_train_step(model, tx1, sched1, steps.StepConfig(num_classes=NUM_CLASSES)))
+  step1 = jax.jit(steps.make_train_step(TASK, model, tx1, sched1, steps.StepConfig()))
   whole = [_state(model, tx1, VIT_SHAPE, variables=variables)]
   for batch in batches:
     whole.append(step1(whole[-1], batch)[0])
@@ -385,8 +388,8 @@ def test_accumulated_sgd_uses_the_mean_gradient(sgd_run):
   # Adam cannot tell a mean from a sum of micro-batch gradients (it is scale-invariant); plain SGD can.
   model, _, step1, state, _ = sgd_run
   tx2, schedule = _sgd(state.params, lr=0.5, accumulate_steps=2)
-  step2 = jax.jit(steps.make_train_step(model, tx2, schedule, steps.StepConfig(
-      num_classes=NUM_CLASSES, accumulate_steps=2)))
+  step2 = jax.jit(steps.make_train_step(TASK, model, tx2, schedule, steps.StepConfig(
+      accumulate_steps=2)))
   batch = _batch(30)
   micro = _state(model, tx2, VIT_SHAPE, variables=state.variables)
   for half in (slice(0, 4), slice(4, 8)):
@@ -430,8 +433,8 @@ def test_nonfinite_step_records_the_first_bad_step(sgd_run):
 def test_eval_sums_over_the_mask_match_numpy_and_summarize_gives_means():
   model = _vit(num_classes=10)  # 10 classes so top-5 is not always right
   variables = _variables(model, seed=1)
-  config = steps.StepConfig(num_classes=10, label_smoothing=0.2)  # no smoothing in eval
-  eval_step = jax.jit(steps.make_eval_step(model, config))
+  task = Classification(10, label_smoothing=0.2)  # no smoothing in eval
+  eval_step = jax.jit(steps.make_eval_step(task, model, steps.StepConfig()))
   rng = np.random.default_rng(7)
   batches, expected = [], {"count": 0.0, "top1": 0.0, "top5": 0.0, "loss": 0.0}
   for b in range(2):
@@ -455,7 +458,7 @@ def test_eval_sums_over_the_mask_match_numpy_and_summarize_gives_means():
   assert float(sums[1]["count"]) == 4
   total = {k: sum(float(s[k]) for s in sums) for k in expected}
   np.testing.assert_allclose([total[k] for k in expected], [expected[k] for k in expected], rtol=1e-5)
-  summary = steps.summarize_eval(sums)
+  summary = task.summarize_eval(sums)
   assert set(summary) == {"top1", "top5", "loss"}
   np.testing.assert_allclose([summary["top1"], summary["top5"], summary["loss"]],
                              [expected["top1"] / 10, expected["top5"] / 10, expected["loss"] / 10], rtol=1e-5)
@@ -471,9 +474,9 @@ def test_bf16_model_trains_with_float32_params_opt_state_and_ema(vit):
   model = _vit(dtype=jnp.bfloat16)
   tx, schedule = _tx(variables["params"], name="adamw", lr=1e-3)
   state = _state(model, tx, VIT_SHAPE, variables=variables, use_ema=True)
-  config = steps.StepConfig(num_classes=NUM_CLASSES, ema_decay=0.9)
+  config = steps.StepConfig(ema_decay=0.9)
   batch = _batch(8)
-  new, metrics = jax.jit(steps.make_train_step(model, tx, schedule, config))(state, batch)
+  new, metrics = jax.jit(steps.make_train_step(TASK, model, tx, schedule, config))(state, batch)
 
   floats = [x for x in jax.tree.leaves((new.params, new.opt_state, new.ema_params))
             if jnp.issubdtype(x.dtype, jnp.floating)]
