@@ -262,8 +262,18 @@ def test_timm_checkpoint_classifies_with_its_pretrained_cfg():
   ckpt = lvm_jax.load_checkpoint(TIMM_FIXTURE)
   assert ckpt.preprocessing == Preprocessing(size=(32, 32), resize_shorter=35, interpolation="bicubic",
                                              crop_rounding="round")  # floor(32 / 0.9) = 35
-  predictions = classify.classify(ckpt, skimage.data.chelsea(), top_k=10)[0]
-  assert sorted(p.label for p in predictions) == sorted(f"class_{i}" for i in range(10))
+  # The classifier's logits for a real photo are the model's on the pixels of timm's own eval transform
+  # (stored by tests/fixtures/timm/make_timm_fixtures.py): preprocessing and forward pass end to end.
+  manifest = json.loads((TIMM_FIXTURE.parent / "MANIFEST.json").read_text())["preprocessing"]
+  mean, std = (np.asarray(manifest["fixtures"]["vit_token"]["data_config"][k], np.float32) for k in ("mean", "std"))
+  with np.load(TIMM_FIXTURE.parent / "preprocessing.npz", allow_pickle=False) as data:
+    timm_pixels = (data["vit_token.chelsea"].astype(np.float32) / np.float32(255) - mean) / std
+  want = np.asarray(ckpt.model.apply(ckpt.variables, timm_pixels[None], train=False))[0]
+  classifier = Classifier(ckpt)
+  np.testing.assert_allclose(classifier.logits(skimage.data.chelsea())[0], want, atol=1e-5, rtol=0)
+  predictions = classifier(skimage.data.chelsea(), top_k=3)[0]
+  assert [p.index for p in predictions] == list(np.argsort(-want, kind="stable")[:3])
+  assert [p.label for p in predictions] == [f"class_{p.index}" for p in predictions]
 
 
 def test_prediction_formatting():
