@@ -251,10 +251,10 @@ def flat_arrays(tree) -> dict[str, np.ndarray]:
 
 def compare_checkpoints(reference_dir: str, other_dir: str, step: int):
   """(leaves, paths whose bits differ, max abs difference, meta equal) of two runs' checkpoints of `step`."""
-  from lvm_jax.train.checkpoints import Checkpoints
+  from lvm_jax.train.checkpoints import CheckpointManager
   saved = []
   for workdir in (reference_dir, other_dir):
-    with Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False) as checkpoints:
+    with CheckpointManager(os.path.join(workdir, "checkpoints"), async_save=False) as checkpoints:
       saved.append((flat_arrays(checkpoints.restore_arrays(step)), checkpoints.restore_meta(step)))
   (ref, ref_meta), (other, other_meta) = saved
   differing, max_diff = sorted(set(ref) ^ set(other)), 0.0

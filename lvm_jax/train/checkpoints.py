@@ -50,7 +50,7 @@ def absolute(path: str) -> str:
 class _BestByMetric:
   """Orbax preservation policy: keeps the one step with the best score among those that have one."""
 
-  def __init__(self, checkpoints: "Checkpoints"):
+  def __init__(self, checkpoints: "CheckpointManager"):
     self._checkpoints = checkpoints
 
   def should_preserve(self, infos, *, context):
@@ -59,7 +59,7 @@ class _BestByMetric:
     return [info.step == best for info in infos]
 
 
-class Checkpoints:
+class CheckpointManager:
   """Orbax CheckpointManager over `directory` (e.g. WORKDIR/checkpoints).
 
   keep: the newest `keep` checkpoints are kept; with `best_metric`, also the single best one by that eval
@@ -278,7 +278,7 @@ class Checkpoints:
     self._manager.close()
     self._in_flight = None
 
-  def __enter__(self) -> "Checkpoints":
+  def __enter__(self) -> "CheckpointManager":
     return self
 
   def __exit__(self, *exc) -> None:

@@ -42,7 +42,7 @@ def _evaluate(run: setup.Run, eval_step, state) -> dict[str, dict]:
   return {name: run.task.summarize_eval(jax.device_get(s)) for name, s in sums.items()}
 
 
-def _check_finite(state, checkpoints: checkpoints_lib.Checkpoints) -> None:
+def _check_finite(state, checkpoints: checkpoints_lib.CheckpointManager) -> None:
   bad = int(state.nonfinite_step)
   if bad >= 0:
     checkpoints.wait()  # saves still being written are of earlier, finite steps: let them finish
@@ -52,14 +52,14 @@ def _check_finite(state, checkpoints: checkpoints_lib.Checkpoints) -> None:
                              f"({kept}). Lower the learning rate, add warmup or clipping (optimizer.clip_norm).")
 
 
-def _checkpoints(run: setup.Run, workdir: str, read_only: bool = False) -> checkpoints_lib.Checkpoints:
-  return checkpoints_lib.Checkpoints(os.path.join(workdir, workdir_checkpoint.CHECKPOINT_DIR),
+def _checkpoints(run: setup.Run, workdir: str, read_only: bool = False) -> checkpoints_lib.CheckpointManager:
+  return checkpoints_lib.CheckpointManager(os.path.join(workdir, workdir_checkpoint.CHECKPOINT_DIR),
                                      keep=run.config.keep_checkpoints, best_metric=run.config.best_metric,
                                      best_mode=run.best_mode, async_save=run.config.async_checkpoints,
                                      read_only=read_only)
 
 
-def _resume_step(checkpoints: checkpoints_lib.Checkpoints) -> int:
+def _resume_step(checkpoints: checkpoints_lib.CheckpointManager) -> int:
   """The newest intact checkpoint's step (bad newer ones moved aside with a warning), 0 if there is none."""
   try:
     return checkpoints.intact_step(quarantine=True)
@@ -93,7 +93,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return _train(run, workdir, checkpoints, state, start)
 
 
-def _train(run: setup.Run, workdir: str, checkpoints: checkpoints_lib.Checkpoints, state, start: int) -> dict:
+def _train(run: setup.Run, workdir: str, checkpoints: checkpoints_lib.CheckpointManager, state, start: int) -> dict:
   config = run.config
   host_memory.keep_large_buffers()  # batch-sized host buffers are reused, not zero-filled afresh each step
   batches = device_batches.global_batches(run.train_dataset(start).as_numpy_iterator(), run.batch_sharding,

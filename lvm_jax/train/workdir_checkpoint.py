@@ -87,7 +87,7 @@ def load(workdir: str, step: Optional[int] = None, *, ema: bool = False) -> Chec
   model, normalize = _model_from_description(model_path)
   config = reporting.load_config(workdir)
   labels = sources.load_class_names(os.path.join(workdir, CLASS_NAMES_FILE))
-  with checkpoints_lib.Checkpoints(os.path.join(workdir, CHECKPOINT_DIR), read_only=True) as checkpoints:
+  with checkpoints_lib.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR), read_only=True) as checkpoints:
     state = checkpoints.restore_arrays(step)
   params = state["ema_params"] if ema else state["params"]
   if ema and not params:

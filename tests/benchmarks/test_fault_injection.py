@@ -9,7 +9,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from lvm_jax.train.checkpoints import Checkpoints
+from lvm_jax.train.checkpoints import CheckpointManager
 
 _PATH = pathlib.Path(__file__).parents[2] / "benchmarks" / "fault_injection.py"
 _spec = importlib.util.spec_from_file_location("fault_injection_benchmark", _PATH)
@@ -25,7 +25,7 @@ def _state(nudge: bool = False) -> dict:
 
 
 def _save(workdir: pathlib.Path, state: dict, meta: dict) -> str:
-  with Checkpoints(str(workdir / "checkpoints"), async_save=False) as checkpoints:
+  with CheckpointManager(str(workdir / "checkpoints"), async_save=False) as checkpoints:
     checkpoints.save(7, state, meta=meta)
   return str(workdir)
 

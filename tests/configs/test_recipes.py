@@ -242,7 +242,7 @@ def check_run(workdir: pathlib.Path, num_steps: int = 4, log_every: int = 2) -> 
   assert [e["step"] for e in evals] == [num_steps] and math.isfinite(evals[0]["loss"])
   assert 0.0 <= evals[0]["top1"] <= 1.0
   assert (workdir / reporting.CONFIG_FILE).is_file()
-  with checkpoints_lib.Checkpoints(str(workdir / workdir_checkpoint.CHECKPOINT_DIR), async_save=False) as saved:
+  with checkpoints_lib.CheckpointManager(str(workdir / workdir_checkpoint.CHECKPOINT_DIR), async_save=False) as saved:
     assert saved.latest_step() == num_steps
 
 

@@ -23,8 +23,8 @@ def small_state(step: int) -> dict:
 
 def killed_save(directory: str) -> None:
   import jax
-  from lvm_jax.train.checkpoints import Checkpoints
-  ckpt = Checkpoints(directory)
+  from lvm_jax.train.checkpoints import CheckpointManager
+  ckpt = CheckpointManager(directory)
   ckpt.save(1, jax.device_put(small_state(1)))
   ckpt.wait()
   rng = np.random.default_rng(2)  # incompressible, so the write takes a while
@@ -35,9 +35,9 @@ def killed_save(directory: str) -> None:
 
 
 def preempted_loop(directory: str) -> None:
-  from lvm_jax.train.checkpoints import Checkpoints
+  from lvm_jax.train.checkpoints import CheckpointManager
   from lvm_jax.train.preemption import PreemptionWatch
-  ckpt = Checkpoints(directory)
+  ckpt = CheckpointManager(directory)
   with PreemptionWatch() as watch:
     for step in range(1, 100_000):
       time.sleep(0.01)  # a "train step"

@@ -30,7 +30,7 @@ def main(process_id: int, port: int, directory: str, out: str) -> None:
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from lvm_jax.train.checkpoints import Checkpoints
+  from lvm_jax.train.checkpoints import CheckpointManager
   from lvm_jax.train.preemption import PreemptionWatch
 
   assert jax.process_count() == 2 and jax.device_count() == 4
@@ -59,7 +59,7 @@ def main(process_id: int, port: int, directory: str, out: str) -> None:
   sharding = NamedSharding(mesh, P("fsdp"))
   value = global_value()
   array = jax.make_array_from_callback(GLOBAL_SHAPE, sharding, lambda index: value[index])
-  ckpt = Checkpoints(directory)
+  ckpt = CheckpointManager(directory)
   ckpt.save(step, {"w": array, "step": step}, meta={"stopped_at": step})
   ckpt.wait()
   restored = ckpt.restore({"w": jax.ShapeDtypeStruct(GLOBAL_SHAPE, np.float32, sharding=sharding), "step": 0})

@@ -17,7 +17,7 @@ import optax
 import pytest
 
 from lvm_jax import VisionTransformer, parallel
-from lvm_jax.train.checkpoints import Checkpoints
+from lvm_jax.train.checkpoints import CheckpointManager
 from tests.train import checkpoint_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -80,9 +80,9 @@ def assert_bit_identical(got, want):
 def test_round_trip_is_bit_identical(tmp_path, state8):
   state = state8
   assert float(jnp.abs(state["opt_state"][0].nu["block_0"]["mlp"]["fc1"]["kernel"]).sum()) > 0
-  with Checkpoints(str(tmp_path)) as ckpt:
+  with CheckpointManager(str(tmp_path)) as ckpt:
     ckpt.save(12, state, meta={"examples_seen": 1536, "config": "vit_tiny"})
-  ckpt = Checkpoints(str(tmp_path))  # a new run on the same directory
+  ckpt = CheckpointManager(str(tmp_path))  # a new run on the same directory
   assert (ckpt.latest_step(), ckpt.all_steps()) == (12, [12])
   restored = ckpt.restore(state)  # concrete arrays as the target: their shardings are used
   assert_bit_identical(restored, state)
@@ -94,9 +94,9 @@ def test_round_trip_is_bit_identical(tmp_path, state8):
 
 
 def test_restore_arrays_reads_a_checkpoint_without_a_target(tmp_path, state8):
-  with Checkpoints(str(tmp_path)) as ckpt:
+  with CheckpointManager(str(tmp_path)) as ckpt:
     ckpt.save(12, state8)
-  host = Checkpoints(str(tmp_path)).restore_arrays()
+  host = CheckpointManager(str(tmp_path)).restore_arrays()
   # Orbax's saved structure: the AdamW state tuple is a list, its named tuple a dict; arrays on the host.
   assert sorted(host) == ["data", "opt_state", "params", "rng", "step"]
   assert isinstance(host["opt_state"], list) and sorted(host["opt_state"][0]) == ["count", "mu", "nu"]
@@ -110,7 +110,7 @@ def test_async_save_returns_before_the_write_and_restores_in_a_new_manager(tmp_p
   # The sealing hook runs on the save's thread once the files are written, before the rename: holding it
   # there makes the in-between state observable on any machine, instead of racing the write.
   reached, release, held_for = threading.Event(), threading.Event(), []
-  seal = Checkpoints._seal
+  seal = CheckpointManager._seal
 
   def held_seal(self):
     reached.set()
@@ -119,10 +119,10 @@ def test_async_save_returns_before_the_write_and_restores_in_a_new_manager(tmp_p
     held_for.append(time.monotonic() - start)
     seal(self)
 
-  monkeypatch.setattr(Checkpoints, "_seal", held_seal)
+  monkeypatch.setattr(CheckpointManager, "_seal", held_seal)
   rng = np.random.default_rng(0)
   state = {"w": jax.device_put(rng.standard_normal((1024, 1024), dtype=np.float32)), "step": 5}
-  ckpt = Checkpoints(str(tmp_path), async_save=True)
+  ckpt = CheckpointManager(str(tmp_path), async_save=True)
   ckpt.save(5, state)
   assert not release.is_set() and not held_for  # save() returned with the write not finalized
   assert reached.wait(timeout=60)
@@ -134,11 +134,11 @@ def test_async_save_returns_before_the_write_and_restores_in_a_new_manager(tmp_p
   assert held_for and held_for[0] < 60
   assert (ckpt.latest_step(), sorted(os.listdir(tmp_path))) == (5, ["5"])
   ckpt.close()
-  assert_bit_identical(Checkpoints(str(tmp_path)).restore(state), state)
+  assert_bit_identical(CheckpointManager(str(tmp_path)).restore(state), state)
 
 
 def test_saving_an_existing_step_again_is_a_no_op(tmp_path):
-  ckpt = Checkpoints(str(tmp_path))
+  ckpt = CheckpointManager(str(tmp_path))
   ckpt.save(3, {"x": np.arange(4)})
   ckpt.save(3, {"x": np.arange(4) + 100})  # the end-of-run save after a periodic save of the same step
   np.testing.assert_array_equal(ckpt.restore({"x": np.zeros(4, np.int64)})["x"], np.arange(4))
@@ -152,7 +152,7 @@ def test_saving_an_existing_step_again_is_a_no_op(tmp_path):
     ("max", [0.5, 0.8, 0.8, float("nan"), 0.1], 3),  # ties: the newer; NaN (diverged) ranks worst
 ])
 def test_keep_the_last_two_and_the_best(tmp_path, mode, values, best):
-  ckpt = Checkpoints(str(tmp_path), keep=2, best_metric="acc", best_mode=mode)
+  ckpt = CheckpointManager(str(tmp_path), keep=2, best_metric="acc", best_mode=mode)
   for step, value in enumerate(values, start=1):
     ckpt.save(step, {"x": np.full(3, step)}, metrics={"acc": value, "loss": 1.0})
   ckpt.wait()
@@ -163,13 +163,13 @@ def test_keep_the_last_two_and_the_best(tmp_path, mode, values, best):
   ckpt.save(6, {"x": np.full(3, 6)})
   ckpt.save(7, {"x": np.full(3, 7)})
   ckpt.close()
-  reopened = Checkpoints(str(tmp_path), keep=2, best_metric="acc", best_mode=mode)
+  reopened = CheckpointManager(str(tmp_path), keep=2, best_metric="acc", best_mode=mode)
   assert (reopened.all_steps(), reopened.best_step(), reopened.latest_step()) == ([best, 6, 7], best, 7)
   np.testing.assert_array_equal(reopened.restore({"x": np.zeros(3, np.int64)}, step=best)["x"], [best] * 3)
 
 
 def test_without_a_best_metric_only_the_last_k_are_kept(tmp_path):
-  ckpt = Checkpoints(str(tmp_path), keep=3)
+  ckpt = CheckpointManager(str(tmp_path), keep=3)
   for step in range(0, 60, 10):
     ckpt.save(step, {"x": np.full(2, step)}, metrics={"acc": 1.0 - step / 100})
   ckpt.close()
@@ -183,12 +183,12 @@ def test_fsdp_checkpoint_of_8_devices_restores_onto_fewer(tmp_path, devices, sta
   # 13 tensors of >= 2**10 elements (per block q/k/v/out and fc1/fc2 kernels, the patch embedding), each as
   # a parameter and its two Adam moments.
   assert len(sharded8) == 13 * 3
-  with Checkpoints(str(tmp_path)) as ckpt:
+  with CheckpointManager(str(tmp_path)) as ckpt:
     ckpt.save(12, state)
 
   mesh = parallel.create_mesh({"fsdp": -1}, devices=jax.devices()[:devices])
   target = abstract_state(mesh, state)
-  restored = Checkpoints(str(tmp_path)).restore(target)
+  restored = CheckpointManager(str(tmp_path)).restore(target)
   assert_bit_identical(restored, state)
   arrays = lambda tree: [x for x in jax.tree.leaves(tree) if isinstance(x, (jax.Array, jax.ShapeDtypeStruct))]
   for got, want in zip(arrays(restored), arrays(target)):
@@ -199,9 +199,9 @@ def test_fsdp_checkpoint_of_8_devices_restores_onto_fewer(tmp_path, devices, sta
 
 
 def test_a_changed_model_is_a_clear_error(tmp_path, state8):
-  with Checkpoints(str(tmp_path)) as ckpt:
+  with CheckpointManager(str(tmp_path)) as ckpt:
     ckpt.save(1, {"params": state8["params"]})
-  ckpt = Checkpoints(str(tmp_path))
+  ckpt = CheckpointManager(str(tmp_path))
   deeper = VisionTransformer(num_classes=10, image_size=16, patch_size=4, width=32, depth=3, mlp_dim=128,
                              num_heads=4)
   target = {"params": nn.meta.unbox(boxed_params(deeper))}
@@ -221,7 +221,7 @@ def test_a_changed_model_is_a_clear_error(tmp_path, state8):
 
 
 def test_missing_checkpoints_and_bad_arguments_are_clear_errors(tmp_path):
-  empty = Checkpoints(str(tmp_path / "run"))
+  empty = CheckpointManager(str(tmp_path / "run"))
   assert (empty.latest_step(), empty.best_step(), empty.all_steps()) == (None, None, [])
   with pytest.raises(FileNotFoundError, match=rf"No checkpoint in {tmp_path / 'run'}"):
     empty.restore({"x": np.zeros(2)})
@@ -230,13 +230,13 @@ def test_missing_checkpoints_and_bad_arguments_are_clear_errors(tmp_path):
     empty.restore({"x": np.zeros(2)}, step=3)
   empty.close()
   with pytest.raises(ValueError, match=r"lack best_metric='top1'"):
-    Checkpoints(str(tmp_path / "b"), best_metric="top1").save(1, {"x": np.zeros(2)}, metrics={"acc": 0.5})
+    CheckpointManager(str(tmp_path / "b"), best_metric="top1").save(1, {"x": np.zeros(2)}, metrics={"acc": 0.5})
   with pytest.raises(ValueError, match=r"\['rng'\] is a typed PRNG key; save jax.random.key_data"):
-    Checkpoints(str(tmp_path / "k")).save(1, {"rng": jax.random.key(0)})
+    CheckpointManager(str(tmp_path / "k")).save(1, {"rng": jax.random.key(0)})
   with pytest.raises(ValueError, match=r"keep must be an int >= 1"):
-    Checkpoints(str(tmp_path / "c"), keep=0)
+    CheckpointManager(str(tmp_path / "c"), keep=0)
   with pytest.raises(ValueError, match=r"best_mode must be one of \('max', 'min'\)"):
-    Checkpoints(str(tmp_path / "d"), best_mode="maximum")
+    CheckpointManager(str(tmp_path / "d"), best_mode="maximum")
 
 
 def test_a_save_killed_midway_is_never_picked_up(tmp_path):
@@ -254,7 +254,7 @@ def test_a_save_killed_midway_is_never_picked_up(tmp_path):
   assert sorted(os.listdir(tmp_path / "ckpt"))[:1] == ["1"] and not os.path.exists(tmp_path / "ckpt" / "2")
   assert glob.glob(str(tmp_path / "ckpt" / "2.orbax-checkpoint-tmp*"))
 
-  ckpt = Checkpoints(str(tmp_path / "ckpt"))
+  ckpt = CheckpointManager(str(tmp_path / "ckpt"))
   assert (ckpt.latest_step(), ckpt.all_steps()) == (1, [1])
   expected = checkpoint_worker.small_state(1)
   assert_bit_identical(ckpt.restore(expected), expected)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lvm_jax.train import integrity
-from lvm_jax.train.checkpoints import CheckpointSaveError, Checkpoints, CorruptCheckpointError
+from lvm_jax.train.checkpoints import CheckpointSaveError, CheckpointManager, CorruptCheckpointError
 
 
 def state(step: int) -> dict:
@@ -26,7 +26,7 @@ def target() -> dict:
 
 def saved(tmp_path, steps=(1, 2, 3)) -> pathlib.Path:
   directory = tmp_path / "checkpoints"
-  with Checkpoints(str(directory), keep=5) as ckpt:
+  with CheckpointManager(str(directory), keep=5) as ckpt:
     for step in steps:
       ckpt.save(step, jax.device_put(state(step)))
   return directory
@@ -72,7 +72,7 @@ def test_every_step_carries_a_record_of_all_its_files(tmp_path):
   recorded = [f for f in files if f not in ("integrity.json", "_CHECKPOINT_METADATA", "commit_success.txt")]
   assert recorded and all(f'"{f}"' in record for f in recorded)
   assert any(f.startswith("state/") for f in recorded) and any(f.startswith("meta/") for f in recorded)
-  Checkpoints(str(directory)).verify(1)
+  CheckpointManager(str(directory)).verify(1)
 
 
 @pytest.mark.parametrize("case", sorted(DAMAGE))
@@ -80,7 +80,7 @@ def test_a_damaged_step_is_skipped_for_the_newest_intact_one(tmp_path, case, cap
   damage, reason = DAMAGE[case]
   directory = saved(tmp_path)
   damage(directory / "3")
-  ckpt = Checkpoints(str(directory), keep=5, read_only=True)
+  ckpt = CheckpointManager(str(directory), keep=5, read_only=True)
   with pytest.raises(CorruptCheckpointError, match=rf"Checkpoint step 3 \({directory}/3\) cannot be used: {reason}"):
     ckpt.verify(3)
   with caplog.at_level(logging.WARNING):
@@ -100,7 +100,7 @@ def test_a_damaged_step_is_skipped_for_the_newest_intact_one(tmp_path, case, cap
 def test_a_resumed_run_moves_bad_steps_aside_and_saves_their_numbers_again(tmp_path):
   directory = saved(tmp_path)
   flip_bytes(largest_data_file(directory / "3"))
-  ckpt = Checkpoints(str(directory), keep=5)
+  ckpt = CheckpointManager(str(directory), keep=5)
   assert ckpt.intact_step(quarantine=True) == 2
   assert ckpt.all_steps() == [1, 2]
   moved = os.listdir(str(directory) + "-quarantine")
@@ -116,14 +116,14 @@ def test_no_intact_step_is_an_error_naming_them(tmp_path):
   flip_bytes(largest_data_file(directory / "1"))
   truncate(largest_data_file(directory / "2"))
   with pytest.raises(CorruptCheckpointError, match=r"none of the 2 checkpoint\(s\) \[1, 2\] verifies"):
-    Checkpoints(str(directory), read_only=True).restore(target())
+    CheckpointManager(str(directory), read_only=True).restore(target())
 
 
 def test_a_failed_background_save_is_raised_with_its_step(tmp_path, monkeypatch):
   def disk_full(directory):
     raise OSError(28, "No space left on device")
   monkeypatch.setattr(integrity, "write_record", disk_full)
-  ckpt = Checkpoints(str(tmp_path / "checkpoints"))
+  ckpt = CheckpointManager(str(tmp_path / "checkpoints"))
   ckpt.save(5, jax.device_put(state(5)))
   with pytest.raises(CheckpointSaveError, match=r"Saving the checkpoint of step 5 in .* failed: .*No space left"):
     ckpt.wait()
@@ -133,8 +133,8 @@ def test_a_failed_background_save_is_raised_with_its_step(tmp_path, monkeypatch)
 
 def test_a_relative_directory_is_made_absolute(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  with Checkpoints("runs/x/checkpoints", async_save=True) as ckpt:
+  with CheckpointManager("runs/x/checkpoints", async_save=True) as ckpt:
     assert ckpt.directory == str(tmp_path / "runs" / "x" / "checkpoints")
     ckpt.save(1, jax.device_put(state(1)))
     ckpt.wait()
-  assert Checkpoints(str(tmp_path / "runs" / "x" / "checkpoints")).all_steps() == [1]
+  assert CheckpointManager(str(tmp_path / "runs" / "x" / "checkpoints")).all_steps() == [1]

@@ -184,8 +184,8 @@ def test_only_process_0_logs_and_every_process_writes_checkpoints(runs):
   assert console[0].count("[train] step") == 6 and console[0].count("[eval]") == 1
   assert "[train]" not in console[1] and "[eval]" not in console[1]
 
-  from lvm_jax.train.checkpoints import Checkpoints
-  ckpt = Checkpoints(os.path.join(runs["two"], "checkpoints"))
+  from lvm_jax.train.checkpoints import CheckpointManager
+  ckpt = CheckpointManager(os.path.join(runs["two"], "checkpoints"))
   assert ckpt.all_steps() == [3, 6]  # runlocal: checkpoint_every_steps=3, and the last step
   ckpt.close()
   for step in (3, 6):  # Orbax: each process writes the shards it holds, into its own ocdbt.process_<i>
@@ -229,10 +229,10 @@ def _flat(tree) -> dict:
 
 
 def test_two_processes_end_with_the_same_parameters_as_one(runs):
-  from lvm_jax.train.checkpoints import Checkpoints
+  from lvm_jax.train.checkpoints import CheckpointManager
   saved = {}
   for name in ("one", "two"):
-    ckpt = Checkpoints(os.path.join(runs[name], "checkpoints"))
+    ckpt = CheckpointManager(os.path.join(runs[name], "checkpoints"))
     saved[name] = {step: ckpt.restore_arrays(step) for step in (3, 6)}
     ckpt.close()
   for collection, bound in MOVED_FRACTION.items():

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from lvm_jax.train.checkpoints import Checkpoints
+from lvm_jax.train.checkpoints import CheckpointManager
 from lvm_jax.train.preemption import PreemptionWatch
 from tests.train import checkpoint_worker, preemption_worker
 
@@ -68,7 +68,7 @@ def test_a_preempted_run_saves_its_current_step_and_exits_cleanly(tmp_path):
   assert proc.wait(timeout=60) == 0
   saved = int(words[-1])
   assert words[-2:] == ["SAVED", str(saved)] and saved >= 20 and words[-4:-2] == ["STEP", str(saved)]
-  ckpt = Checkpoints(str(tmp_path))
+  ckpt = CheckpointManager(str(tmp_path))
   assert ckpt.all_steps() == [saved]
   expected = checkpoint_worker.small_state(saved)
   restored = ckpt.restore(checkpoint_worker.small_state(0))
@@ -109,7 +109,7 @@ def test_two_processes_stop_at_the_same_step_when_only_one_is_signalled(tmp_path
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
   mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
-  ckpt = Checkpoints(str(tmp_path / "ckpt"))
+  ckpt = CheckpointManager(str(tmp_path / "ckpt"))
   target = {"w": jax.ShapeDtypeStruct(preemption_worker.GLOBAL_SHAPE, np.float32,
                                       sharding=NamedSharding(mesh, P("fsdp"))), "step": 0}
   restored = ckpt.restore(target)

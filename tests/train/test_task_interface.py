@@ -89,7 +89,7 @@ def test_a_new_task_trains_evaluates_and_keeps_its_best_by_its_own_metric(bright
   assert "top1" not in train[0]
   # keep_checkpoints=1 keeps the newest; the best by abs_error (lower is better) is kept beside it.
   best = min(evals, key=lambda s: (evals[s], -s))
-  with checkpoints_lib.Checkpoints(os.path.join(workdir, workdir_checkpoint.CHECKPOINT_DIR),
+  with checkpoints_lib.CheckpointManager(os.path.join(workdir, workdir_checkpoint.CHECKPOINT_DIR),
                                    read_only=True) as checkpoints:
     assert set(checkpoints.all_steps()) == {best, 8}
   assert json.load(open(os.path.join(workdir, "brightness.json"))) == {"scale": 255}

@@ -44,12 +44,12 @@ def checkpoint_dir(workdir):
 
 
 def saved_state(workdir, step=None):
-  with checkpoints_lib.Checkpoints(checkpoint_dir(workdir), async_save=False) as checkpoints:
+  with checkpoints_lib.CheckpointManager(checkpoint_dir(workdir), async_save=False) as checkpoints:
     return checkpoints.restore_arrays(step)
 
 
 def saved_steps(workdir):
-  with checkpoints_lib.Checkpoints(checkpoint_dir(workdir), async_save=False) as checkpoints:
+  with checkpoints_lib.CheckpointManager(checkpoint_dir(workdir), async_save=False) as checkpoints:
     return checkpoints.all_steps()
 
 
@@ -120,7 +120,7 @@ def test_a_run_writes_metrics_tensorboard_config_and_checkpoints(finished, digit
 
   # Saved at 2, 4, 6, 8; keep_checkpoints=2 leaves the newest two (8 is also the best: the only one with eval).
   assert saved_steps(workdir) == [6, 8]
-  with checkpoints_lib.Checkpoints(checkpoint_dir(workdir), async_save=False) as checkpoints:
+  with checkpoints_lib.CheckpointManager(checkpoint_dir(workdir), async_save=False) as checkpoints:
     assert checkpoints.restore_meta(8) == {"examples_seen": NUM_STEPS * BATCH, "num_steps": NUM_STEPS}
   state = saved_state(workdir)
   assert int(state["step"]) == NUM_STEPS and int(state["nonfinite_step"]) == -1
