@@ -8,12 +8,12 @@ ImageNet-like sizes), then measures images/s for
                  line, handing Python only each image's shape and first pixel (so no per-image Python cost
                  flatters the ratio, and the decode cannot be skipped),
   train:         read + decode + inception crop 224 + flip, batched (lvm_jax.data.pipeline), assembled into
-                 a global jax.Array and normalised on the device (lvm_jax.data.device_batches),
+                 a global jax.Array and normalized on the device (lvm_jax.data.device_batches),
 and prints the ratio train / decode-only. Also shown: the host part alone (uint8 global batches, no device
-work), the device normalise alone (ms per batch on one fixed batch), and the chain normalising on the host.
+work), the device normalize alone (ms per batch on one fixed batch), and the chain normalizing on the host.
 
 On a CPU-only machine the "device" is the same cores as tf.data, so the train line pays for both. There the
-normalise is mostly the kernel zero-filling a fresh 38.5 MB float32 output per batch (glibc mmaps every
+normalize is mostly the kernel zero-filling a fresh 38.5 MB float32 output per batch (glibc mmaps every
 allocation over 32 MB); the trainer raises glibc's thresholds (lvm_jax.data.host_memory) so such buffers stay
 in the heap, and so does this benchmark unless --fresh-pages is given. With an accelerator the host pays only
 the host line.
@@ -131,13 +131,13 @@ def main() -> None:
   print(f"machine: {os.cpu_count()} CPU cores; tensorflow {tf.__version__}; {args.images} JPEGs 500x375; "
         f"large buffers kept in the heap: {kept}; best of {args.rounds} rounds of {args.seconds:g} s")
   print(f"decode only              {decode_rate:8.1f} img/s")
-  print(f"train pipeline (224)     {train_rate:8.1f} img/s   (normalised on the device)")
+  print(f"train pipeline (224)     {train_rate:8.1f} img/s   (normalized on the device)")
   print(f"train / decode-only      {train_rate / decode_rate:8.2%}")
   print(f"host part alone          {host_only_rate:8.1f} img/s   ({host_only_rate / decode_rate:.2%} of decode-only; "
         "uint8 global batches, no device work)")
-  print(f"device normalise alone   {1e3 * args.batch / device_rate:8.2f} ms/batch of {args.batch} "
+  print(f"device normalize alone   {1e3 * args.batch / device_rate:8.2f} ms/batch of {args.batch} "
         f"({device_rate:.0f} img/s; on CPU it shares the cores with tf.data)")
-  print(f"host-normalised variant  {host_rate:8.1f} img/s   ({host_rate / decode_rate:.2%} of decode-only)")
+  print(f"host-normalized variant  {host_rate:8.1f} img/s   ({host_rate / decode_rate:.2%} of decode-only)")
 
 
 if __name__ == "__main__":

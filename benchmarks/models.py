@@ -354,7 +354,7 @@ def main(argv=None) -> None:
   for name in names:
     size = getattr(lvm_jax.create_model(name), "image_size", 224)
     rng = np.random.default_rng(0)
-    images = rng.standard_normal((args.batch, size, size, 3), dtype=np.float32)  # already "normalised"
+    images = rng.standard_normal((args.batch, size, size, 3), dtype=np.float32)  # already "normalized"
     labels = rng.integers(0, NUM_CLASSES, args.batch).astype(np.int32)
     print(f"[{time.perf_counter() - run_start:6.0f}s] {name}: lvm_jax ...", file=sys.stderr, flush=True)
     res = dict(model=name, batch=args.batch, dtype=args.dtype, attention=args.attention,

@@ -15,7 +15,7 @@ data.train.layout says which: "auto" (default) tells them apart, "classes" or "s
 Arguments: root, eval_split, pretrained (anything lvm_jax.from_pretrained reads; also --config.pretrained),
 image_size (the fine-tuning resolution; ViT position embeddings are resized), runlocal.
 The data blocks share root, layout, holdout_fraction and index_path (set either block's). Class names come from the
-folder names; the new head has their count. Inputs are normalised with the checkpoint's own mean/std.
+folder names; the new head has their count. Inputs are normalized with the checkpoint's own mean/std.
 """
 
 from ml_collections.config_dict import FieldReference, placeholder

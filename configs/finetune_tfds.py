@@ -14,7 +14,7 @@ the dataset's class count replaces the old one), eval_on_test, runlocal.
 The data blocks share data_dir, download, manual_dir, image_key and label_key (set either block's).
 Evaluation is on the held-out "minival" slice of the training split (big_vision), which picks the best
 checkpoint; `eval_on_test` evaluates on the dataset's test split instead (for the number to report, once the
-hyper-parameters are fixed). Inputs are normalised with the checkpoint's own mean/std (data.normalize=None).
+hyper-parameters are fixed). Inputs are normalized with the checkpoint's own mean/std (data.normalize=None).
 """
 
 from ml_collections.config_dict import FieldReference, placeholder

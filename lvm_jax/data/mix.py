@@ -19,7 +19,7 @@ def _batch_rng(batch: dict) -> tuple[tf.Tensor, dict]:
 
 
 def _check(batch: dict, op: str) -> dict:
-  """The batch, checked; uint8 images become float32 in 0..255 units (normalised later, on the devices)."""
+  """The batch, checked; uint8 images become float32 in 0..255 units (normalized later, on the devices)."""
   image, label = batch["image"], batch["label"]
   if image.dtype == tf.uint8:
     image = tf.cast(image, tf.float32)

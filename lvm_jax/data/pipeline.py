@@ -117,7 +117,7 @@ def train_dataset(source, spec: PpSpec, *, global_batch_size: int, seed: int, st
 
   Returns:
     An endless tf.data.Dataset of this process's batches, dicts of "image" (whatever the pp leaves: uint8
-    unless it normalises) and "label" (int, or soft [batch, classes] labels after onehot/mixup), with
+    unless it normalizes) and "label" (int, or soft [batch, classes] labels after onehot/mixup), with
     global_batch_size / process_count examples each.
   """
   shard = shard or Shard.current()

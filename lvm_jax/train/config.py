@@ -18,7 +18,7 @@ from lvm_jax.train import optimizer as optimizer_lib
 # Blocks passed on whole to the code that owns them (that code rejects unknown keys itself).
 FREE_FORM = ("model_args", "data.train", "data.eval", "optimizer", "mesh", "sharding")
 DTYPES = ("float32", "bfloat16", "float16")
-# Settings whose None means something ("no evaluation", "the checkpoint's own normalisation", "keep no best").
+# Settings whose None means something ("no evaluation", "the checkpoint's own normalization", "keep no best").
 NULLABLE = ("data.eval", "data.normalize", "best_metric")
 # Blocks a recipe edits in place (c.optimizer.lr = ...): --config.optimizer.KEY can only set a key the recipe's
 # config still holds, so a recipe that assigns a new block (c.optimizer = dict(...)) loses every key it leaves out.
@@ -44,8 +44,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.eval = ml_collections.ConfigDict(dict(kind="digits", split="test"))     # None: no evaluation
   c.data.pp_train = "decode|inception_crop(224)|flip_lr"
   c.data.pp_eval = "decode|resize_small(256)|central_crop(224)"
-  # Normalisation on the device (uint8 crosses to the device, a quarter of the bytes): a preset ("imagenet",
-  # "inception") or None for the pretrained checkpoint's own mean/std. Ignored when the pp normalises itself.
+  # Normalization on the device (uint8 crosses to the device, a quarter of the bytes): a preset ("imagenet",
+  # "inception") or None for the pretrained checkpoint's own mean/std. Ignored when the pp normalizes itself.
   c.data.normalize = "imagenet"
   c.data.batch_size = 128                      # global, over all processes
   c.data.eval_batch_size = 0                   # 0: same as batch_size

@@ -92,7 +92,7 @@ def _pp_normalizes(spec) -> bool:
 
 def _normalization(config, pretrained_mean_std) -> Optional[tuple]:
   if _pp_normalizes(config.data.pp_train) != _pp_normalizes(config.data.pp_eval):
-    raise ValueError("data.pp_train and data.pp_eval must both normalise (normalize/value_range op) or both "
+    raise ValueError("data.pp_train and data.pp_eval must both normalize (normalize/value_range op) or both "
                      "leave it to the device (data.normalize).")
   if _pp_normalizes(config.data.pp_train):
     return None

@@ -1,7 +1,7 @@
 """A trained run's workdir as a classification Checkpoint: the model, its latest parameters, its class names, and
 the run's own eval preprocessing, so `main.py --mode=predict --workdir=DIR` sees images exactly as eval did.
 
-The trainer writes WORKDIR/model.json (the model class, its arguments and the input normalisation) beside the
+The trainer writes WORKDIR/model.json (the model class, its arguments and the input normalization) beside the
 checkpoints, so a workdir is enough: no dataset and no hub access is needed to predict.
 """
 
@@ -59,7 +59,7 @@ def _model_from_description(path: str):
 @dataclasses.dataclass(frozen=True)
 class PipelinePreprocessing:
   """The run's eval pp applied to one PIL image (sent through the same TF ops as eval batches), then the
-  run's normalisation. Callable like lvm_jax.Preprocessing: RGB PIL image -> float32 [H, W, 3]."""
+  run's normalization. Callable like lvm_jax.Preprocessing: RGB PIL image -> float32 [H, W, 3]."""
   spec: str
   mean: Optional[Sequence[float]] = None
   std: Optional[Sequence[float]] = None

@@ -57,7 +57,7 @@ class Preprocessing:
     rounded down) and center-crop `size`; otherwise resize straight to `resize_size` (or to `size` when
     `resize_size` is None) and center-crop `size` from it when the two differ.
   interpolation: PIL resampling filter, one of INTERPOLATIONS.
-  rescale: pixel values (0..255) are multiplied by it before normalisation.
+  rescale: pixel values (0..255) are multiplied by it before normalization.
   mean, std: per channel, applied after rescaling.
   crop_rounding: how an odd margin is split by the center crop: "floor" (transformers) or "round" (Python's
     round, as torchvision's CenterCrop that timm uses).
@@ -72,7 +72,7 @@ class Preprocessing:
   crop_rounding: str = "floor"
 
   def __post_init__(self):
-    # Normalise lists read from JSON into the hashable tuples the frozen dataclass promises.
+    # Normalize lists read from JSON into the hashable tuples the frozen dataclass promises.
     object.__setattr__(self, "size", _pair(self.size, "size"))
     if self.resize_size is not None:
       object.__setattr__(self, "resize_size", _pair(self.resize_size, "resize_size"))
@@ -93,7 +93,7 @@ class Preprocessing:
     height, width = self._resized_shape(image.height, image.width)
     pixels = np.asarray(image.resize((width, height), resample=INTERPOLATIONS[self.interpolation]))
     pixels = _center_crop(pixels, self.size, self.crop_rounding)
-    # transformers rescales in float64 and only then casts; normalisation is in float32.
+    # transformers rescales in float64 and only then casts; normalization is in float32.
     x = (pixels.astype(np.float64) * self.rescale).astype(np.float32)
     return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
 

@@ -1,5 +1,5 @@
 """The README's input recipe end to end on a folder of real photos: augmentations, mixing, global batches,
-device normalisation, and an exact eval over the held-out files."""
+device normalization, and an exact eval over the held-out files."""
 
 import itertools
 

@@ -102,7 +102,7 @@ def test_runs_after_batching_in_tf_data():
 
 
 def test_uint8_images_mix_as_float_in_pixel_units():
-  """Pipelines that normalise on the devices mix uint8 batches: the result is float32 in 0..255."""
+  """Pipelines that normalize on the devices mix uint8 batches: the result is float32 in 0..255."""
   batch = _batch()
   pixels = tf.cast(tf.round(tf.clip_by_value(batch["image"] * 50 + 128, 0, 255)), tf.uint8)
   out = mix.mixup(0.4)({**batch, "image": pixels})

@@ -15,7 +15,7 @@ measured on a loaded 2-core machine. What is checked:
 
 Parameters are not within 1e-5 element-wise, and cannot be: the two layouts sum gradients across devices in
 different orders (gloo's ring vs XLA's in-process all-reduce), which differ in the last bits, and Adam's
-normalisation turns such ulp-level noise into lr-sized updates wherever a gradient is pure cancellation
+normalization turns such ulp-level noise into lr-sized updates wherever a gradient is pure cancellation
 (BatchNorm biases feeding BatchNorm, the zero-initialised last BN of each block). Measured (jax 0.10.2, CPU):
 after step 1 (lr 0) the parameters are bit-identical and the step-1 gradients agree to 3.6e-6 per tensor;
 after 6 steps ~1e-5 to 4e-4 apart in relative L2 over all parameters together. The same happens between 1x2

@@ -1,4 +1,4 @@
-"""Train/eval steps and the TrainState: losses, exact SGD updates, metrics, rng, BatchNorm, normalisation,
+"""Train/eval steps and the TrainState: losses, exact SGD updates, metrics, rng, BatchNorm, normalization,
 gradient accumulation, EMA, NaN tracking, masked eval sums, mixed precision, state creation and sharding.
 
 Every expected number is computed independently of the code under test (numpy float64, or jax.grad of a loss
@@ -303,7 +303,7 @@ def test_resnet_batch_stats_update_in_train_and_are_used_by_eval():
   assert abs(float(stale["loss"]) - float(sums["loss"])) > 1e-3
 
 
-def test_uint8_normalised_on_device_equals_prenormalised_floats(sgd_run):
+def test_uint8_normalized_on_device_equals_prenormalized_floats(sgd_run):
   model, tx, on_host_step, state, _ = sgd_run
   uint8 = np.random.default_rng(5).integers(0, 256, size=(8, 16, 16, 3), dtype=np.uint8)
   floats = ((uint8 / 255.0 - np.array(IMAGENET[0])) / np.array(IMAGENET[1])).astype(np.float32)
@@ -318,7 +318,7 @@ def test_uint8_normalised_on_device_equals_prenormalised_floats(sgd_run):
   sums = jax.jit(steps.make_eval_step(TASK, model, on_device))(state.variables,
                                                          {"image": uint8, "label": labels, "mask": np.ones(8)})
   np.testing.assert_allclose(sums["loss"], 8 * _np_loss(_logits(model, state.variables, floats), labels), rtol=1e-5)
-  # The same uint8 batch unnormalised is another input: the comparisons above can fail.
+  # The same uint8 batch unnormalized is another input: the comparisons above can fail.
   c, _ = on_host_step(state, {"image": uint8.astype(np.float32), "label": labels})
   assert _max_diff(c.params, b.params) > 1e-2
 

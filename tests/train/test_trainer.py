@@ -116,7 +116,7 @@ def test_a_run_writes_metrics_tensorboard_config_and_checkpoints(finished, digit
   with open(os.path.join(workdir, "model.json")) as f:
     model = json.load(f)
   assert model["class"] == "ResNet" and model["args"]["num_classes"] == 10 and model["args"]["width"] == 32
-  assert model["normalize"] == [[0.5] * 3, [0.5] * 3]  # the recipe's "inception" normalisation
+  assert model["normalize"] == [[0.5] * 3, [0.5] * 3]  # the recipe's "inception" normalization
 
   # Saved at 2, 4, 6, 8; keep_checkpoints=2 leaves the newest two (8 is also the best: the only one with eval).
   assert saved_steps(workdir) == [6, 8]

@@ -60,7 +60,7 @@ PHOTOS = {"chelsea": lambda: skimage.data.chelsea(),
 def test_preprocessing_gives_the_pixels_of_timms_eval_transform(name, photo):
   # timm's resolve_data_config + create_transform on the model it loads from the folder, applied to a real photo:
   # resize of the shorter side to floor(size / crop_pct) (bicubic), center crop with round-half-even margins,
-  # ToTensor, Normalize. One pixel level off is >= 0.0078 after normalisation; float32 rounding is ~1e-7.
+  # ToTensor, Normalize. One pixel level off is >= 0.0078 after normalization; float32 rounding is ~1e-7.
   pixels = PHOTOS[photo]()
   manifest = json.loads((FIXTURES / "MANIFEST.json").read_text())["preprocessing"]
   assert hashlib.sha256(pixels.tobytes()).hexdigest() == manifest["photos"][photo]["sha256"]
