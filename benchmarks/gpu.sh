@@ -58,6 +58,6 @@ bench() {  # name batch table-name [flags...]; a failure is logged and the next 
 : > "$out/log.txt"
 bench vit_b16 "${VIT_BATCH:-256}" vit_b16 "${torch_flags[@]}" "${profile[@]}"
 bench resnet50 "${RESNET_BATCH:-256}" resnet50 "${torch_flags[@]}" "${profile[@]}"
-bench vit_b16 "${VIT_BATCH:-256}" vit_b16_xla_attention --no-torch --attention xla
+bench vit_b16 "${VIT_BATCH:-256}" vit_b16_xla_attention --no-torch --attention-impl xla
 echo "tables in $out"
 exit $failed

@@ -2,7 +2,7 @@
 
   python benchmarks/models.py [--models vit_b16,resnet50,swin_t] [--batch 8] [--dtype float32|bfloat16]
                               [--seconds 10 | --steps N] [--no-torch] [--no-compile] [--compile-train]
-                              [--no-train] [--attention auto|xla|cudnn] [--profile DIR]
+                              [--no-train] [--attention-impl auto|xla|cudnn] [--profile DIR]
                               [--out results.md] [--out results.json]
 
 For each model (any registered variant name, built with lvm_jax.create_model(num_classes=1000)):
@@ -93,10 +93,10 @@ def cpu_threads() -> int:
 # --------------------------------------------------------------------------------------------------- lvm_jax
 
 def model_overrides(name: str, args) -> dict:
-  """create_model keywords from the flags: --attention reaches the models that have an attention_impl."""
+  """create_model keywords from the flags: --attention-impl reaches the models that have an attention_impl."""
   overrides = dict(num_classes=NUM_CLASSES, dtype=jnp.dtype(args.dtype))
-  if args.attention != "auto" and "attention_impl" in registry.model_fields(type(lvm_jax.create_model(name))):
-    overrides["attention_impl"] = args.attention
+  if args.attention_impl != "auto" and "attention_impl" in registry.model_fields(type(lvm_jax.create_model(name))):
+    overrides["attention_impl"] = args.attention_impl
   return overrides
 
 
@@ -317,7 +317,7 @@ def main(argv=None) -> None:
                            "a model)")
   parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
                       help="also time the train step (--no-train: inference only)")
-  parser.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
+  parser.add_argument("--attention-impl", choices=("auto", "xla", "cudnn"), default="auto",
                       help="attention kernel of the models that choose one (ViT): auto = cuDNN flash attention on "
                            "NVIDIA GPUs in bfloat16, else XLA")
   parser.add_argument("--profile", type=pathlib.Path, default=None,
@@ -357,7 +357,7 @@ def main(argv=None) -> None:
     images = rng.standard_normal((args.batch, size, size, 3), dtype=np.float32)  # already "normalized"
     labels = rng.integers(0, NUM_CLASSES, args.batch).astype(np.int32)
     print(f"[{time.perf_counter() - run_start:6.0f}s] {name}: lvm_jax ...", file=sys.stderr, flush=True)
-    res = dict(model=name, batch=args.batch, dtype=args.dtype, attention=args.attention,
+    res = dict(model=name, batch=args.batch, dtype=args.dtype, attention_impl=args.attention_impl,
                jax=jax_benchmarks(name, images, labels, args))
     if args.torch:
       print(f"[{time.perf_counter() - run_start:6.0f}s] {name}: torch ...", file=sys.stderr, flush=True)
@@ -372,7 +372,7 @@ def main(argv=None) -> None:
   load = os.getloadavg() if hasattr(os, "getloadavg") else None
   print(f"machine: {device.platform} ({device.device_kind}), {threads} CPU threads; jax {jax.__version__}; "
         f"{torch_info}" + (f"; load average at the end {load[0]:.2f} (1 min)" if load else ""))
-  print(f"batch {args.batch}, {args.dtype}, attention {args.attention}; median of >= {args.min_repeats} calls over "
+  print(f"batch {args.batch}, {args.dtype}, attention {args.attention_impl}; median of >= {args.min_repeats} calls over "
         f"{args.steps and f'{args.steps} steps' or f'{args.seconds:g} s'} after warmup; "
         f"run took {time.perf_counter() - run_start:.0f} s")
   print(f"peak ({peak_how}, {args.dtype}): jax {_fmt(peak and peak / 1e9, '.1f')} GFLOP/s; "
