@@ -71,7 +71,16 @@ def _resume_step(checkpoints: checkpoints_lib.CheckpointManager) -> int:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir` (resuming from its newest intact checkpoint); returns the last eval metrics."""
+  """Trains `config` in `workdir`, resuming from its newest intact checkpoint.
+
+  Args:
+    config: a run config (lvm_jax.train.config.defaults() with a recipe's settings); validated here.
+    workdir: a local path or gs:// URL for checkpoints, logs, the config and what predict needs. One run at a time.
+
+  Returns:
+    The last eval metrics, {"eval": {...}} plus {"eval_ema": {...}} with EMA; {} when there was nothing to train
+    or no eval split.
+  """
   workdir = checkpoints_lib.absolute(workdir)
   run = setup.build(config)
   tf.io.gfile.makedirs(workdir)  # a local path or a gs:// bucket
@@ -155,6 +164,14 @@ def _train(run: setup.Run, workdir: str, checkpoints: checkpoints_lib.Checkpoint
 
 def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
   """Evaluates the newest intact (or the given) checkpoint in `workdir` on config.data.eval.
+
+  Args:
+    config: the run's config (its model, task and data.eval).
+    workdir: the run's workdir.
+    step: the checkpoint step to evaluate; None: the newest intact one.
+
+  Returns:
+    {"eval": metrics} (plus "eval_ema" when the run kept an EMA), the task's eval metrics.
 
   The metrics are printed first; then they are logged (split "eval") to metrics.jsonl and TensorBoard, where a
   workdir that cannot be written (read-only, a copy) only gives a warning. The workdir is only read otherwise,
