@@ -23,8 +23,18 @@ def list_models(pattern: str = "*") -> list[str]:
   return sorted(name for name in _MODELS if fnmatch.fnmatch(name, pattern))
 
 
+def _arguments(cls: type) -> list[dataclasses.Field]:
+  return [f for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+
+
+def _is_module_class(value) -> bool:
+  return isinstance(value, type) and issubclass(value, nn.Module)
+
+
 def model_fields(cls: type) -> list[str]:
-  return [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+  """The model's hyper-parameters: its arguments less those that take a module (ResNet's conv and norm), which
+  have no plain-data form to record (a workdir's model.json) and are rebuilt from their defaults."""
+  return [f.name for f in _arguments(cls) if not _is_module_class(f.default)]
 
 
 def create_model(name: str, **overrides) -> nn.Module:
@@ -34,10 +44,11 @@ def create_model(name: str, **overrides) -> nn.Module:
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ValueError(f"Unknown model {name!r}.{hint} Known models: {', '.join(list_models())}.")
   cls, args = _MODELS[name]
-  unknown = sorted(set(overrides) - set(model_fields(cls)))
+  arguments = [f.name for f in _arguments(cls)]
+  unknown = sorted(set(overrides) - set(arguments))
   if unknown:
     raise TypeError(f"{cls.__name__} ({name}) has no argument {', '.join(map(repr, unknown))}; "
-                    f"its arguments are: {', '.join(model_fields(cls))}.")
+                    f"its arguments are: {', '.join(arguments)}.")
   return cls(**{**args, **overrides})
 
 

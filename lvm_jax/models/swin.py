@@ -1,5 +1,6 @@
 """Swin Transformer (Liu et al. 2021, "Hierarchical Vision Transformer using Shifted Windows")."""
 
+import re
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -7,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lvm_jax.models import layers
+from lvm_jax.models import layers, param_groups
 
 # Added to the logits of token pairs that a cyclic shift brought together from distant image regions;
 # the reference implementations use -100 rather than -inf, and parity depends on the same number.
 MASKED = -100.0
+_MERGE = re.compile(r"^merge_(\d+)$")
 
 
 def relative_position_index(window: int, table_window: int) -> np.ndarray:
@@ -136,7 +138,7 @@ class SwinBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-  """Halves the resolution: each 2x2 neighbourhood concatenated, normalised, projected to 2x the width."""
+  """Halves the resolution: each 2x2 neighbourhood concatenated, normalized, projected to 2x the width."""
   layer_norm_eps: float
   dtype: Any
   param_dtype: Any
@@ -214,9 +216,32 @@ class SwinTransformer(nn.Module):
       return {**features, "pooled": pooled}
     if self.num_classes == 0:
       return pooled
-    return nn.Dense(self.num_classes, name="head",
-                    kernel_init=layers.partitioned(layers.trunc_normal_02, ("embed", "classes")),
-                    bias_init=layers.partitioned(layers.zeros, ("classes",)), **kw)(pooled)
+    return layers.Dense(self.num_classes, name="head",
+                        kernel_init=layers.partitioned(layers.trunc_normal_02, ("embed", "classes")),
+                        bias_init=layers.partitioned(layers.zeros, ("classes",)), **kw)(pooled)
+
+  def layer_id(self, path: str) -> Optional[int]:
+    """The parameter's layer for layer-wise lr decay (models/param_groups.py): patch_embed and patch_norm 0,
+    the blocks 1, 2, ... in order over all stages, merge_s (which runs after stage s) the id of stage s's last
+    block, the final norm and head the last."""
+    top = param_groups.top_level(path)
+    ends = np.cumsum(self.depths).tolist()  # the id of each stage's last block
+    if (match := param_groups.STAGE_BLOCK.match(top)):
+      stage, index = int(match.group(1)), int(match.group(2))
+      if stage < len(ends) and index < self.depths[stage]:
+        return ends[stage] - self.depths[stage] + index + 1
+      return None
+    if (match := _MERGE.match(top)) and int(match.group(1)) < len(ends) - 1:
+      return ends[int(match.group(1))]
+    if top in ("patch_embed", "patch_norm"):
+      return 0
+    return self.num_layer_ids() - 1 if top in ("norm", "head") else None
+
+  def num_layer_ids(self) -> int:
+    return sum(self.depths) + 2
+
+  def no_weight_decay(self) -> tuple[str, ...]:
+    return param_groups.NO_WEIGHT_DECAY + (r"(^|/)relative_position_bias_table$",)
 
 
 def _variant(embed_dim: int, depths: tuple, num_heads: tuple, image_size: int = 224, window_size: int = 7) -> dict:

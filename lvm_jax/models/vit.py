@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lvm_jax.models import layers
+from lvm_jax.models import layers, param_groups
 from lvm_jax.parallel.partitioning import LAYER_AXIS
 
 # name -> (width, depth, mlp_dim, num_heads), from the paper's Table 1 and the AugReg / big_vision releases.
@@ -51,7 +51,7 @@ class EncoderBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     rate = self.drop_path if drop_path_rate is None else drop_path_rate
     y = layers.layer_norm(self.layer_norm_eps, name="norm1", **kw)(x)
-    y = layers.Attention(self.num_heads, dropout=self.attention_dropout, implementation=self.attention_impl,
+    y = layers.Attention(self.num_heads, dropout=self.attention_dropout, attention_impl=self.attention_impl,
                          name="attn", **kw)(y, train=train, valid_length=valid_length)
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
     x = x + layers.DropPath(rate)(y, train=train)
@@ -66,11 +66,11 @@ class VisionTransformer(nn.Module):
 
   pooling: "token" (class token, as HF and the original release) or "gap" (mean of patch tokens).
   class_token: prepend a learned class token (needed by "token" pooling; optional with "gap", as in timm).
-  fc_norm: with "gap", normalise after pooling instead of before (timm's avg-pool ViTs, MAE).
+  fc_norm: with "gap", normalize after pooling instead of before (timm's avg-pool ViTs, MAE).
   no_embed_class: position embeddings cover patches only, the class token gets none (big_vision style).
   representation_size: optional pre-logits Dense + tanh (the ImageNet-21k releases).
   num_classes=0 returns the pooled features instead of logits.
-  With `return_features=True` the call returns {"grid": [B, h, w, width] normalised patch tokens,
+  With `return_features=True` the call returns {"grid": [B, h, w, width] normalized patch tokens,
   "pooled": [B, width] features before the head}.
   scan_layers: the blocks are one nn.scan over a single block (params["blocks"], each leaf with a leading
   layer axis named "layers"), so XLA compiles the block once and compile time stays flat with depth. Same
@@ -140,7 +140,7 @@ class VisionTransformer(nn.Module):
     x = layers.constrain(x, ("batch", "length", "embed"))
 
     tokens = x.shape[1]
-    if tokens % 2 and self._attention_implementation(tokens) == "cudnn":
+    if tokens % 2 and self._attention_implementation() == "cudnn":
       # cuDNN's flash attention trains only on even lengths: one padding token for the whole encoder, masked out
       # as a key in every block, costs less than a pad and a slice in every layer.
       x = self._encoder(jnp.pad(x, ((0, 0), (0, 1), (0, 0))), train, valid_length=tokens)[:, :tokens]
@@ -157,24 +157,43 @@ class VisionTransformer(nn.Module):
       pooled = x[:, 0] if self.pooling == "token" else grid.mean(axis=1)
 
     if self.representation_size is not None:
-      pooled = nn.Dense(self.representation_size, name="pre_logits",
-                        kernel_init=layers.partitioned(nn.initializers.lecun_normal(), ("embed", "mlp")),
-                        bias_init=layers.partitioned(layers.zeros, ("mlp",)), **kw)(pooled)
+      pooled = layers.Dense(self.representation_size, name="pre_logits",
+                            kernel_init=layers.partitioned(nn.initializers.lecun_normal(), ("embed", "mlp")),
+                            bias_init=layers.partitioned(layers.zeros, ("mlp",)), **kw)(pooled)
       pooled = jnp.tanh(pooled)
 
     if return_features:
       return {"grid": grid.reshape(batch, h, w, self.width), "pooled": pooled}
     if self.num_classes == 0:
       return pooled
-    return nn.Dense(self.num_classes, name="head",
-                    kernel_init=layers.partitioned(layers.zeros, ("embed", "classes")),
-                    bias_init=layers.partitioned(layers.zeros, ("classes",)), **kw)(pooled)
+    return layers.Dense(self.num_classes, name="head",
+                        kernel_init=layers.partitioned(layers.zeros, ("embed", "classes")),
+                        bias_init=layers.partitioned(layers.zeros, ("classes",)), **kw)(pooled)
+
+  def layer_id(self, path: str) -> Optional[int]:
+    """The parameter's layer for layer-wise lr decay (models/param_groups.py): patch_embed, pos_embed and
+    cls_token 0, block_i i + 1, the final norm, fc_norm, pre_logits and head depth + 1."""
+    top = param_groups.top_level(path)
+    if top == SCANNED_BLOCKS:
+      raise ValueError("ViT layer ids need one parameter subtree per block; a ViT built with scan_layers=True stacks "
+                       "them (params['blocks']): build it with scan_layers=False for layer-wise lr decay.")
+    if (match := _BLOCK.match(top)) and int(match.group(1)) < self.depth:
+      return int(match.group(1)) + 1
+    if top in ("patch_embed", "pos_embed", "cls_token"):
+      return 0
+    return self.depth + 1 if top in ("norm", "fc_norm", "pre_logits", "head") else None
+
+  def num_layer_ids(self) -> int:
+    return self.depth + 2
+
+  def no_weight_decay(self) -> tuple[str, ...]:
+    return param_groups.NO_WEIGHT_DECAY + (r"(^|/)pos_embed$", r"(^|/)cls_token$")
 
   def drop_path_rates(self) -> list[float]:
     """Stochastic depth per block: linear from 0 (first block) to `drop_path` (last)."""
     return layers.drop_path_rates(self.drop_path, self.depth)
 
-  def _attention_implementation(self, tokens: int) -> str:
+  def _attention_implementation(self) -> str:
     return layers.attention_implementation(self.attention_impl, self.width // self.num_heads, self.dtype,
                                            has_bias=False)
 

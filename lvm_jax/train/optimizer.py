@@ -2,6 +2,8 @@
 masks, global-norm clipping, layer-wise lr decay, frozen groups and gradient accumulation; plus the EMA update.
 
 Parameters are addressed by their "/"-joined path in the (unboxed) params tree, e.g. "block_3/attn/query/kernel".
+The model says which paths take no weight decay and which layer each is in (lvm_jax.models.param_groups); the
+optimizer knows no model family.
 
 Order of one update (per micro-batch call):
   cast grads to each param's dtype  (bf16 grads never make bf16 optimizer state; float32 params -> float32 state)
@@ -18,6 +20,7 @@ import flax.linen as nn
 import jax
 import optax
 
+from lvm_jax.models import param_groups
 from lvm_jax.train import schedules
 
 NAMES = ("adamw", "sgd", "lamb")
@@ -29,10 +32,6 @@ DEFAULTS = dict(name="adamw", lr=None, b1=0.9, b2=0.999, eps=None, momentum=0.9,
 SCHEDULE_DEFAULTS = dict(warmup_steps=0, total_steps=None, decay="cosine", end_lr_fraction=0.0)
 _DEFAULT_EPS = dict(adamw=1e-8, lamb=1e-6)
 
-# No weight decay on biases, norm (LayerNorm/BatchNorm) scales, position embeddings, class token and Swin's
-# relative position bias: decaying them hurts accuracy (ViT/Swin/ResNet recipes all exclude them).
-DEFAULT_NO_DECAY = (r"(^|/)bias$", r"(^|/)scale$", r"(^|/)pos_embed$", r"(^|/)cls_token$",
-                    r"(^|/)relative_position_bias_table$")
 
 
 def _checked_keys(block, defaults: dict, where: str) -> dict:
@@ -117,14 +116,21 @@ def _matcher(regexes) -> Callable[[str], bool]:
   return lambda path: any(rx.search(path) for rx in regexes)
 
 
-def weight_decay_mask(params, no_decay=None):
+def default_no_decay(model=None) -> tuple[str, ...]:
+  """The model's no_weight_decay() regexes; biases and norm scales for a model that gives none (or no model)."""
+  describe = getattr(model, "no_weight_decay", None)
+  return tuple(describe()) if describe is not None else param_groups.NO_WEIGHT_DECAY
+
+
+def weight_decay_mask(params, no_decay=None, model=None):
   """Tree of bools over `params`: True where weight decay applies (every path matching no `no_decay` regex).
 
-  `no_decay=None` uses DEFAULT_NO_DECAY; a user-given list replaces it and each regex must match something.
+  `no_decay=None` uses the model's patterns (default_no_decay); a user-given list replaces them and each regex
+  must match something.
   """
   paths = param_paths(params)
   if no_decay is None:
-    regexes = [re.compile(p) for p in DEFAULT_NO_DECAY]
+    regexes = [re.compile(p) for p in default_no_decay(model)]
   else:
     regexes = _compile_user_regexes(no_decay, paths, "no_decay")
   excluded = _matcher(regexes)
@@ -133,70 +139,32 @@ def weight_decay_mask(params, no_decay=None):
 
 # ---------------------------------------------------------------------------------------- layer-wise lr decay
 
-_VIT_BLOCK = re.compile(r"^block_(\d+)(/|$)")
-_STAGE_BLOCK = re.compile(r"^stage_(\d+)_block_(\d+)(/|$)")
-_SWIN_MERGE = re.compile(r"^merge_(\d+)(/|$)")
-
-
-def _family(top_names: set[str]) -> str:
-  if "stem_conv" in top_names:
-    return "resnet"
-  if any(_STAGE_BLOCK.match(n) for n in top_names) and "patch_embed" in top_names:
-    return "swin"
-  if any(_VIT_BLOCK.match(n) for n in top_names):
-    return "vit"
-  if "blocks" in top_names and "patch_embed" in top_names:
-    raise ValueError("optimizer.layer_decay needs one parameter subtree per block; a ViT built with "
-                     "scan_layers=True stacks them (params['blocks']): train it with scan_layers=False, or "
-                     "set optimizer.layer_decay to None.")
-  raise ValueError(f"optimizer.layer_decay: cannot tell the model family (ViT, Swin, ResNet) from the top-level "
-                   f"parameter names {sorted(top_names)}.")
-
-
-def layer_ids(params) -> tuple[dict[str, int], int]:
-  """(path -> layer id, number of ids). Embeddings get 0, the head (with the final norm) the last id.
-
-  ViT: patch_embed/pos_embed/cls_token 0, block_i i+1, norm/fc_norm/pre_logits/head depth+1.
-  Swin: patch_embed/patch_norm 0, stage_s_block_i numbered 1.. in order over stages, merge_s (which runs after
-  stage s) the id of stage s's last block, norm/head the last id.
-  ResNet: stem 0, stage_s s+1 (a stage shares one id, as in the usual ResNet fine-tuning recipes), head last.
-  """
-  paths = param_paths(params)
-  tops = {p.split("/")[0] for p in paths}
-  family = _family(tops)
-  # Each top-level module's id; every parameter takes the id of the module it lives in.
-  if family == "vit":
-    body = {t: int(m.group(1)) + 1 for t in tops if (m := _VIT_BLOCK.match(t))}
-    embed, head = {"patch_embed", "pos_embed", "cls_token"}, {"norm", "fc_norm", "pre_logits", "head"}
-  else:
-    blocks = sorted((int(m.group(1)), int(m.group(2)), t) for t in tops if (m := _STAGE_BLOCK.match(t)))
-    if family == "swin":
-      body = {t: i + 1 for i, (_, _, t) in enumerate(blocks)}  # one id per block, counted across stages
-      stage_last = {s: body[t] for s, _, t in blocks}  # sorted: the last write is the stage's last block
-      body.update({t: stage_last[int(m.group(1))] for t in tops if (m := _SWIN_MERGE.match(t))})
-      embed, head = {"patch_embed", "patch_norm"}, {"norm", "head"}
-    else:
-      body = {t: s + 1 for s, _, t in blocks}  # one id per stage
-      embed, head = {"stem_conv", "stem_bn"}, {"head"}
-  last = max(body.values())
-  top_ids = {**body, **{t: 0 for t in embed}, **{t: last + 1 for t in head}}
-  of = lambda path: top_ids.get(path.split("/")[0])
-
-  ids = {p: of(p) for p in paths}
+def layer_ids(params, model) -> tuple[dict[str, int], int]:
+  """(path -> layer id, number of ids), from the model's layer_id / num_layer_ids (models/param_groups.py):
+  embeddings 0, then the blocks or stages in order, the head the last id."""
+  if not isinstance(model, param_groups.ParamGroups):
+    raise ValueError(f"optimizer.layer_decay needs the model's layer ids: pass make_optimizer a model with "
+                     f"layer_id, num_layer_ids and no_weight_decay (lvm_jax.models.param_groups), not "
+                     f"{type(model).__name__}.")
+  try:
+    ids = {p: model.layer_id(p) for p in param_paths(params)}
+  except ValueError as e:
+    raise ValueError(f"optimizer.layer_decay: {e}") from None
   unknown = [p for p, i in ids.items() if i is None]
   if unknown:  # a new parameter must get an explicit id rather than a silent guess
-    raise ValueError(f"optimizer.layer_decay: no layer id for {family} parameters {unknown[:5]}.")
-  return ids, last + 2
+    raise ValueError(f"optimizer.layer_decay: {type(model).__name__}.layer_id gives no id for parameters "
+                     f"{unknown[:5]}.")
+  return ids, model.num_layer_ids()
 
 
-def _multipliers(params, layer_decay: float) -> dict[str, float]:
-  ids, n = layer_ids(params)
+def _multipliers(params, layer_decay: float, model) -> dict[str, float]:
+  ids, n = layer_ids(params, model)
   return {p: float(layer_decay) ** (n - 1 - i) for p, i in ids.items()}
 
 
-def layer_decay_multipliers(params, layer_decay: float):
+def layer_decay_multipliers(params, layer_decay: float, model):
   """Tree of floats over `params`: layer_decay ** (num_ids - 1 - id), so the head gets 1 and embeddings the least."""
-  multipliers = _multipliers(params, layer_decay)
+  multipliers = _multipliers(params, layer_decay, model)
   return _map_paths(lambda p: multipliers[p], nn.meta.unbox(params))
 
 
@@ -223,11 +191,14 @@ def _cast_to_param_dtype() -> optax.GradientTransformation:
 
 # ------------------------------------------------------------------------------------------------ the builder
 
-def make_optimizer(config, params):
+def make_optimizer(config, params, model=None):
   """(optax transformation, schedule_fn) from `config.optimizer` (or an optimizer block given directly).
 
   `params`: the (boxed or unboxed) params tree, or its abstract shapes; used for masks, layer ids and to check
-  that every user regex matches. `schedule_fn(step)` is the lr at optimizer step `step` (before layer decay).
+  that every user regex matches. `model`: what the params belong to; it gives the no-weight-decay patterns and
+  the layer ids of layer-wise lr decay (models/param_groups.py). Without it only biases and norm scales are
+  kept from weight decay, and layer_decay is an error.
+  `schedule_fn(step)` is the lr at optimizer step `step` (before layer decay).
   `optimizer.lr` is the peak lr as given (no batch-size scaling is applied here).
   Call `tx.update(grads, state, params)` with unboxed params; with accumulate_steps=k, call it on every
   micro-batch: it returns zero updates for k-1 calls and the update of the mean gradient on the k-th.
@@ -239,7 +210,7 @@ def make_optimizer(config, params):
   schedule_fn = schedules.warmup_then_decay(cfg["lr"], warmup_steps=s["warmup_steps"], total_steps=s["total_steps"],
                                             decay=s["decay"], end_lr_fraction=s["end_lr_fraction"])
   # Masks are functions of the (possibly multi_transform-masked) tree so they fit whatever tree optax hands them.
-  decay_tree = weight_decay_mask(params, cfg["no_decay"])
+  decay_tree = weight_decay_mask(params, cfg["no_decay"], model)
   decayed = {p for p, d in zip(paths, jax.tree.leaves(decay_tree)) if d}
   mask_fn = lambda tree: _map_paths(lambda p: p in decayed, tree)
 
@@ -257,7 +228,7 @@ def make_optimizer(config, params):
     parts.append(optax.clip_by_global_norm(cfg["clip_norm"]))
   parts.append(base)
   if cfg["layer_decay"] is not None:
-    parts.append(_scale_by_path(_multipliers(params, cfg["layer_decay"])))
+    parts.append(_scale_by_path(_multipliers(params, cfg["layer_decay"], model)))
   trainable = optax.chain(*parts)
   if cfg["accumulate_steps"] > 1:
     # Clipping sits inside, so it sees the mean gradient of the whole effective batch.

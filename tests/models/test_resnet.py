@@ -1,14 +1,16 @@
 """ResNet: variant sizes, shapes, feature maps, BatchNorm statistics, dtypes, init and stochastic depth."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import lvm_jax
-from lvm_jax.models.resnet import VARIANTS, Conv, ResNet, torch_max_pool
+from lvm_jax import kernels
+from lvm_jax.models.resnet import VARIANTS, Conv, ResNet
 
 # Exact variable counts at 1000 classes: params (the published counts of torchvision / timm) and the BatchNorm
 # running statistics (2 per BN channel) in batch_stats.
@@ -124,12 +126,6 @@ def test_two_stage_model_returns_two_feature_maps():
   assert _shapes(feats) == {"stride_4": (2, 8, 8, 8), "stride_8": (2, 4, 4, 16), "pooled": (2, 16)}
 
 
-def test_max_pool_pads_like_torch_with_minus_infinity():
-  x = -1.0 - np.abs(np.random.RandomState(0).randn(2, 7, 9, 3).astype(np.float32))  # all negative
-  expected = torch.nn.functional.max_pool2d(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), 3, 2, 1)
-  np.testing.assert_array_equal(torch_max_pool(jnp.asarray(x)), expected.numpy().transpose(0, 2, 3, 1))
-
-
 def test_train_updates_batch_stats_and_eval_does_not(basic):
   x, variables = basic
   model = ResNet(**BASIC)
@@ -145,7 +141,7 @@ def test_train_updates_batch_stats_and_eval_does_not(basic):
   np.testing.assert_allclose(stem["var"], 0.9 + 0.1 * y.var(axis=(0, 1, 2)), atol=1e-4)
   changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), updated["batch_stats"], variables["batch_stats"])
   assert all(jax.tree.leaves(changed))  # every BatchNorm, in every block and shortcut
-  # training normalises with the batch's statistics, evaluation with the running ones
+  # training normalizes with the batch's statistics, evaluation with the running ones
   assert np.abs(out - model.apply(variables, x)).max() > 1e-3
 
 
@@ -225,39 +221,47 @@ def test_configuration_errors_are_clear():
 @pytest.mark.parametrize("size, strides", [(1, 1), (1, 2), (3, 1), (3, 2), (7, 2)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_conv_equals_flax_conv_with_torch_padding(size, strides, dtype):
-  """Each path of Conv (matrix product, Winograd, lax.conv) against nn.Conv: same parameter, same result."""
+  """Each path of Conv (matrix product, Winograd, lax.conv) against nn.Conv: same parameter, same result; with
+  the CPU kernels off, always lax.conv."""
   x = jax.random.normal(jax.random.key(0), (2, 7, 9, 12))
   pad = size // 2
-  conv = nn.Conv(5, (size, size), strides=(strides, strides), padding=((pad, pad), (pad, pad)), use_bias=False,
-                 dtype=dtype)
+  kw = dict(strides=(strides, strides), padding=((pad, pad), (pad, pad)), dtype=dtype)
+  conv = nn.Conv(5, (size, size), use_bias=False, **kw)
   variables = conv.init(jax.random.key(1), x)
-  module = Conv(5, size, strides, dtype=dtype)
+  module = Conv(5, (size, size), **kw)
   np.testing.assert_array_equal(module.init(jax.random.key(1), x)["params"]["kernel"], variables["params"]["kernel"])
-  out = module.apply(variables, x)
   expected = conv.apply(variables, x)
-  assert out.shape == expected.shape == (2, -(-7 // strides), -(-9 // strides), 5) and out.dtype == dtype
-  program = str(jax.make_jaxpr(module.apply)(variables, x))
-  assert ("conv_general_dilated" in program) == (size > 1 and (strides > 1 or dtype != jnp.float32))
-  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32),
-                             rtol=1e-5 if dtype == jnp.float32 else 2e-2, atol=1e-5 if dtype == jnp.float32 else 2e-2)
+  for enabled in (True, False):
+    with kernels.use_cpu_kernels(enabled):
+      out = module.apply(variables, x)
+      program = str(jax.make_jaxpr(lambda v, x: module.apply(v, x))(variables, x))
+    assert out.shape == expected.shape == (2, -(-7 // strides), -(-9 // strides), 5) and out.dtype == dtype
+    fast = enabled and size > 1 and strides == 1 and dtype == jnp.float32 or enabled and size == 1
+    assert ("conv_general_dilated" in program) != fast
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32),
+                               rtol=1e-5 if dtype == jnp.float32 else 2e-2, atol=1e-5 if dtype == jnp.float32 else 2e-2)
 
 
-@pytest.mark.parametrize("shape", [(2, 112, 112, 8), (1, 7, 9, 3), (2, 8, 5, 4)])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_max_pool_gradient_on_cpu_is_select_and_scatters(shape, dtype):
-  """The hand-written CPU gradient sends each output's gradient where XLA's generic one does, ties included
-  (ReLU outputs are full of tied zeros) and never into the padding (all-negative inputs)."""
-  assert jax.default_backend() == "cpu"  # the custom gradient is the CPU path
-  rng = np.random.default_rng(0)
-  for x in (np.maximum(rng.standard_normal(shape), 0), -np.abs(rng.standard_normal(shape)) - 1,
-            np.round(rng.standard_normal(shape))):
-    x = jnp.asarray(x, dtype)
-    assert "custom_vjp_call" in str(jax.make_jaxpr(torch_max_pool)(x))  # really the hand-written gradient
-    y, pullback = jax.vjp(torch_max_pool, x)
-    y_ref, pullback_ref = jax.vjp(lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))), x)
-    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
-    cotangent = jnp.asarray(rng.standard_normal(y.shape), dtype)
-    (dx,), (dx_ref,) = pullback(cotangent), pullback_ref(cotangent)
-    assert dx.dtype == dtype and dx.shape == x.shape
-    tol = 1e-6 if dtype == jnp.float32 else 2e-2  # overlapping windows sum in another order
-    np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32), rtol=tol, atol=tol)
+def test_conv_and_norm_are_arguments(basic):
+  """A kernel choice touches no block code: nn.Conv in place of Conv, and a norm of one's own, build the same
+  variables and give the same outputs, every layer through them."""
+  x, variables = basic
+  variables = _active(variables)
+
+  class RecordingNorm(nn.BatchNorm):
+    pass
+
+  model = ResNet(**BASIC, conv=functools.partial(nn.Conv, use_bias=False), norm=RecordingNorm)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, nn.meta.unbox(shapes)) == jax.tree.map(jnp.shape, variables)
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and isinstance(context.module, (nn.Conv, RecordingNorm)):
+      seen.append(type(context.module).__name__)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    out = model.apply(variables, x)
+  assert seen.count("Conv") == seen.count("RecordingNorm") == 1 + 2 * 4 + 3  # stem, two a block, 3 shortcuts
+  np.testing.assert_allclose(out, ResNet(**BASIC).apply(variables, x), rtol=1e-5, atol=1e-5 * np.abs(out).max())

@@ -103,7 +103,7 @@ def test_small_forward_and_parameter_tree(small):
   assert not np.allclose(logits[0], logits[1])
 
 
-def test_features_are_stage_outputs_and_pooled_their_normalised_mean():
+def test_features_are_stage_outputs_and_pooled_their_normalized_mean():
   model = SwinTransformer(**FOUR_STAGES)
   x, variables = _images(64), _random_variables(model, 64)
   features = run(model, variables, x, return_features=True)
@@ -218,6 +218,8 @@ def test_bf16_compute_keeps_float32_params_and_tracks_float32(small):
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(_shapes(bf16, 32)))
   out16, out32 = run(bf16, variables, x), run(model, variables, x)
   assert out16.dtype == jnp.bfloat16
+  error = np.abs(np.asarray(out16, np.float32) - out32).max()
+  assert 0 < error  # the bf16 path really ran: it rounds apart from float32
   np.testing.assert_allclose(np.asarray(out16, np.float32), out32, atol=0.05 * np.abs(out32).max() + 0.02)
   feats = jax.eval_shape(lambda v: bf16.apply(v, x, return_features=True), variables)
   assert feats["stride_8"].dtype == jnp.bfloat16

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import lvm_jax
+from lvm_jax.models import param_groups
 from lvm_jax.train import optimizer as opt
 from lvm_jax.train import schedules
 
@@ -19,8 +20,9 @@ SWIN = dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), image_size=32, window
 RESNET = dict(stage_sizes=(1, 1), width=8, num_classes=10)
 
 
-def _abstract(name, **kw):
-  return lvm_jax.abstract_variables(lvm_jax.create_model(name, **kw))["params"]
+def _model_and_params(name, **kw):
+  model = lvm_jax.create_model(name, **kw)
+  return model, lvm_jax.abstract_variables(model)["params"]
 
 
 def _config(**block):
@@ -71,42 +73,42 @@ def test_schedule_errors():
 
 # ------------------------------------------------------------------------------------------ weight-decay masks
 
-def _decayed(params, no_decay=None):
-  return {p for p, d in _flat(opt.weight_decay_mask(params, no_decay)).items() if d}
+def _decayed(params, no_decay=None, model=None):
+  return {p for p, d in _flat(opt.weight_decay_mask(params, no_decay, model)).items() if d}
 
 
 def test_decay_mask_vit_is_kernels_only():
-  params = _abstract("vit_ti16", **VIT)
+  model, params = _model_and_params("vit_ti16", **VIT)
   block = {f"attn/{n}/kernel" for n in ("query", "key", "value", "out")} | {"mlp/fc1/kernel", "mlp/fc2/kernel"}
   expected = {f"block_{i}/{k}" for i in range(4) for k in block} | {"patch_embed/kernel", "head/kernel"}
-  assert _decayed(params) == expected
+  assert _decayed(params, model=model) == expected
   assert len(expected) == 26  # pos_embed, cls_token, every bias and norm scale excluded
 
 
 def test_decay_mask_swin_is_kernels_only():
-  params = _abstract("swin_t", **SWIN)
+  model, params = _model_and_params("swin_t", **SWIN)
   block = {f"attn/{n}/kernel" for n in ("query", "key", "value", "out")} | {"mlp/fc1/kernel", "mlp/fc2/kernel"}
   expected = ({f"stage_{s}_block_{i}/{k}" for s in range(2) for i in range(2) for k in block}
               | {"patch_embed/kernel", "merge_0/reduction/kernel", "head/kernel"})
-  assert _decayed(params) == expected
+  assert _decayed(params, model=model) == expected
   assert len(expected) == 27  # relative_position_bias_table excluded
 
 
 def test_decay_mask_resnet_is_kernels_only():
-  params = _abstract("resnet18", **RESNET)
-  assert _decayed(params) == {
+  model, params = _model_and_params("resnet18", **RESNET)
+  assert _decayed(params, model=model) == {
       "stem_conv/kernel", "stage_0_block_0/conv1/kernel", "stage_0_block_0/conv2/kernel",
       "stage_1_block_0/conv1/kernel", "stage_1_block_0/conv2/kernel", "stage_1_block_0/shortcut_conv/kernel",
       "head/kernel"}  # BatchNorm scales and biases excluded
 
 
 def test_user_no_decay_replaces_defaults_and_typos_fail():
-  params = _abstract("resnet18", **RESNET)
-  decayed = _decayed(params, no_decay=[r"^head/", r"_bn/"])
+  model, params = _model_and_params("resnet18", **RESNET)
+  decayed = _decayed(params, no_decay=[r"^head/", r"_bn/"], model=model)
   assert "stem_conv/kernel" in decayed and "stage_0_block_0/bn1/scale" in decayed  # defaults replaced
   assert not {"head/kernel", "head/bias", "stem_bn/scale", "stage_1_block_0/shortcut_bn/bias"} & decayed
   with pytest.raises(ValueError, match=r"no_decay: regex 'pos_embd' matches no parameter"):
-    opt.make_optimizer(_config(no_decay=["bias$", "pos_embd"]), params)
+    opt.make_optimizer(_config(no_decay=["bias$", "pos_embd"]), params, model)
 
 
 # --------------------------------------------------------------------------------------------- config errors
@@ -220,10 +222,11 @@ def test_clipping_caps_the_global_norm():
 # ---------------------------------------------------------------------------------------------- frozen groups
 
 def test_frozen_params_do_not_move_and_have_no_state():
-  params = _random_like(_abstract("vit_ti16", **VIT), 0)
+  model, params = _model_and_params("vit_ti16", **VIT)
+  params = _random_like(params, 0)
   frozen = [r"^patch_embed/", r"^block_0/", r"^(pos_embed|cls_token)$"]
   tx, _ = opt.make_optimizer(_config(name="adamw", lr=0.01, weight_decay=0.05, frozen=frozen,
-                                     schedule=dict(warmup_steps=1, total_steps=10)), params)
+                                     schedule=dict(warmup_steps=1, total_steps=10)), params, model)
   state = tx.init(params)
   is_frozen = _flat(opt.frozen_mask(params, frozen))
   n_frozen = sum(x.size for k, x in _flat(params).items() if is_frozen[k])
@@ -246,8 +249,8 @@ def test_frozen_params_do_not_move_and_have_no_state():
 # ------------------------------------------------------------------------------------------ layer-wise lr decay
 
 def test_layer_decay_multipliers_for_a_four_block_vit():
-  params = _abstract("vit_ti16", **VIT)
-  mult = _flat(opt.layer_decay_multipliers(params, 0.5))
+  model, params = _model_and_params("vit_ti16", **VIT)
+  mult = _flat(opt.layer_decay_multipliers(params, 0.5, model))
   expected = {"patch_embed/kernel": 1 / 32, "patch_embed/bias": 1 / 32, "pos_embed": 1 / 32, "cls_token": 1 / 32,
               "norm/scale": 1.0, "norm/bias": 1.0, "head/kernel": 1.0, "head/bias": 1.0}
   for i in range(4):  # block_i has id i+1 of 0..5: multiplier 0.5 ** (5 - (i + 1))
@@ -255,7 +258,7 @@ def test_layer_decay_multipliers_for_a_four_block_vit():
   assert mult == expected
   # Through the optimizer: plain SGD with lr 1 moves each param by exactly -multiplier * grad.
   params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
-  tx, _ = opt.make_optimizer(_constant(name="sgd", lr=1.0, momentum=0.0, layer_decay=0.5), params)
+  tx, _ = opt.make_optimizer(_constant(name="sgd", lr=1.0, momentum=0.0, layer_decay=0.5), params, model)
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   for k, u in _flat(updates).items():
@@ -263,18 +266,20 @@ def test_layer_decay_multipliers_for_a_four_block_vit():
 
 
 def test_layer_ids_for_swin_and_resnet():
-  swin, n = opt.layer_ids(_abstract("swin_t", **SWIN))
+  swin, n = opt.layer_ids(*reversed(_model_and_params("swin_t", **SWIN)))
   assert n == 6
   assert (swin["patch_embed/kernel"], swin["patch_norm/scale"], swin["stage_0_block_0/attn/query/kernel"],
           swin["stage_0_block_1/mlp/fc1/bias"], swin["merge_0/reduction/kernel"],
           swin["stage_1_block_0/norm1/scale"], swin["stage_1_block_1/attn/relative_position_bias_table"],
           swin["norm/scale"], swin["head/kernel"]) == (0, 0, 1, 2, 2, 3, 4, 5, 5)
-  resnet, n = opt.layer_ids(_abstract("resnet18", **RESNET))
+  resnet, n = opt.layer_ids(*reversed(_model_and_params("resnet18", **RESNET)))
   assert n == 4
   assert (resnet["stem_conv/kernel"], resnet["stem_bn/scale"], resnet["stage_0_block_0/conv2/kernel"],
           resnet["stage_1_block_0/shortcut_bn/bias"], resnet["head/kernel"]) == (0, 0, 1, 2, 3)
-  with pytest.raises(ValueError, match="cannot tell the model family"):
-    opt.layer_ids({"encoder": {"kernel": jnp.zeros(2)}})
+  with pytest.raises(ValueError, match="layer_decay needs the model's layer ids"):
+    opt.layer_ids({"encoder": {"kernel": jnp.zeros(2)}}, None)
+  with pytest.raises(ValueError, match=r"ResNet.layer_id gives no id for parameters \['encoder/kernel'\]"):
+    opt.layer_ids({"encoder": {"kernel": jnp.zeros(2)}}, lvm_jax.create_model("resnet18", **RESNET))
 
 
 # --------------------------------------------------------------------------------------------- accumulation
@@ -297,7 +302,7 @@ def test_accumulation_equals_the_big_batch(block):
 
   def train(k):
     tx, _ = opt.make_optimizer(_config(accumulate_steps=k, schedule=dict(warmup_steps=0, total_steps=4), **block),
-                               params)
+                               params, model)
 
     @jax.jit
     def step(p, s, x, y):
@@ -365,6 +370,47 @@ def test_ema_update():
 
 
 def test_layer_decay_on_a_scanned_vit_says_what_to_do():
-  params = _abstract("vit_b16", scan_layers=True, **VIT)
+  model, params = _model_and_params("vit_b16", scan_layers=True, **VIT)
   with pytest.raises(ValueError, match="scan_layers=True stacks them"):
-    opt.layer_decay_multipliers(params, 0.5)
+    opt.layer_decay_multipliers(params, 0.5, model)
+
+
+# ----------------------------------------------------------------------------------- models that wrap others
+
+class _TinyDetector(nn.Module):
+  """A backbone under "backbone", a neck and a head, describing its parameters through the backbone's
+  description (models/param_groups.py): how a detector plugs into the optimizer without editing it."""
+  backbone: nn.Module
+
+  @nn.compact
+  def __call__(self, x):
+    features = self.backbone(x, return_features=True)["stride_8"]
+    neck = nn.Dense(8, name="neck")(features)
+    neck = nn.LayerNorm(name="neck_norm")(neck)
+    return nn.Dense(3, name="box_head")(neck)
+
+  def layer_id(self, path):
+    inner = param_groups.relative_path(path, "backbone")
+    # The neck and head train at the full lr, with the backbone's own head slot (unused: it has no classifier).
+    return self.backbone.layer_id(inner) if inner is not None else self.num_layer_ids() - 1
+
+  def num_layer_ids(self):
+    return self.backbone.num_layer_ids()
+
+  def no_weight_decay(self):
+    return self.backbone.no_weight_decay()
+
+
+def test_a_wrapper_delegates_to_its_backbones_description():
+  backbone = lvm_jax.create_model("swin_t", **{**SWIN, "num_classes": 0})
+  detector = _TinyDetector(backbone)
+  params = nn.meta.unbox(jax.eval_shape(detector.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"]
+  ids, n = opt.layer_ids(params, detector)
+  swin_ids, swin_n = opt.layer_ids(params["backbone"], backbone)
+  assert n == swin_n == 6
+  assert {p: ids[f"backbone/{p}"] for p in swin_ids} == swin_ids  # the backbone's ids under the prefix
+  assert ids["neck/kernel"] == ids["box_head/bias"] == ids["neck_norm/scale"] == 5
+  decayed = _decayed(params, model=detector)
+  assert decayed == {f"backbone/{p}" for p in _decayed(params["backbone"], model=backbone)} | {
+      "neck/kernel", "box_head/kernel"}
+  assert "backbone/stage_0_block_0/attn/relative_position_bias_table" not in decayed

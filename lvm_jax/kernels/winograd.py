@@ -1,19 +1,19 @@
 """3x3 stride-1 convolution by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016, "Fast Algorithms for
-Convolutional Neural Networks"), the CPU path of ResNet's 3x3 convolutions.
+Convolutional Neural Networks"), the CPU kernel of ResNet's 3x3 convolutions (chosen in kernels/conv.py).
 
 Each 2x2 block of outputs is computed from a 4x4 tile of the input: the tile and the kernel are transformed
 (B^T d B, G g G^T), multiplied elementwise and summed over input channels, and transformed back (A^T m A). Over
 all tiles that is 16 independent matrix products [tiles, C] @ [C, K]: 2.25x fewer multiplications than the
 direct convolution, run by the matrix-product kernel XLA:CPU runs fastest, while XLA:CPU's own convolution runs
-ResNet's 3x3 shapes at 90-190 GFLOP/s against a ~200 GFLOP/s matmul peak (2 cores). The gradient is Winograd
-too: the input's is the convolution of dy with the kernel turned 180 degrees, the kernel's is the transformed
-input contracted with the transformed dy. float32 results differ from the direct convolution by ~1e-6 relative
+ResNet's 3x3 shapes well below its matrix-product speed. The gradient is Winograd too: the input's is the
+convolution of dy with the kernel turned 180 degrees, the kernel's is the transformed input contracted with the
+transformed dy. float32 results differ from the direct convolution by ~1e-6 relative
 (rounding in the transforms, summation order).
 F(4x4, 3x3) would do 4x fewer multiplications, but its float32 error (~1e-5, 2e-6 with the points 0, +-1, 2,
 -1/2) puts a full ResNet-50's logits more than 1e-4 from PyTorch's.
 
-Used on CPU for float32; other backends (cuDNN, XLA:TPU pick their own algorithms), dtypes and inputs sharded
-over explicit mesh axes (whose types carry the sharding, which the tile reshapes would have to name) run lax.conv.
+It applies to float32 inputs that are not sharded over explicit mesh axes (supports); other backends (cuDNN,
+XLA:TPU pick their own algorithms) have no need of it.
 """
 
 import jax
@@ -54,7 +54,7 @@ def _tile_counts(height: int, width: int) -> tuple[int, int]:
 
 # G maps 3 kernel taps to 4; over both axes G g G^T is kron(G, G) [16, 9] applied to the 9 taps. As one small
 # matrix product (its entries 0, 1/4, 1/2, 1 multiply exactly) it runs at memory speed, where 16 elementwise
-# fusions and their stack made ResNet-50 inference 6% slower (18.4 vs 19.5 img/s).
+# fusions and their stack made ResNet-50 inference measurably slower.
 _G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
 _KERNEL_TRANSFORM = np.kron(_G, _G)
 
@@ -114,14 +114,13 @@ def _correlate(x: jax.Array, u: jax.Array, u_axes: str) -> jax.Array:
 
 
 @jax.custom_vjp
-def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """direct_conv3x3 computed by F(2x2, 3x3), forward and backward."""
+def _winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return _correlate(x, transform_kernel(kernel), "io")
 
 
 def _winograd_fwd(x, kernel):
   # The input is kept, not its transform: that is 4x the input's size and cheap to redo.
-  return winograd_conv3x3(x, kernel), (x, kernel)
+  return _winograd(x, kernel), (x, kernel)
 
 
 def _winograd_bwd(residuals, dy):
@@ -132,19 +131,22 @@ def _winograd_bwd(residuals, dy):
   return dx, transform_kernel_adjoint(du)
 
 
-winograd_conv3x3.defvjp(_winograd_fwd, _winograd_bwd)
+_winograd.defvjp(_winograd_fwd, _winograd_bwd)
 
 
-def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """3x3 convolution, stride 1, one pixel of zero padding; NHWC input, HWIO kernel.
+def supports(x: jax.Array, kernel: jax.Array) -> bool:
+  """Whether winograd_conv3x3 takes these operands: float32, and not sharded over explicit mesh axes (whose types
+  carry the sharding, which the tile reshapes would have to name)."""
+  explicitly_sharded = any(axis is not None for axis in jax.typeof(x).sharding.spec)
+  return x.dtype == kernel.dtype == jnp.float32 and not explicitly_sharded
 
-  Winograd F(2x2, 3x3) on CPU in float32 (reverse-mode differentiable: jax.grad/jax.vjp, not jax.jvp, as the
-  other CPU gradients here), lax.conv otherwise and for inputs sharded over explicit mesh axes.
+
+def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """direct_conv3x3 computed by F(2x2, 3x3), forward and backward (reverse mode: jax.grad/jax.vjp, not jax.jvp).
+
+  NHWC input, HWIO kernel.
   """
   if kernel.ndim != 4 or kernel.shape[:2] != (3, 3) or x.ndim != 4 or x.shape[-1] != kernel.shape[2]:
-    raise ValueError(f"conv3x3 needs an [N, H, W, C] input and a [3, 3, C, K] kernel, got shapes {x.shape} and "
-                     f"{kernel.shape}.")
-  explicitly_sharded = any(axis is not None for axis in jax.typeof(x).sharding.spec)
-  if jax.default_backend() == "cpu" and x.dtype == kernel.dtype == jnp.float32 and not explicitly_sharded:
-    return winograd_conv3x3(x, kernel)
-  return direct_conv3x3(x, kernel)
+    raise ValueError(f"winograd_conv3x3 needs an [N, H, W, C] input and a [3, 3, C, K] kernel, got shapes {x.shape} "
+                     f"and {kernel.shape}.")
+  return _winograd(x, kernel)
