@@ -59,7 +59,7 @@ class TrainProgram:
     block = optimizer_lib.read_config(optimizer)
     params = registry.abstract_variables(model)["params"] if pretrained_variables is None \
         else pretrained_variables["params"]
-    tx, schedule = optimizer_lib.make_optimizer(block, params)
+    tx, schedule = optimizer_lib.make_optimizer(block, params, model)
     step_config = steps.StepConfig(normalize=normalize, ema_decay=block["ema_decay"],
                                    accumulate_steps=block["accumulate_steps"])
     abstract = state_lib.sharded_abstract_state(model, tx, input_shape, mesh, strategy,
