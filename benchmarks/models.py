@@ -121,7 +121,7 @@ def jax_benchmarks(name: str, images: np.ndarray, labels: np.ndarray, args) -> d
   r = time_calls(lambda: jax.block_until_ready(infer_c(variables, batch["image"])), **timing)
   out["infer"] = dict(img_s=batch_size / r["median_s"], compile_s=compile_s, repeats=r["repeats"],
                       xla_flops=throughput.compiled_flops(infer_c))
-  del variables, infer_c
+  variables = infer_c = None  # free the copies before the train step's state is built
   gc.collect()
 
   if args.train:

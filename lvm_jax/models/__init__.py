@@ -3,3 +3,5 @@ from lvm_jax.models.registry import create_model, list_models
 from lvm_jax.models.resnet import ResNet
 from lvm_jax.models.swin import SwinTransformer
 from lvm_jax.models.vit import VisionTransformer
+
+__all__ = ["ResNet", "SwinTransformer", "VisionTransformer", "create_model", "list_models"]

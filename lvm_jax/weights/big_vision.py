@@ -9,7 +9,6 @@ embedding for patches only).
 import pathlib
 import re
 
-import numpy as np
 
 from lvm_jax.models import registry
 from lvm_jax.models.vit import VisionTransformer

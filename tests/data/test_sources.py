@@ -95,7 +95,7 @@ def test_unprepared_then_download_prepares(tmp_path):
   assert got == [(10 * i, i % 3) for i in range(12)]
   species = sources.make_source("tfds", name="lvm_jax_tiny_pets", split="train", data_dir=str(tmp_path),
                                 image_key="photo", label_key="species")
-  assert species.class_names == ["cat", "dog"] and [l for _, l in examples(species.dataset())][:4] == [0, 1, 1, 0]
+  assert species.class_names == ["cat", "dog"] and [label for _, label in examples(species.dataset())][:4] == [0, 1, 1, 0]
   with pytest.raises(ValueError, match="cannot tell which feature is the image.*image_key.*photo, mask"):
     sources.make_source("tfds", name="lvm_jax_tiny_pets", split="train", data_dir=str(tmp_path))
   with pytest.raises(ValueError, match="cannot tell which feature is the label.*label_key.*breed, species"):

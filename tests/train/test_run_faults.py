@@ -4,7 +4,6 @@ workdir, eval on a workdir that cannot be written, a save that fails. Each is on
 
 import logging
 import os
-import pathlib
 import shutil
 
 import PIL.Image
