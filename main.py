@@ -22,23 +22,38 @@ from absl import logging
 from ml_collections import config_flags
 
 flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to run.")
-config_flags.DEFINE_config_file("config", None, "train/eval: a recipe under configs/, e.g. configs/digits.py:model=vit.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "train/eval: where checkpoints, logs and the config go (resumed when it holds "
-                    "a checkpoint). predict: a trained run's workdir.")
-flags.DEFINE_string("pretrained", None, "predict: a checkpoint lvm_jax.load_checkpoint reads (Hugging Face or timm "
-                    "folder or hub id, big_vision .npz file).")
+config_flags.DEFINE_config_file(
+  "config", None, "train/eval: a recipe under configs/, e.g. configs/digits.py:model=vit.", lock_config=True
+)
+flags.DEFINE_string(
+  "workdir",
+  None,
+  "train/eval: where checkpoints, logs and the config go (resumed when it holds "
+  "a checkpoint). predict: a trained run's workdir.",
+)
+flags.DEFINE_string(
+  "pretrained",
+  None,
+  "predict: a checkpoint lvm_jax.load_checkpoint reads (Hugging Face or timm folder or hub id, big_vision .npz file).",
+)
 flags.DEFINE_integer("step", None, "eval/predict: the checkpoint step to use (default: the newest intact one).")
 flags.DEFINE_string("image", None, "predict: the image file to classify.")
 flags.DEFINE_integer("top_k", 5, "predict: how many classes to print.", lower_bound=1)
 flags.DEFINE_bool("json", False, "predict: print a JSON list of {label, index, probability}.")
 flags.DEFINE_bool("distributed", False, "Initialise jax.distributed (one process per host).")
-flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
-                    "--distributed: host:port of process 0, where the hosts cannot be detected.")
-flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", 0)) or None,
-                     "--distributed: how many processes in all.")
-flags.DEFINE_integer("process_id", int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None,
-                     "--distributed: this process's index.")
+flags.DEFINE_string(
+  "coordinator_address",
+  os.environ.get("JAX_COORDINATOR_ADDRESS"),
+  "--distributed: host:port of process 0, where the hosts cannot be detected.",
+)
+flags.DEFINE_integer(
+  "num_processes", int(os.environ.get("JAX_NUM_PROCESSES", 0)) or None, "--distributed: how many processes in all."
+)
+flags.DEFINE_integer(
+  "process_id",
+  int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None,
+  "--distributed: this process's index.",
+)
 FLAGS = flags.FLAGS
 
 
@@ -52,18 +67,21 @@ def _initialize_distributed() -> None:
   # jax.distributed (gloo collectives on CPU hosts), plus a watch that stops this process within ~20 s, naming the
   # lost process, when another stops responding (LVM_JAX_HEARTBEAT_TIMEOUT_S; see lvm_jax/parallel/distributed.py).
   from lvm_jax.parallel import distributed
+
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
 
 def train() -> None:
   _require("config", "workdir")
   from lvm_jax.train import trainer
+
   trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 def evaluate() -> None:
   _require("config", "workdir")
   from lvm_jax.train import trainer
+
   trainer.evaluate(FLAGS.config, FLAGS.workdir, step=FLAGS.step)
 
 
@@ -75,10 +93,12 @@ def predict() -> None:
     raise app.UsageError("--step picks a checkpoint of a run: it needs --workdir.")
   if FLAGS.workdir:  # what predict shows is the run's task's to say
     from lvm_jax import tasks
+
     task = tasks.task_of_workdir(FLAGS.workdir)
     print(task.predict(FLAGS.workdir, FLAGS.image, step=FLAGS.step, top_k=FLAGS.top_k, as_json=FLAGS.json))
     return
   from lvm_jax.tasks import classify
+
   predictions = classify.classify(FLAGS.pretrained, FLAGS.image, top_k=FLAGS.top_k)[0]
   print(classify.format_predictions(predictions, as_json=FLAGS.json))
 
@@ -96,8 +116,11 @@ def _config_error(argv: list[str], e: Exception) -> str:
   text = str(e)
   key = re.search(r"(\w+)", text)
   hint = re.search(r'Did you mean "([\w.]+)"', text)
-  culprits = [a.split("=")[0] for a in argv if a.startswith("--config.") and key and
-              key.group(1) in a.split("=")[0].split(".")[1:]]
+  culprits = [
+    a.split("=")[0]
+    for a in argv
+    if a.startswith("--config.") and key and key.group(1) in a.split("=")[0].split(".")[1:]
+  ]
   if not culprits:
     return f"config override: {' '.join(text.split())}"
   return f"{culprits[0]}: no such config key" + (f"; did you mean {hint.group(1)}?" if hint else ".")
@@ -110,8 +133,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     if arg.startswith("--config="):
       path = arg.split("=", 1)[1].split(":", 1)[0]
       if not os.path.isfile(path):
-        raise SystemExit(f"error: --config={path}: no such file (recipes live under configs/, e.g. "
-                         "configs/digits.py).")
+        raise SystemExit(f"error: --config={path}: no such file (recipes live under configs/, e.g. configs/digits.py).")
   try:
     return FLAGS(argv)
   except flags.Error as e:  # a bad flag value; a recipe that raised while loading appends its traceback
@@ -130,6 +152,7 @@ def main(argv):
   if not FLAGS["verbosity"].present:  # Orbax logs every file operation at INFO; the console has our lines
     logging.set_verbosity(logging.WARNING)
   from lvm_jax import errors
+
   try:
     if FLAGS.distributed:
       _initialize_distributed()
@@ -139,6 +162,7 @@ def main(argv):
       raise
     if FLAGS.distributed:  # the other processes may wait for this one in a collective: tell them it stops
       from lvm_jax.parallel import distributed
+
       distributed.fail(type(e).__name__)
     raise SystemExit(f"error: {errors.one_line(e)}") from None  # one line on stderr, exit status 1
 

@@ -60,8 +60,9 @@ class Launch:
 
   def __init__(self, argv: list[str], env: dict, log_path: str):
     self.started, self.started_wall = time.monotonic(), time.time()
-    self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True, start_new_session=True)
+    self.proc = subprocess.Popen(
+      argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     # Written by the reader thread; step_times is read only once the process is gone (see wait()).
     self.step_times: dict[int, float] = {}  # step -> seconds after the start when its line came
     self.first_step: Optional[int] = None
@@ -115,11 +116,11 @@ class Launch:
 
 @dataclasses.dataclass
 class Kill:
-  planned: str                     # save / step / startup
-  at_s: float                      # seconds after the launch
-  in_progress: str                 # what the process was doing: save, train step, final eval/exit, startup
-  last_step: Optional[int]         # the last step the process printed (None: none)
-  checkpoint: Optional[int]        # the latest finalized checkpoint once the process was dead
+  planned: str  # save / step / startup
+  at_s: float  # seconds after the launch
+  in_progress: str  # what the process was doing: save, train step, final eval/exit, startup
+  last_step: Optional[int]  # the last step the process printed (None: none)
+  checkpoint: Optional[int]  # the latest finalized checkpoint once the process was dead
   resumed_from: Optional[int] = None  # the step the next launch resumed from (None: not seen)
 
   @property
@@ -137,13 +138,13 @@ class Report:
   kills: list[Kill] = dataclasses.field(default_factory=list)
   failures: list[str] = dataclasses.field(default_factory=list)  # failed processes, wrong resumes, early ends
   launches: int = 0
-  resumes_checked: int = 0          # launches that printed where they resumed
+  resumes_checked: int = 0  # launches that printed where they resumed
   resumes_ok: int = 0
-  leaves: int = 0                   # arrays compared in the final checkpoint
+  leaves: int = 0  # arrays compared in the final checkpoint
   differing: list[str] = dataclasses.field(default_factory=list)  # their paths where the bits differ
   max_abs_diff: float = 0.0
   meta_equal: bool = False
-  train_lines: int = 0              # train lines of the killed run compared with the reference's
+  train_lines: int = 0  # train lines of the killed run compared with the reference's
   train_lines_differing: list[int] = dataclasses.field(default_factory=list)  # steps whose values differ
   seconds: dict = dataclasses.field(default_factory=dict)
 
@@ -153,8 +154,13 @@ class Report:
 
   @property
   def ok(self) -> bool:
-    return (self.bit_identical and not self.failures and not self.train_lines_differing
-            and len(self.kills) == self.planned_kills and self.resumes_ok == self.resumes_checked)
+    return (
+      self.bit_identical
+      and not self.failures
+      and not self.train_lines_differing
+      and len(self.kills) == self.planned_kills
+      and self.resumes_ok == self.resumes_checked
+    )
 
   @property
   def kills_during_save(self) -> int:
@@ -190,11 +196,19 @@ def saves_in_flight(checkpoint_dir: str, since: float = 0.0) -> list[str]:
 
 def command(config: str, workdir: str, data_dir: str, steps: int, checkpoint_every: int) -> list[str]:
   """The one command line every launch of a run uses (the reference's differs by its workdir only)."""
-  return [sys.executable, "main.py", f"--config={config}", f"--workdir={workdir}",
-          f"--config.data.train.data_dir={data_dir}", f"--config.data.eval.data_dir={data_dir}",
-          f"--config.num_steps={steps}", "--config.log_every_steps=1",
-          f"--config.checkpoint_every_steps={checkpoint_every}", "--config.progress_bar=False",
-          "--config.optimizer.ema_decay=0.9"]  # EMA: one more part of the state that must survive
+  return [
+    sys.executable,
+    "main.py",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    f"--config.data.train.data_dir={data_dir}",
+    f"--config.data.eval.data_dir={data_dir}",
+    f"--config.num_steps={steps}",
+    "--config.log_every_steps=1",
+    f"--config.checkpoint_every_steps={checkpoint_every}",
+    "--config.progress_bar=False",
+    "--config.optimizer.ema_decay=0.9",
+  ]  # EMA: one more part of the state that must survive
 
 
 def environment(workdir: str, compile_cache: bool) -> dict:
@@ -245,13 +259,17 @@ def _in_progress(launch: Launch, checkpoint_dir: str, steps: int) -> str:
 
 def flat_arrays(tree) -> dict[str, np.ndarray]:
   import jax
-  return {jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  return {
+    jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def compare_checkpoints(reference_dir: str, other_dir: str, step: int):
   """(leaves, paths whose bits differ, max abs difference, meta equal) of two runs' checkpoints of `step`."""
   from lvm_jax.train.checkpoints import CheckpointManager
+
   saved = []
   for workdir in (reference_dir, other_dir):
     with CheckpointManager(os.path.join(workdir, "checkpoints"), async_save=False) as checkpoints:
@@ -270,26 +288,41 @@ def compare_checkpoints(reference_dir: str, other_dir: str, step: int):
 def compare_train_lines(reference_dir: str, other_dir: str) -> tuple[int, list[int]]:
   """Every train line of `other` (recomputed steps appear more than once) against the reference's line."""
   from lvm_jax.train import reporting
+
   ref = {e["step"]: e for e in reporting.read_metrics(reference_dir) if e["split"] == "train"}
   lines = [e for e in reporting.read_metrics(other_dir) if e["split"] == "train" and "loss" in e]
-  differing = sorted({e["step"] for e in lines
-                      if e["step"] not in ref or any(e[k] != ref[e["step"]][k] for k in TRAIN_KEYS)})
+  differing = sorted(
+    {e["step"] for e in lines if e["step"] not in ref or any(e[k] != ref[e["step"]][k] for k in TRAIN_KEYS)}
+  )
   return len(lines), differing
 
 
-def _moment(kind: str, kills_left: int, expected: int, steps: int, step_s: float, startup_s: float,
-            rng: np.random.Generator) -> tuple[int, float]:
+def _moment(
+  kind: str, kills_left: int, expected: int, steps: int, step_s: float, startup_s: float, rng: np.random.Generator
+) -> tuple[int, float]:
   """(target step, delay) of a kill: targets spread so that the kills left all land before the end."""
   target = expected + int(rng.integers(1, max(2, 2 * (steps - expected) // (kills_left + 1)) + 1))
   target = min(target, steps if kind == "save" else steps - 1)  # a save kill may hit the final save
-  delay = {"save": rng.uniform(0, SAVE_DELAY_S), "step": rng.uniform(0, step_s),
-           "startup": rng.uniform(0.2, 1.0) * startup_s}[kind]
+  delay = {
+    "save": rng.uniform(0, SAVE_DELAY_S),
+    "step": rng.uniform(0, step_s),
+    "startup": rng.uniform(0.2, 1.0) * startup_s,
+  }[kind]
   return target, delay
 
 
-def inject(*, kills: int = 8, seed: int = 0, steps: int = 40, checkpoint_every: int = 3,
-           workdir: Optional[str] = None, config: str = DEFAULT_CONFIG, data_dir: Optional[str] = None,
-           compile_cache: bool = True, log=print) -> Report:
+def inject(
+  *,
+  kills: int = 8,
+  seed: int = 0,
+  steps: int = 40,
+  checkpoint_every: int = 3,
+  workdir: Optional[str] = None,
+  config: str = DEFAULT_CONFIG,
+  data_dir: Optional[str] = None,
+  compile_cache: bool = True,
+  log=print,
+) -> Report:
   """Runs the reference, then the killed run, and compares them (see the module docstring)."""
   if kills < 5:
     raise ValueError(f"kills must be >= 5, got {kills}.")
@@ -329,8 +362,9 @@ def inject(*, kills: int = 8, seed: int = 0, steps: int = 40, checkpoint_every: 
     report.launches += 1
     try:
       if kind != "none":
-        target, delay = _moment(kind, kills - index, expected, steps, step_s,
-                                statistics.median(warm_startup_s or [times[1]]), rng)
+        target, delay = _moment(
+          kind, kills - index, expected, steps, step_s, statistics.median(warm_startup_s or [times[1]]), rng
+        )
         _kill(launch, kind, target, delay, checkpoint_dir)
       code = launch.wait()
     finally:
@@ -344,17 +378,27 @@ def inject(*, kills: int = 8, seed: int = 0, steps: int = 40, checkpoint_every: 
       elif kind != "none":
         report.failures.append(f"{name} finished before its kill ({kind}, target step {target})")
       break
-    report.kills.append(Kill(kind, launch.killed_at, _in_progress(launch, checkpoint_dir, steps),
-                             launch.last_step, (finalized_steps(checkpoint_dir) or [None])[-1]))
+    report.kills.append(
+      Kill(
+        kind,
+        launch.killed_at,
+        _in_progress(launch, checkpoint_dir, steps),
+        launch.last_step,
+        (finalized_steps(checkpoint_dir) or [None])[-1],
+      )
+    )
     kill = report.kills[-1]
-    log(f"kill {len(report.kills)} ({kind}): {kill.in_progress} after {kill.at_s:.1f} s, last step "
-        f"{kill.last_step}, latest checkpoint {kill.checkpoint}")
+    log(
+      f"kill {len(report.kills)} ({kind}): {kill.in_progress} after {kill.at_s:.1f} s, last step "
+      f"{kill.last_step}, latest checkpoint {kill.checkpoint}"
+    )
   seconds["killed"] = time.monotonic() - start - seconds["reference"]
   report.seconds = seconds
 
   if steps in finalized_steps(checkpoint_dir):
-    (report.leaves, report.differing, report.max_abs_diff,
-     report.meta_equal) = compare_checkpoints(reference_dir, killed_dir, steps)
+    (report.leaves, report.differing, report.max_abs_diff, report.meta_equal) = compare_checkpoints(
+      reference_dir, killed_dir, steps
+    )
   else:
     report.failures.append(f"the killed run has no final checkpoint (step {steps})")
   report.train_lines, report.train_lines_differing = compare_train_lines(reference_dir, killed_dir)
@@ -365,8 +409,9 @@ def _check_resume(report: Report, launch: Launch, name: str, expected: int, step
   """Counts the launch's resume (where it printed it) and gives it to the kills it restarts after."""
   resumed = launch.resumed_from(steps)
   if launch.first_step is not None and launch.resume_line not in (None, launch.first_step - 1):
-    report.failures.append(f"{name} said it resumed from step {launch.resume_line}, then trained step "
-                           f"{launch.first_step}")
+    report.failures.append(
+      f"{name} said it resumed from step {launch.resume_line}, then trained step {launch.first_step}"
+    )
   if resumed is None:
     return
   report.resumes_checked += 1
@@ -380,28 +425,42 @@ def _check_resume(report: Report, launch: Launch, name: str, expected: int, step
 
 
 def format_report(report: Report) -> str:
-  rows = [f"{'kill':>4}  {'planned':8} {'in progress':16} {'after s':>7} {'last step':>9} {'checkpoint':>10} "
-          f"{'resumed':>7} {'lost':>4}"]
+  rows = [
+    f"{'kill':>4}  {'planned':8} {'in progress':16} {'after s':>7} {'last step':>9} {'checkpoint':>10} "
+    f"{'resumed':>7} {'lost':>4}"
+  ]
   for i, k in enumerate(report.kills, 1):
     show = lambda v: "-" if v is None else str(v)  # noqa: E731
-    rows.append(f"{i:>4}  {k.planned:8} {k.in_progress:16} {k.at_s:>7.1f} {show(k.last_step):>9} "
-                f"{show(k.checkpoint):>10} {show(k.resumed_from):>7} {k.steps_lost:>4}")
+    rows.append(
+      f"{i:>4}  {k.planned:8} {k.in_progress:16} {k.at_s:>7.1f} {show(k.last_step):>9} "
+      f"{show(k.checkpoint):>10} {show(k.resumed_from):>7} {k.steps_lost:>4}"
+    )
   diff = "0" if not report.differing else f"{report.max_abs_diff:.3g} ({len(report.differing)} arrays differ)"
   summary = [
-      ("kills survived", f"{len(report.kills)} of {report.planned_kills}" if report.ok
-       else f"none: the run FAILED ({len(report.kills)} of {report.planned_kills} kills made)"),
-      ("kills during a save", str(report.kills_during_save)),
-      ("steps lost in all", str(report.steps_lost)),
-      ("restarts resumed from the latest finalized checkpoint",
-       f"{report.resumes_ok} of {report.resumes_checked} launches that printed where they resumed "
-       f"({report.launches} launches in all)"),
-      ("final checkpoint bit-identical to the uninterrupted run",
-       f"{'yes' if report.bit_identical else 'NO'} ({report.leaves} arrays, meta "
-       f"{'equal' if report.meta_equal else 'DIFFERS'}), max abs diff {diff}"),
-      ("logged train lines equal to the reference's",
-       f"{report.train_lines - len(report.train_lines_differing)} of {report.train_lines}"
-       + (f" (steps {report.train_lines_differing} differ)" if report.train_lines_differing else "")),
-      ("wall time", ", ".join(f"{name} {s:.0f} s" for name, s in report.seconds.items())),
+    (
+      "kills survived",
+      f"{len(report.kills)} of {report.planned_kills}"
+      if report.ok
+      else f"none: the run FAILED ({len(report.kills)} of {report.planned_kills} kills made)",
+    ),
+    ("kills during a save", str(report.kills_during_save)),
+    ("steps lost in all", str(report.steps_lost)),
+    (
+      "restarts resumed from the latest finalized checkpoint",
+      f"{report.resumes_ok} of {report.resumes_checked} launches that printed where they resumed "
+      f"({report.launches} launches in all)",
+    ),
+    (
+      "final checkpoint bit-identical to the uninterrupted run",
+      f"{'yes' if report.bit_identical else 'NO'} ({report.leaves} arrays, meta "
+      f"{'equal' if report.meta_equal else 'DIFFERS'}), max abs diff {diff}",
+    ),
+    (
+      "logged train lines equal to the reference's",
+      f"{report.train_lines - len(report.train_lines_differing)} of {report.train_lines}"
+      + (f" (steps {report.train_lines_differing} differ)" if report.train_lines_differing else ""),
+    ),
+    ("wall time", ", ".join(f"{name} {s:.0f} s" for name, s in report.seconds.items())),
   ]
   width = max(len(name) for name, _ in summary)
   text = "\n".join(rows) + "\n\n" + "\n".join(f"{name:<{width}}  {value}" for name, value in summary)
@@ -419,11 +478,23 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", help="where both runs go (default: a new temporary directory)")
   parser.add_argument("--config", default=DEFAULT_CONFIG)
   parser.add_argument("--data-dir", help="TFDS data_dir holding the digits (default: WORKDIR/tfds, prepared there)")
-  parser.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
-                      help="let every restart compile afresh (much slower restarts)")
+  parser.add_argument(
+    "--no-compile-cache",
+    dest="compile_cache",
+    action="store_false",
+    help="let every restart compile afresh (much slower restarts)",
+  )
   args = parser.parse_args(argv)
-  report = inject(kills=args.kills, seed=args.seed, steps=args.steps, checkpoint_every=args.checkpoint_every,
-                  workdir=args.workdir, config=args.config, data_dir=args.data_dir, compile_cache=args.compile_cache)
+  report = inject(
+    kills=args.kills,
+    seed=args.seed,
+    steps=args.steps,
+    checkpoint_every=args.checkpoint_every,
+    workdir=args.workdir,
+    config=args.config,
+    data_dir=args.data_dir,
+    compile_cache=args.compile_cache,
+  )
   print()
   print(format_report(report))
   return 0 if report.ok else 1

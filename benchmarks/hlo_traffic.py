@@ -37,14 +37,44 @@ from lvm_jax.train import throughput  # noqa: E402
 from lvm_jax.train.program import TrainProgram  # noqa: E402
 
 NUM_CLASSES = 1000
-OPTIMIZER = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05,
-             "schedule": {"warmup_steps": 100, "total_steps": 10_000, "decay": "cosine"}}
+OPTIMIZER = {
+  "name": "adamw",
+  "lr": 1e-3,
+  "weight_decay": 0.05,
+  "schedule": {"warmup_steps": 100, "total_steps": 10_000, "decay": "cosine"},
+}
 
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_DTYPE_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+}
 # Instructions that name or regroup buffers without reading them.
-_NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "while", "call",
-               "opt-barrier", "add-dependency", "domain"}
+_NO_TRAFFIC = {
+  "parameter",
+  "get-tuple-element",
+  "tuple",
+  "bitcast",
+  "constant",
+  "after-all",
+  "while",
+  "call",
+  "opt-barrier",
+  "add-dependency",
+  "domain",
+}
 LARGE_BYTES = 1 << 20
 
 
@@ -88,16 +118,22 @@ def parse_instruction(line: str) -> Instruction | None:
   match = re.match(r"\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*", line)
   if not match:
     return None
-  rest = line[match.end():]
+  rest = line[match.end() :]
   shape_end = _balanced(rest, 0) if rest.startswith("(") else rest.index(" ")
   shape, rest = rest[:shape_end], rest[shape_end:].lstrip()
-  opcode = rest[:rest.index("(")]
-  operands = rest[len(opcode):_balanced(rest, len(opcode))]
+  opcode = rest[: rest.index("(")]
+  operands = rest[len(opcode) : _balanced(rest, len(opcode))]
   op_name = re.search(r'op_name="([^"]*)"', rest)
   number = re.fullmatch(r"\((\d+)\)", operands) if opcode == "parameter" else None
-  return Instruction(match.group(2), opcode, shape_bytes(shape), re.findall(r"%([\w.\-]+)", operands),
-                     op_name.group(1) if op_name else "", is_root=bool(match.group(1)),
-                     parameter_number=int(number.group(1)) if number else None)
+  return Instruction(
+    match.group(2),
+    opcode,
+    shape_bytes(shape),
+    re.findall(r"%([\w.\-]+)", operands),
+    op_name.group(1) if op_name else "",
+    is_root=bool(match.group(1)),
+    parameter_number=int(number.group(1)) if number else None,
+  )
 
 
 def computations(hlo: str) -> tuple[str, dict[str, list[str]]]:
@@ -173,8 +209,17 @@ def traffic(instructions: list[Instruction]) -> list[Traffic]:
     operand_bytes = [reads[i.operands.index(o)] for o in dict.fromkeys(i.operands)]
     step_pass = "backward" if "transpose(jvp(" in i.op_name else "forward" if "jvp(" in i.op_name else "other"
     operation = re.sub(r"\[.*", "", i.op_name.rsplit("/", 1)[-1]) if i.op_name else i.opcode
-    rows.append(Traffic(i.name, i.runs * sum(operand_bytes), i.runs * written,
-                        sum(b > LARGE_BYTES for b in operand_bytes), step_pass, operation, i.op_name))
+    rows.append(
+      Traffic(
+        i.name,
+        i.runs * sum(operand_bytes),
+        i.runs * written,
+        sum(b > LARGE_BYTES for b in operand_bytes),
+        step_pass,
+        operation,
+        i.op_name,
+      )
+    )
   return rows
 
 
@@ -211,9 +256,13 @@ def _bytes_moved(i: Instruction, operand_sizes: list[int]) -> tuple[list[int], i
 def report(name: str, rows: list[Traffic], xla_bytes: float | None, top: int) -> str:
   read, written = sum(r.read for r in rows), sum(r.written for r in rows)
   xla = f"{xla_bytes / 1e9:.2f} GB" if xla_bytes is not None else "n/a"
-  lines = [f"{name}: instructions read {read / 1e9:.2f} GB and write {written / 1e9:.2f} GB a step "
-           f"(XLA's cost analysis: {xla} accessed); {len(rows)} instructions", "",
-           "| pass | operation | read GB | written GB | instructions |", "|---|---|---|---|---|"]
+  lines = [
+    f"{name}: instructions read {read / 1e9:.2f} GB and write {written / 1e9:.2f} GB a step "
+    f"(XLA's cost analysis: {xla} accessed); {len(rows)} instructions",
+    "",
+    "| pass | operation | read GB | written GB | instructions |",
+    "|---|---|---|---|---|",
+  ]
   groups = collections.defaultdict(lambda: [0, 0, 0])
   for r in rows:
     group = groups[(r.step_pass, r.operation)]
@@ -235,11 +284,19 @@ def compiled_train_step(name: str, batch: int):
   model = lvm_jax.create_model(name, num_classes=NUM_CLASSES)
   size = getattr(model, "image_size", 224)
   mesh = create_mesh(devices=jax.devices()[:1])
-  program = TrainProgram.create(task=Classification(NUM_CLASSES), model=model, optimizer=OPTIMIZER, mesh=mesh,
-                                strategy=partitioning.get_strategy("dp"), input_shape=(1, size, size, 3))
+  program = TrainProgram.create(
+    task=Classification(NUM_CLASSES),
+    model=model,
+    optimizer=OPTIMIZER,
+    mesh=mesh,
+    strategy=partitioning.get_strategy("dp"),
+    input_shape=(1, size, size, 3),
+  )
   sharding = program.batch_sharding
-  batch = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), np.float32, sharding=sharding),
-           "label": jax.ShapeDtypeStruct((batch,), np.int32, sharding=sharding)}
+  batch = {
+    "image": jax.ShapeDtypeStruct((batch, size, size, 3), np.float32, sharding=sharding),
+    "label": jax.ShapeDtypeStruct((batch,), np.int32, sharding=sharding),
+  }
   return program.train_step().lower(program.abstract_state, batch).compile()
 
 
@@ -252,7 +309,11 @@ def main(argv=None) -> None:
   for name in [n.strip() for n in args.models.split(",") if n.strip()]:
     compiled = compiled_train_step(name, args.batch)
     rows = traffic(top_level_instructions(compiled.as_text()))
-    print(report(f"{name} train step, batch {args.batch}", rows, throughput.compiled_cost(compiled, "bytes accessed"), args.top))
+    print(
+      report(
+        f"{name} train step, batch {args.batch}", rows, throughput.compiled_cost(compiled, "bytes accessed"), args.top
+      )
+    )
     print()
 
 

@@ -42,6 +42,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def photos() -> dict[str, np.ndarray]:
   import skimage.data
   from sklearn.datasets import load_sample_images
+
   out = {name: getattr(skimage.data, name)() for name in ("chelsea", "astronaut", "coffee", "rocket")}
   for name, image in zip(("china", "flower"), load_sample_images().images):
     out[name] = image
@@ -59,7 +60,7 @@ def make_folder(root: pathlib.Path, count: int, seed: int = 0) -> None:
     h, w = image.shape[:2]
     ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
     y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-    crop = PIL.Image.fromarray(image[y:y + ch, x:x + cw]).resize((500, 375), PIL.Image.BILINEAR)
+    crop = PIL.Image.fromarray(image[y : y + ch, x : x + cw]).resize((500, 375), PIL.Image.BILINEAR)
     folder = root / "train" / name
     folder.mkdir(parents=True, exist_ok=True)
     crop.save(folder / f"{i:05d}.jpg", quality=90)
@@ -96,11 +97,13 @@ def main() -> None:
       image = decode(example)["image"]
       return {"shape": tf.shape(image), "corner": image[0, 0]}
 
-    decode_only = (source.dataset(0, 1).repeat().map(decoded, num_parallel_calls=tf.data.AUTOTUNE)
-                   .batch(args.batch).prefetch(2))
+    decode_only = (
+      source.dataset(0, 1).repeat().map(decoded, num_parallel_calls=tf.data.AUTOTUNE).batch(args.batch).prefetch(2)
+    )
     train = pipeline.train_dataset(source, TRAIN_PP, global_batch_size=args.batch, seed=0, shard=shard)
-    host_norm = pipeline.train_dataset(source, TRAIN_PP + "|normalize('imagenet')", global_batch_size=args.batch,
-                                       seed=0, shard=shard)
+    host_norm = pipeline.train_dataset(
+      source, TRAIN_PP + "|normalize('imagenet')", global_batch_size=args.batch, seed=0, shard=shard
+    )
     sharding = NamedSharding(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]), P("data"))
     normalize = jax.jit(lambda images: device_batches.normalize(images, MEAN, STD))
 
@@ -120,23 +123,33 @@ def main() -> None:
 
     # Rounds interleave the lines and each keeps its best, so a burst of load on a shared machine lowers one
     # round of one line rather than the ratio.
-    lines = {"decode": (lambda: decode_only, args.batch), "train": (on_device, args.batch),
-             "host_norm": (lambda: host_norm, args.batch), "host_only": (host_only, args.batch)}
+    lines = {
+      "decode": (lambda: decode_only, args.batch),
+      "train": (on_device, args.batch),
+      "host_norm": (lambda: host_norm, args.batch),
+      "host_only": (host_only, args.batch),
+    }
     best = dict.fromkeys(lines, 0.0)
     for _ in range(args.rounds):
       for name, (batches, per_element) in lines.items():
         best[name] = max(best[name], rate(batches(), per_element, args.seconds))
     decode_rate, train_rate, host_rate, host_only_rate = (best[k] for k in lines)
     device_rate = rate(device_only(), args.batch, min(args.seconds, 5.0))
-  print(f"machine: {os.cpu_count()} CPU cores; tensorflow {tf.__version__}; {args.images} JPEGs 500x375; "
-        f"large buffers kept in the heap: {kept}; best of {args.rounds} rounds of {args.seconds:g} s")
+  print(
+    f"machine: {os.cpu_count()} CPU cores; tensorflow {tf.__version__}; {args.images} JPEGs 500x375; "
+    f"large buffers kept in the heap: {kept}; best of {args.rounds} rounds of {args.seconds:g} s"
+  )
   print(f"decode only              {decode_rate:8.1f} img/s")
   print(f"train pipeline (224)     {train_rate:8.1f} img/s   (normalized on the device)")
   print(f"train / decode-only      {train_rate / decode_rate:8.2%}")
-  print(f"host part alone          {host_only_rate:8.1f} img/s   ({host_only_rate / decode_rate:.2%} of decode-only; "
-        "uint8 global batches, no device work)")
-  print(f"device normalize alone   {1e3 * args.batch / device_rate:8.2f} ms/batch of {args.batch} "
-        f"({device_rate:.0f} img/s; on CPU it shares the cores with tf.data)")
+  print(
+    f"host part alone          {host_only_rate:8.1f} img/s   ({host_only_rate / decode_rate:.2%} of decode-only; "
+    "uint8 global batches, no device work)"
+  )
+  print(
+    f"device normalize alone   {1e3 * args.batch / device_rate:8.2f} ms/batch of {args.batch} "
+    f"({device_rate:.0f} img/s; on CPU it shares the cores with tf.data)"
+  )
   print(f"host-normalized variant  {host_rate:8.1f} img/s   ({host_rate / decode_rate:.2%} of decode-only)")
 
 

@@ -35,31 +35,44 @@ product rate each library reached on that CPU, is the first thing to compare bet
 """
 # key -> (section title, what its table means, command)
 BENCHMARKS = {
-    "input": ("Input pipeline against decode-only",
-              "What share of a decode-only tf.data loop's rate the whole train input pipeline keeps (crop, flip, "
-              "batching, hand-off to JAX) on the same JPEGs.",
-              ["benchmarks/input_pipeline.py", "--images", "600"]),
-    "models": ("Models against PyTorch (inference and train step, float32, batch 8)",
-               "Images/s of lvm_jax and of the transformers model on torch, same inputs and threads; \"vs eager\" "
-               "above 1 means lvm_jax is faster. MFU is the published FLOPs over the matmul peak measured in the run.",
-               ["benchmarks/models.py", "--seconds", "6"]),
-    "scaling": ("Scaling over fake CPU devices, and compile time against depth",
-                "What each device holds under data parallelism, FSDP and tensor parallelism (fake devices share the "
-                "cores, so step time shows the cost of partitioning, not a speedup), and how scan_layers keeps "
-                "compile time flat with depth.",
-                ["benchmarks/scaling.py"]),
-    "scaling_large": ("What each device holds for ViT-L/16 and Swin-B as the mesh grows (compiled, not run)",
-                      "Per-device parameter and optimizer-state memory of the larger variants, from the compiled "
-                      "step.",
-                      ["benchmarks/scaling.py", "--models", "vit_l16,swin_b", "--steps", "0", "--compile-models", ""]),
+  "input": (
+    "Input pipeline against decode-only",
+    "What share of a decode-only tf.data loop's rate the whole train input pipeline keeps (crop, flip, "
+    "batching, hand-off to JAX) on the same JPEGs.",
+    ["benchmarks/input_pipeline.py", "--images", "600"],
+  ),
+  "models": (
+    "Models against PyTorch (inference and train step, float32, batch 8)",
+    'Images/s of lvm_jax and of the transformers model on torch, same inputs and threads; "vs eager" '
+    "above 1 means lvm_jax is faster. MFU is the published FLOPs over the matmul peak measured in the run.",
+    ["benchmarks/models.py", "--seconds", "6"],
+  ),
+  "scaling": (
+    "Scaling over fake CPU devices, and compile time against depth",
+    "What each device holds under data parallelism, FSDP and tensor parallelism (fake devices share the "
+    "cores, so step time shows the cost of partitioning, not a speedup), and how scan_layers keeps "
+    "compile time flat with depth.",
+    ["benchmarks/scaling.py"],
+  ),
+  "scaling_large": (
+    "What each device holds for ViT-L/16 and Swin-B as the mesh grows (compiled, not run)",
+    "Per-device parameter and optimizer-state memory of the larger variants, from the compiled step.",
+    ["benchmarks/scaling.py", "--models", "vit_l16,swin_b", "--steps", "0", "--compile-models", ""],
+  ),
 }
 
 # AMD x86 families and model ranges -> microarchitecture, as the Linux kernel's arch/x86/kernel/cpu/amd.c maps them.
 _AMD_MICROARCHITECTURES = {
-    23: (((0x00, 0x2f), "Zen/Zen+"), ((0x50, 0x5f), "Zen/Zen+"), ((0x30, 0x4f), "Zen 2"), ((0x60, 0x7f), "Zen 2"),
-         ((0x90, 0x91), "Zen 2"), ((0xa0, 0xaf), "Zen 2")),
-    25: (((0x00, 0x0f), "Zen 3"), ((0x20, 0x5f), "Zen 3"), ((0x10, 0x1f), "Zen 4"), ((0x60, 0xaf), "Zen 4")),
-    26: (((0x00, 0x2f), "Zen 5"), ((0x40, 0x4f), "Zen 5"), ((0x60, 0x7f), "Zen 5")),
+  23: (
+    ((0x00, 0x2F), "Zen/Zen+"),
+    ((0x50, 0x5F), "Zen/Zen+"),
+    ((0x30, 0x4F), "Zen 2"),
+    ((0x60, 0x7F), "Zen 2"),
+    ((0x90, 0x91), "Zen 2"),
+    ((0xA0, 0xAF), "Zen 2"),
+  ),
+  25: (((0x00, 0x0F), "Zen 3"), ((0x20, 0x5F), "Zen 3"), ((0x10, 0x1F), "Zen 4"), ((0x60, 0xAF), "Zen 4")),
+  26: (((0x00, 0x2F), "Zen 5"), ((0x40, 0x4F), "Zen 5"), ((0x60, 0x7F), "Zen 5")),
 }
 
 
@@ -121,8 +134,9 @@ def section(key: str, output: str, measured: str) -> str:
   """One benchmark's section: title, what its table means, where and when, the command, what it printed."""
   title, meaning, command = BENCHMARKS[key]
   shown = " ".join(arg if arg else "''" for arg in command)  # an empty argument, as a shell would need it
-  return (f"{SECTION}{title}\n\n{textwrap.fill(meaning, 116)}\n\n{measured}\n\n`python {shown}`\n\n"
-          f"{as_markdown(output)}\n")
+  return (
+    f"{SECTION}{title}\n\n{textwrap.fill(meaning, 116)}\n\n{measured}\n\n`python {shown}`\n\n{as_markdown(output)}\n"
+  )
 
 
 def run(key: str) -> str:
@@ -132,8 +146,10 @@ def run(key: str) -> str:
   result = subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True)
   if result.returncode:
     raise SystemExit(f"{' '.join(command)} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
-  measured = (f"Measured {datetime.date.today().isoformat()} on {os.cpu_count()} CPU cores ({cpu_name()}), "
-              f"Python {platform.python_version()}.")
+  measured = (
+    f"Measured {datetime.date.today().isoformat()} on {os.cpu_count()} CPU cores ({cpu_name()}), "
+    f"Python {platform.python_version()}."
+  )
   return section(key, result.stdout, measured)
 
 

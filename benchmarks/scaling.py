@@ -13,10 +13,10 @@ needs ~30 GiB of host memory, so raise --max-host-gib on a big host):
   python benchmarks/scaling.py --models vit_b16,vit_l16,swin_b --compile-depths 4,8,16,32,full
 
 Table 1, for each model x strategy x device count, the train step exactly as the trainer builds it: mesh from
-lvm_jax.parallel.create_mesh (dp: data=N, fsdp: fsdp=N, tp: model=N, fsdp_tp: fsdp=N/2 x model=2), the
-strategy's sharded TrainState (AdamW, no EMA) and the step jitted with in/out shardings and the state donated,
-both from lvm_jax.train.program.TrainProgram, which the trainer uses. The global batch is N x --batch-per-device images; under TP
-every device sees the whole batch (there is no data-parallel axis).
+lvm_jax.parallel.create_mesh (dp: data=N, fsdp: fsdp=N, tp: model=N, fsdp_tp: fsdp=N/2 x model=2), the strategy's
+sharded TrainState (AdamW, no EMA) and the step jitted with in/out shardings and the state donated, both from
+lvm_jax.train.program.TrainProgram, which the trainer uses. The global batch is N x --batch-per-device images; under
+TP every device sees the whole batch (there is no data-parallel axis).
   params / opt state MiB:  bytes one device holds (the shard shape of each array on device 0, from the shardings:
                            nothing is allocated to compute it); "of 1 dev" is the whole state per device over the
                            unsharded state: 1.0 replicated, 1/N ideally sharded.
@@ -70,12 +70,17 @@ from lvm_jax.tasks.classification import Classification  # noqa: E402
 from lvm_jax.train.program import TrainProgram  # noqa: E402
 
 NUM_CLASSES = 1000
-OPTIMIZER = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05,
-             "schedule": {"warmup_steps": 100, "total_steps": 10_000, "decay": "cosine"}}
-MiB = 2.0 ** 20
+OPTIMIZER = {
+  "name": "adamw",
+  "lr": 1e-3,
+  "weight_decay": 0.05,
+  "schedule": {"warmup_steps": 100, "total_steps": 10_000, "decay": "cosine"},
+}
+MiB = 2.0**20
 
 
 # ------------------------------------------------------------------------------------------------ memory
+
 
 def per_device_bytes(tree) -> int:
   """Bytes device 0 holds of a tree of sharded arrays (or ShapeDtypeStructs carrying a sharding)."""
@@ -104,6 +109,7 @@ def xla_memory(compiled) -> dict:
 
 # ---------------------------------------------------------------------------------------------- the step
 
+
 def mesh_shape(strategy: str, devices: int) -> dict:
   if strategy == "fsdp_tp":
     return {"fsdp": -1, "model": min(2, devices)}
@@ -121,11 +127,19 @@ def compile_train_step(model, mesh, strategy, batch_size: int):
   """(compiled step, its TrainProgram, compile seconds): the trainer's own step (lvm_jax.train.program), lowered
   from abstract inputs so nothing is allocated."""
   size = getattr(model, "image_size", 224)
-  program = TrainProgram.create(task=Classification(model.num_classes), model=model, optimizer=OPTIMIZER, mesh=mesh,
-                                strategy=strategy, input_shape=(1, size, size, 3))
+  program = TrainProgram.create(
+    task=Classification(model.num_classes),
+    model=model,
+    optimizer=OPTIMIZER,
+    mesh=mesh,
+    strategy=strategy,
+    input_shape=(1, size, size, 3),
+  )
   data_sharding = batch_sharding(mesh, batch_size)  # also checks that the batch splits over the devices
-  batch = {"image": jax.ShapeDtypeStruct((batch_size, size, size, 3), np.float32, sharding=data_sharding),
-           "label": jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=data_sharding)}
+  batch = {
+    "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), np.float32, sharding=data_sharding),
+    "label": jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=data_sharding),
+  }
   t0 = time.perf_counter()
   compiled = program.train_step().lower(program.abstract_state, batch).compile()
   return compiled, program, time.perf_counter() - t0
@@ -135,9 +149,13 @@ def time_steps(compiled, program: TrainProgram, batch_size: int, count: int) -> 
   """Median seconds of `count` steps after one warmup step, on a freshly created state and a random batch."""
   size = program.input_shape[1]
   rng = np.random.default_rng(0)
-  batch = jax.device_put({"image": rng.standard_normal((batch_size, size, size, 3), dtype=np.float32),
-                          "label": rng.integers(0, program.task.num_classes, batch_size).astype(np.int32)},
-                         program.batch_sharding)
+  batch = jax.device_put(
+    {
+      "image": rng.standard_normal((batch_size, size, size, 3), dtype=np.float32),
+      "label": rng.integers(0, program.task.num_classes, batch_size).astype(np.int32),
+    },
+    program.batch_sharding,
+  )
   state = program.new_state()
   times = []
   for i in range(count + 1):
@@ -157,19 +175,30 @@ def scaling_row(name: str, strategy_name: str, devices: int, args) -> dict:
   batch_size = devices * args.batch_per_device
   compiled, program, compile_s = compile_train_step(model, mesh, strategy, batch_size)
   abstract = program.abstract_state
-  row = dict(model=name, scan_layers=getattr(model, "scan_layers", False), strategy=strategy_name,
-             devices=devices, mesh=dict(mesh.shape), batch=batch_size,
-             params_bytes=per_device_bytes(abstract.params), opt_bytes=per_device_bytes(abstract.opt_state),
-             state_bytes=per_device_bytes(abstract), unsharded_state_bytes=unsharded_bytes(abstract),
-             xla=xla_memory(compiled), compile_s=compile_s, step_s=None)
+  row = dict(
+    model=name,
+    scan_layers=getattr(model, "scan_layers", False),
+    strategy=strategy_name,
+    devices=devices,
+    mesh=dict(mesh.shape),
+    batch=batch_size,
+    params_bytes=per_device_bytes(abstract.params),
+    opt_bytes=per_device_bytes(abstract.opt_state),
+    state_bytes=per_device_bytes(abstract),
+    unsharded_state_bytes=unsharded_bytes(abstract),
+    xla=xla_memory(compiled),
+    compile_s=compile_s,
+    step_s=None,
+  )
   host = devices * (row["xla"].get("argument", row["state_bytes"]) + row["xla"].get("temp", 0))
   row["host_bytes"] = host
-  if args.steps and host <= args.max_host_gib * 2 ** 30:
+  if args.steps and host <= args.max_host_gib * 2**30:
     row["step_s"] = time_steps(compiled, program, batch_size, args.steps)
   return row
 
 
 # ------------------------------------------------------------------------------------------ compile vs depth
+
 
 def compile_seconds(name: str, depth: int, scan_layers: bool) -> float:
   model = build_model(name, depth=depth, scan_layers=scan_layers)
@@ -194,6 +223,7 @@ def depth_rows(names: list[str], depths: list[str]) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------- report
 
+
 def _fmt(value, spec: str, none: str = "n/a") -> str:
   return none if value is None else format(value, spec)
 
@@ -205,26 +235,58 @@ def _table(header, lines) -> str:
 
 
 def scaling_markdown(rows: list[dict]) -> str:
-  header = ("model", "strategy", "devices", "mesh", "global batch", "params MiB/dev", "opt state MiB/dev",
-            "state of 1 dev", "XLA arg MiB", "XLA out MiB", "XLA temp MiB", "compile s", "step s")
+  header = (
+    "model",
+    "strategy",
+    "devices",
+    "mesh",
+    "global batch",
+    "params MiB/dev",
+    "opt state MiB/dev",
+    "state of 1 dev",
+    "XLA arg MiB",
+    "XLA out MiB",
+    "XLA temp MiB",
+    "compile s",
+    "step s",
+  )
   lines = []
   for r in rows:
     mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1"
     xla = {k: _fmt(r["xla"].get(k) and r["xla"][k] / MiB, ".1f") for k in ("argument", "output", "temp")}
     model = r["model"] + (" (scanned)" if r["scan_layers"] else "")
-    lines.append((model, r["strategy"], str(r["devices"]), mesh, str(r["batch"]),
-                  f"{r['params_bytes'] / MiB:.1f}", f"{r['opt_bytes'] / MiB:.1f}",
-                  f"{r['state_bytes'] / r['unsharded_state_bytes']:.3f}",
-                  xla["argument"], xla["output"], xla["temp"], f"{r['compile_s']:.1f}",
-                  _fmt(r["step_s"], ".2f", "skipped")))
+    lines.append(
+      (
+        model,
+        r["strategy"],
+        str(r["devices"]),
+        mesh,
+        str(r["batch"]),
+        f"{r['params_bytes'] / MiB:.1f}",
+        f"{r['opt_bytes'] / MiB:.1f}",
+        f"{r['state_bytes'] / r['unsharded_state_bytes']:.3f}",
+        xla["argument"],
+        xla["output"],
+        xla["temp"],
+        f"{r['compile_s']:.1f}",
+        _fmt(r["step_s"], ".2f", "skipped"),
+      )
+    )
   return _table(header, lines)
 
 
 def depth_markdown(rows: list[dict]) -> str:
   header = ("model", "depth", "compile s per-layer", "compile s scanned", "per-layer / scanned")
-  lines = [(r["model"], f"{r['depth']}" + (" (full)" if r["depth"] == r["full_depth"] else ""),
-            f"{r['per_layer_s']:.1f}", f"{r['scan_s']:.1f}", f"{r['per_layer_s'] / r['scan_s']:.2f}")
-           for r in rows]
+  lines = [
+    (
+      r["model"],
+      f"{r['depth']}" + (" (full)" if r["depth"] == r["full_depth"] else ""),
+      f"{r['per_layer_s']:.1f}",
+      f"{r['scan_s']:.1f}",
+      f"{r['per_layer_s'] / r['scan_s']:.2f}",
+    )
+    for r in rows
+  ]
   return _table(header, lines)
 
 
@@ -247,11 +309,16 @@ def main(argv=None) -> None:
   parser.add_argument("--batch-per-device", type=int, default=1)
   parser.add_argument("--steps", type=int, default=2, help="timed steps after one warmup (0: memory and compile only)")
   parser.add_argument("--scan-layers", action="store_true", help="table 1 ViTs with scan_layers=True")
-  parser.add_argument("--max-host-gib", type=float, default=12.0,
-                      help="run steps only when every fake device's state + temporaries fit in this much host memory")
+  parser.add_argument(
+    "--max-host-gib",
+    type=float,
+    default=12.0,
+    help="run steps only when every fake device's state + temporaries fit in this much host memory",
+  )
   parser.add_argument("--compile-models", default="vit_b16,vit_l16,vit_h14", help="ViTs for table 2 ('' skips it)")
-  parser.add_argument("--compile-depths", default="4,8,full",
-                      help="depths for table 2; 'full' is each model's own depth")
+  parser.add_argument(
+    "--compile-depths", default="4,8,full", help="depths for table 2; 'full' is each model's own depth"
+  )
   parser.add_argument("--out", type=pathlib.Path, default=None, help="write the results (.json, else markdown)")
   args = parser.parse_args(argv)
   models, strategies = _names(args.models), _names(args.strategies)
@@ -274,14 +341,24 @@ def main(argv=None) -> None:
 
   device = jax.devices()[0]
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-  print(f"machine: {jax.device_count()} {device.platform} devices ({device.device_kind}) on {os.cpu_count()} CPU "
-        f"cores; jax {jax.__version__}; run took {time.perf_counter() - _START:.0f} s"
-        + (f"; load average at the end {load:.2f} (1 min)" if load is not None else ""))
-  note = ("fake CPU devices share the host's cores: step time measures the cost of partitioning (collectives, "
-          "redundant work), not a speedup") if device.platform == "cpu" else "real devices"
+  print(
+    f"machine: {jax.device_count()} {device.platform} devices ({device.device_kind}) on {os.cpu_count()} CPU "
+    f"cores; jax {jax.__version__}; run took {time.perf_counter() - _START:.0f} s"
+    + (f"; load average at the end {load:.2f} (1 min)" if load is not None else "")
+  )
+  note = (
+    (
+      "fake CPU devices share the host's cores: step time measures the cost of partitioning (collectives, "
+      "redundant work), not a speedup"
+    )
+    if device.platform == "cpu"
+    else "real devices"
+  )
   if rows:
-    print(f"\nTrain step (AdamW, float32, {args.batch_per_device} image(s) per device; median of {args.steps} "
-          f"steps after warmup). Note: {note}.")
+    print(
+      f"\nTrain step (AdamW, float32, {args.batch_per_device} image(s) per device; median of {args.steps} "
+      f"steps after warmup). Note: {note}."
+    )
     print(scaling_markdown(rows))
   if deep:
     print("\nCompile time of the train step (1 device, batch 1, abstract inputs) against depth:")

@@ -3,15 +3,16 @@ fine-tuning optimizer, and the run length of every recipe's `runlocal` variant. 
 
 from ml_collections.config_dict import FieldReference, placeholder
 
-IMAGENET_TRAIN_EXAMPLES = 1_281_167   # TFDS imagenet2012 "train"
-RUNLOCAL_BATCH_SIZE = 16              # 2 examples on each of 8 (fake CPU) devices
+IMAGENET_TRAIN_EXAMPLES = 1_281_167  # TFDS imagenet2012 "train"
+RUNLOCAL_BATCH_SIZE = 16  # 2 examples on each of 8 (fake CPU) devices
 
 
 def tfds_blocks(name: str, train_split: str, eval_split: str) -> tuple[dict, dict]:
   """(data.train, data.eval) for a TFDS dataset, sharing one FieldReference per setting: setting
   --config.data.train.data_dir (or download, manual_dir) sets the eval block's too."""
-  shared = dict(kind="tfds", name=name, data_dir=placeholder(str), download=FieldReference(False),
-                manual_dir=placeholder(str))   # e.g. imagenet2012's archives, put there by hand
+  shared = dict(
+    kind="tfds", name=name, data_dir=placeholder(str), download=FieldReference(False), manual_dir=placeholder(str)
+  )  # e.g. imagenet2012's archives, put there by hand
   return dict(shared, split=train_split), dict(shared, split=eval_split)
 
 
@@ -19,8 +20,10 @@ def deit_pp_train(size: int, num_classes: int) -> str:
   # timm's create_transform as DeiT (Touvron et al. 2021, Table 9) and Swin (Liu et al. 2021, A2.1) call it:
   # RandomResizedCrop (bicubic, scale 0.08-1, ratio 3/4-4/3), flip, rand-m9 (2 ops); label smoothing 0.1 inside
   # mixup's soft labels, as timm's Mixup does; mixup alpha 0.8 / cutmix alpha 1.0, one per batch (switch 0.5).
-  return (f"decode_inception_crop({size}, method='bicubic')|flip_lr|randaugment(2, 9)|"
-          f"onehot({num_classes}, smoothing=0.1)|mixup_cutmix(0.8, 1.0, switch_prob=0.5)")
+  return (
+    f"decode_inception_crop({size}, method='bicubic')|flip_lr|randaugment(2, 9)|"
+    f"onehot({num_classes}, smoothing=0.1)|mixup_cutmix(0.8, 1.0, switch_prob=0.5)"
+  )
 
 
 def deit_pp_eval(size: int) -> str:

@@ -12,11 +12,17 @@ from lvm_jax.train import config as config_lib
 
 # Each family at a size that trains in a few minutes on a 2-core CPU.
 MODELS = {
-    "resnet": dict(model="resnet18", model_args=dict(width=32), num_epochs=15.0),
-    "vit": dict(model="vit_ti16", model_args=dict(image_size=32, patch_size=8, width=96, depth=4, num_heads=3,
-                                                  mlp_dim=384), num_epochs=40.0),
-    "swin": dict(model="swin_t", model_args=dict(image_size=32, patch_size=4, embed_dim=48, depths=(2, 2),
-                                                 num_heads=(3, 6), window_size=4), num_epochs=40.0),
+  "resnet": dict(model="resnet18", model_args=dict(width=32), num_epochs=15.0),
+  "vit": dict(
+    model="vit_ti16",
+    model_args=dict(image_size=32, patch_size=8, width=96, depth=4, num_heads=3, mlp_dim=384),
+    num_epochs=40.0,
+  ),
+  "swin": dict(
+    model="swin_t",
+    model_args=dict(image_size=32, patch_size=4, embed_dim=48, depths=(2, 2), num_heads=(3, 6), window_size=4),
+    num_epochs=40.0,
+  ),
 }
 
 

@@ -24,9 +24,9 @@ from configs import common
 from lvm_jax.train import config as config_lib
 
 DEFAULT_PRETRAINED = "google/vit-base-patch16-224"
-IMAGE_SIZE = 384                      # ViT paper B.1.1: fine-tune at a higher resolution than pre-training
+IMAGE_SIZE = 384  # ViT paper B.1.1: fine-tune at a higher resolution than pre-training
 RUNLOCAL_IMAGE_SIZE = 32
-NUM_STEPS, WARMUP_STEPS, LR = 2_500, 500, 0.01   # ViT paper B.1.1 (VTAB); warmup as big_vision transfer.py
+NUM_STEPS, WARMUP_STEPS, LR = 2_500, 500, 0.01  # ViT paper B.1.1 (VTAB); warmup as big_vision transfer.py
 
 
 def _pp_train(size: int) -> str:
@@ -39,31 +39,37 @@ def _pp_eval(size: int) -> str:
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, root="", eval_split="validation", pretrained=DEFAULT_PRETRAINED, image_size=0,
-                              runlocal=False)
+  args = config_lib.parse_arg(
+    arg, root="", eval_split="validation", pretrained=DEFAULT_PRETRAINED, image_size=0, runlocal=False
+  )
   image_size = args.image_size or (RUNLOCAL_IMAGE_SIZE if args.runlocal else IMAGE_SIZE)
 
   c = config_lib.defaults()
-  c.pretrained = args.pretrained     # its architecture is used; `model` is ignored
+  c.pretrained = args.pretrained  # its architecture is used; `model` is ignored
   c.image_size = image_size
   # num_classes stays None: the folder's class count, a new head (zero-initialised for ViT, as the paper).
   c.dtype = "bfloat16"
 
   # One FieldReference per setting, in both blocks: --config.data.train.root sets the eval one too.
-  shared = dict(kind="folder", root=FieldReference(args.root or None, field_type=str), layout=FieldReference("auto"),
-                holdout_fraction=FieldReference(0.1), index_path=placeholder(str))
+  shared = dict(
+    kind="folder",
+    root=FieldReference(args.root or None, field_type=str),
+    layout=FieldReference("auto"),
+    holdout_fraction=FieldReference(0.1),
+    index_path=placeholder(str),
+  )
   c.data.train = dict(shared, split="train")
   # Without split folders "validation" is the held-out part (FolderSource's holdout_split).
   c.data.eval = dict(shared, split=args.eval_split)
   c.data.pp_train = _pp_train(image_size)
   c.data.pp_eval = _pp_eval(image_size)
-  c.data.normalize = None            # the checkpoint's own mean/std
-  c.data.batch_size = 512            # ViT paper B.1.1
+  c.data.normalize = None  # the checkpoint's own mean/std
+  c.data.batch_size = 512  # ViT paper B.1.1
   c.data.shuffle_buffer = 50_000
 
   c.num_steps = NUM_STEPS
   c.label_smoothing = 0.0
-  common.vit_transfer_optimizer(c, lr=LR, warmup_steps=WARMUP_STEPS)   # SGD, clipping, warmup + cosine (B.1.1)
+  common.vit_transfer_optimizer(c, lr=LR, warmup_steps=WARMUP_STEPS)  # SGD, clipping, warmup + cosine (B.1.1)
   c.log_every_steps = 10
   c.eval_every_steps = NUM_STEPS // 5
   c.checkpoint_every_steps = c.eval_every_steps

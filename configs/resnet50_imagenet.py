@@ -19,10 +19,10 @@ from configs import common
 from lvm_jax.train import config as config_lib
 
 NUM_CLASSES = 1000
-EPOCHS = 90                           # He et al. 2016 / Goyal et al. 2017 5.1
-WARMUP_EPOCHS = 5                     # Goyal et al. 2017 2.2 (gradual warmup)
+EPOCHS = 90  # He et al. 2016 / Goyal et al. 2017 5.1
+WARMUP_EPOCHS = 5  # Goyal et al. 2017 2.2 (gradual warmup)
 BATCH_SIZE = 1024
-BASE_LR, BASE_BATCH = 0.1, 256        # Goyal et al. 2017 2.1: lr = 0.1 * batch / 256 (so 0.4 at 1024)
+BASE_LR, BASE_BATCH = 0.1, 256  # Goyal et al. 2017 2.1: lr = 0.1 * batch / 256 (so 0.4 at 1024)
 
 
 def _pp_train(size: int) -> str:
@@ -43,9 +43,9 @@ def get_config(arg=None):
   c.model = "resnet50"
   # gamma = 0 in the last BatchNorm of every residual block (Goyal 5.1, Bag of Tricks 3.1); BatchNorm momentum
   # 0.9 in Flax's convention (torch's 0.1), eps 1e-5.
-  c.model_args = dict(zero_init_last=True, bn_momentum=0.9, bn_eps=1e-5, drop_path=0.0)   # no stochastic depth
+  c.model_args = dict(zero_init_last=True, bn_momentum=0.9, bn_eps=1e-5, drop_path=0.0)  # no stochastic depth
   c.num_classes = NUM_CLASSES
-  c.dtype = "bfloat16"               # as Flax's imagenet example on TPU (half_precision); parameters stay float32
+  c.dtype = "bfloat16"  # as Flax's imagenet example on TPU (half_precision); parameters stay float32
 
   # Reported on the 50k "validation" images; for hyper-parameter search hold out a minival instead
   # (big_vision): --config.data.train.split='train[:99%]' --config.data.eval.split='train[99%:]'.
@@ -59,7 +59,7 @@ def get_config(arg=None):
 
   steps_per_epoch = common.IMAGENET_TRAIN_EXAMPLES / batch_size
   c.num_epochs = float(EPOCHS)
-  c.label_smoothing = 0.1            # Bag of Tricks 5.2
+  c.label_smoothing = 0.1  # Bag of Tricks 5.2
   # SGD with Nesterov momentum 0.9 (Bag of Tricks 2.1; Flax's imagenet example), L2 weight decay 1e-4 (He et al.
   # 2016) on conv and dense kernels only: no decay on biases and BatchNorm scale/bias (Bag of Tricks 3.1).
   # Linear warmup from 0 over 5 epochs, then cosine to 0 (Bag of Tricks 5.1). No clipping.
@@ -71,7 +71,7 @@ def get_config(arg=None):
   c.optimizer.schedule.warmup_steps = math.ceil(WARMUP_EPOCHS * steps_per_epoch)
   c.optimizer.schedule.decay = "cosine"
   c.log_every_steps = 100
-  c.eval_every_steps = math.ceil(5 * steps_per_epoch)    # every 5 epochs
+  c.eval_every_steps = math.ceil(5 * steps_per_epoch)  # every 5 epochs
   c.checkpoint_every_steps = 1000
 
   if args.runlocal:  # the same recipe at toy size (a tiny bottleneck ResNet on the built-in digits)

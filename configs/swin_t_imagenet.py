@@ -22,9 +22,9 @@ from configs import common
 from lvm_jax.train import config as config_lib
 
 NUM_CLASSES = 1000
-EPOCHS = 300                          # A2.1
-WARMUP_EPOCHS = 20                    # A2.1
-BATCH_SIZE = 1024                     # A2.1
+EPOCHS = 300  # A2.1
+WARMUP_EPOCHS = 20  # A2.1
+BATCH_SIZE = 1024  # A2.1
 # A2.1: lr 0.001 at batch 1024; the repository scales base lr 5e-4 and min lr 5e-6 by batch / 512.
 BASE_LR, MIN_LR, BASE_BATCH = 5e-4, 5e-6, 512
 
@@ -34,8 +34,8 @@ def get_config(arg=None):
   # The lr follows the batch by the paper's linear scaling rule; warmup is in epochs (so steps follow it too).
   batch_size = common.RUNLOCAL_BATCH_SIZE if args.runlocal else args.batch_size
   c = config_lib.defaults()
-  c.model = "swin_t"                 # window 7, patch 4, embed 96, depths (2, 2, 6, 2), heads (3, 6, 12, 24)
-  c.model_args.drop_path = 0.2       # stochastic depth 0.2 for Swin-T (A2.1)
+  c.model = "swin_t"  # window 7, patch 4, embed 96, depths (2, 2, 6, 2), heads (3, 6, 12, 24)
+  c.model_args.drop_path = 0.2  # stochastic depth 0.2 for Swin-T (A2.1)
   c.num_classes = NUM_CLASSES
   c.dtype = "bfloat16"
 
@@ -51,7 +51,7 @@ def get_config(arg=None):
 
   steps_per_epoch = common.IMAGENET_TRAIN_EXAMPLES / batch_size
   c.num_epochs = float(EPOCHS)
-  c.label_smoothing = 0.0            # in the pp's onehot: mixup needs the soft labels before mixing
+  c.label_smoothing = 0.0  # in the pp's onehot: mixup needs the soft labels before mixing
   # AdamW (betas 0.9/0.999, eps 1e-8), weight decay 0.05 not on biases, norms and the relative position bias
   # tables (the repository's skip list), gradient clipping at global norm 5.0, linear warmup then cosine (A2.1).
   scale = batch_size / BASE_BATCH
@@ -64,12 +64,11 @@ def get_config(arg=None):
   c.optimizer.schedule.decay = "cosine"
   c.optimizer.schedule.end_lr_fraction = MIN_LR / BASE_LR
   c.log_every_steps = 100
-  c.eval_every_steps = math.ceil(10 * steps_per_epoch)   # every 10 epochs
+  c.eval_every_steps = math.ceil(10 * steps_per_epoch)  # every 10 epochs
   c.checkpoint_every_steps = 1000
 
   if args.runlocal:  # the same recipe at toy size (a two-stage Swin on the built-in digits)
-    c.model_args.update(dict(image_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
-                             window_size=4))
+    c.model_args.update(dict(image_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4))
     common.digits_for_imagenet(c)
     c.data.pp_train = common.deit_pp_train(32, 10)
     c.data.pp_eval = common.deit_pp_eval(32)

@@ -22,11 +22,11 @@ from configs import common
 from lvm_jax.train import config as config_lib
 
 NUM_CLASSES = 1000
-EPOCHS = 300                          # DeiT Table 9
-WARMUP_EPOCHS = 5                     # DeiT Table 9
-BATCH_SIZE = 1024                     # DeiT Table 9
-BASE_LR, BASE_BATCH = 5e-4, 512       # DeiT Table 9: lr = 0.0005 * batch / 512 (so 1e-3 at 1024)
-MIN_LR = 1e-5                         # DeiT main.py --min-lr (not scaled with the batch)
+EPOCHS = 300  # DeiT Table 9
+WARMUP_EPOCHS = 5  # DeiT Table 9
+BATCH_SIZE = 1024  # DeiT Table 9
+BASE_LR, BASE_BATCH = 5e-4, 512  # DeiT Table 9: lr = 0.0005 * batch / 512 (so 1e-3 at 1024)
+MIN_LR = 1e-5  # DeiT main.py --min-lr (not scaled with the batch)
 
 
 def get_config(arg=None):
@@ -35,7 +35,7 @@ def get_config(arg=None):
   batch_size = common.RUNLOCAL_BATCH_SIZE if args.runlocal else args.batch_size
   c = config_lib.defaults()
   c.model = "vit_b16"
-  c.model_args.drop_path = 0.1       # stochastic depth 0.1, dropout 0 (Table 9)
+  c.model_args.drop_path = 0.1  # stochastic depth 0.1, dropout 0 (Table 9)
   c.num_classes = NUM_CLASSES
   c.dtype = "bfloat16"
 
@@ -45,13 +45,13 @@ def get_config(arg=None):
   c.data.train, c.data.eval = common.tfds_blocks("imagenet2012", "train", "validation")
   c.data.pp_train = common.deit_pp_train(224, NUM_CLASSES)
   c.data.pp_eval = common.deit_pp_eval(224)
-  c.data.normalize = "imagenet"      # timm's IMAGENET_DEFAULT_MEAN / STD
+  c.data.normalize = "imagenet"  # timm's IMAGENET_DEFAULT_MEAN / STD
   c.data.batch_size = batch_size
   c.data.shuffle_buffer = 50_000
 
   steps_per_epoch = common.IMAGENET_TRAIN_EXAMPLES / batch_size
   c.num_epochs = float(EPOCHS)
-  c.label_smoothing = 0.0            # in the pp's onehot: mixup needs the soft labels before mixing
+  c.label_smoothing = 0.0  # in the pp's onehot: mixup needs the soft labels before mixing
   # AdamW, betas (0.9, 0.999), eps 1e-8, weight decay 0.05 (not on biases, norms, position embedding, class
   # token), cosine decay after a linear warmup; no gradient clipping, no EMA (Table 9).
   peak_lr = BASE_LR * batch_size / BASE_BATCH
@@ -63,7 +63,7 @@ def get_config(arg=None):
   c.optimizer.schedule.decay = "cosine"
   c.optimizer.schedule.end_lr_fraction = min(MIN_LR / peak_lr, 1.0)
   c.log_every_steps = 100
-  c.eval_every_steps = math.ceil(10 * steps_per_epoch)   # every 10 epochs
+  c.eval_every_steps = math.ceil(10 * steps_per_epoch)  # every 10 epochs
   c.checkpoint_every_steps = 1000
 
   if args.runlocal:  # the same recipe at toy size (a tiny ViT on the built-in digits): how the tests run it

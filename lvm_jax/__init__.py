@@ -9,7 +9,21 @@ from lvm_jax.weights.pretrained import Checkpoint, from_pretrained, load_checkpo
 from lvm_jax.weights.preprocessing import Preprocessing
 
 __all__ = [
-    "Checkpoint", "Classifier", "Prediction", "Preprocessing", "ResNet", "SwinTransformer", "VisionTransformer",
-    "WeightsMismatchError", "abstract_variables", "classify", "cpu_kernels_enabled", "create_model", "from_pretrained",
-    "list_models", "load_checkpoint", "save_pretrained", "use_cpu_kernels",
+  "Checkpoint",
+  "Classifier",
+  "Prediction",
+  "Preprocessing",
+  "ResNet",
+  "SwinTransformer",
+  "VisionTransformer",
+  "WeightsMismatchError",
+  "abstract_variables",
+  "classify",
+  "cpu_kernels_enabled",
+  "create_model",
+  "from_pretrained",
+  "list_models",
+  "load_checkpoint",
+  "save_pretrained",
+  "use_cpu_kernels",
 ]

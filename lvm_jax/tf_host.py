@@ -11,8 +11,7 @@ import tempfile
 
 # Start-up notices TensorFlow's C++ side prints on import before its logging is set up, so that
 # TF_CPP_MIN_LOG_LEVEL cannot silence them; they say nothing about the run.
-_IMPORT_NOTICES = ("All log messages before absl::InitializeLog() is called",
-                   "oneDNN custom operations are on")
+_IMPORT_NOTICES = ("All log messages before absl::InitializeLog() is called", "oneDNN custom operations are on")
 
 
 def _import_tensorflow():

@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 def digits_dir(tmp_path_factory):
   """A TFDS data_dir with the built-in digits dataset prepared (offline, from scikit-learn's copy)."""
   from lvm_jax.data import sources
+
   data_dir = tmp_path_factory.mktemp("tfds")
   sources.make_source("digits", split="train", data_dir=str(data_dir))
   return str(data_dir)
@@ -21,4 +22,5 @@ def digits_dir(tmp_path_factory):
 def run_main():
   """main.main in this process with the given flags; returns what it printed (see tests/main_runner.py)."""
   from tests.main_runner import run_main_in_process
+
   return run_main_in_process

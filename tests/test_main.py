@@ -57,11 +57,14 @@ def test_train_is_the_default_mode(run_main, checkpoint, photo):
   assert len(run_main("--mode=predict", f"--pretrained={checkpoint}", f"--image={photo}").splitlines()) == 5
 
 
-@pytest.mark.parametrize("content,message", [
+@pytest.mark.parametrize(
+  "content,message",
+  [
     (None, r"missing\.jpg does not exist; expected an image file"),
     (b"not an image", r"notes\.jpg is not an image file"),
     ("truncated", r"cut\.jpg is a truncated or corrupt JPEG file"),
-])
+  ],
+)
 def test_bad_images_exit_with_the_reason(run_main, checkpoint, photo, tmp_path, content, message):
   name = {None: "missing.jpg", b"not an image": "notes.jpg", "truncated": "cut.jpg"}[content]
   path = tmp_path / name
@@ -85,46 +88,64 @@ def test_missing_flags_are_usage_errors(run_main, checkpoint):
 
 def test_command_line_end_to_end(checkpoint, photo, tmp_path):
   command = [sys.executable, "main.py", "--mode=predict", f"--pretrained={checkpoint}", "--top_k=2"]
-  done = subprocess.run(command + [f"--image={photo}", "--json"], cwd=REPO, capture_output=True, text=True,
-                        timeout=120)
+  done = subprocess.run(command + [f"--image={photo}", "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr
   indices, probabilities = pipeline_top_k(checkpoint, photo, top_k=2)
   printed = json.loads(done.stdout)
   assert [p["index"] for p in printed] == indices
   np.testing.assert_allclose([p["probability"] for p in printed], probabilities, atol=1e-5, rtol=0)
 
-  failed = subprocess.run(command + [f"--image={tmp_path / 'missing.jpg'}"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+  failed = subprocess.run(
+    command + [f"--image={tmp_path / 'missing.jpg'}"], cwd=REPO, capture_output=True, text=True, timeout=120
+  )
   assert failed.returncode == 1 and failed.stdout == ""
   assert "missing.jpg does not exist" in failed.stderr and "Traceback" not in failed.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--config=configs/digits.py:runlocal", "--config.data.batchsize=3"],
-     "error: --config.data.batchsize: no such config key; did you mean batch_size?"),
-    (["--config=configs/digits.py:model=foo"],
-     "error: flag --config=configs/digits.py:model=foo: Error whilst parsing config file: ValueError: "
-     "configs/digits.py: model='foo' is not one of ['resnet', 'swin', 'vit']."),
-    (["--config=configs/nothere.py"],
-     "error: --config=configs/nothere.py: no such file (recipes live under configs/, e.g. configs/digits.py)."),
-    (["--config=configs/digits.py:runlocal", "--config.model=resnet_99"],
-     "error: Unknown model 'resnet_99'. Did you mean resnet50, resnet34, resnet18, resnet152, resnet101? Known"),
-])
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (
+      ["--config=configs/digits.py:runlocal", "--config.data.batchsize=3"],
+      "error: --config.data.batchsize: no such config key; did you mean batch_size?",
+    ),
+    (
+      ["--config=configs/digits.py:model=foo"],
+      "error: flag --config=configs/digits.py:model=foo: Error whilst parsing config file: ValueError: "
+      "configs/digits.py: model='foo' is not one of ['resnet', 'swin', 'vit'].",
+    ),
+    (
+      ["--config=configs/nothere.py"],
+      "error: --config=configs/nothere.py: no such file (recipes live under configs/, e.g. configs/digits.py).",
+    ),
+    (
+      ["--config=configs/digits.py:runlocal", "--config.model=resnet_99"],
+      "error: Unknown model 'resnet_99'. Did you mean resnet50, resnet34, resnet18, resnet152, resnet101? Known",
+    ),
+  ],
+)
 def test_user_errors_are_one_line_with_the_traceback_on_request(args, message, tmp_path):
   command = [sys.executable, "main.py", f"--workdir={tmp_path / 'run'}", *args]
   done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert done.returncode == 1 and done.stdout == ""
   assert done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
   if "resnet_99" in message:  # raised while running: the traceback is there when asked for
-    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "LVM_JAX_TRACEBACK": "1"})
+    again = subprocess.run(
+      command, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "LVM_JAX_TRACEBACK": "1"}
+    )
     assert again.returncode == 1 and "Traceback (most recent call last)" in again.stderr
     assert again.stderr.rstrip().splitlines()[-1].startswith("ValueError: Unknown model 'resnet_99'")
 
 
 def test_importing_tensorflow_prints_none_of_its_start_up_notices():
-  done = subprocess.run([sys.executable, "-c", "import lvm_jax.tf_host"], cwd=REPO, capture_output=True,
-                        text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"})
+  done = subprocess.run(
+    [sys.executable, "-c", "import lvm_jax.tf_host"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
+  )
   assert done.returncode == 0 and done.stderr == "", done.stderr
 
 
@@ -132,10 +153,22 @@ def test_a_run_console_holds_only_the_run_s_own_lines(tmp_path):
   """The README's first command, at runlocal size on a fresh data dir: no TensorFlow or TFDS notices, no Orbax
   warnings at checkpoints, nothing on stderr."""
   data_dir = tmp_path / "tfds"
-  command = [sys.executable, "main.py", "--config=configs/digits.py:runlocal", f"--workdir={tmp_path / 'run'}",
-             f"--config.data.train.data_dir={data_dir}", f"--config.data.eval.data_dir={data_dir}"]
-  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                        env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"})
+  command = [
+    sys.executable,
+    "main.py",
+    "--config=configs/digits.py:runlocal",
+    f"--workdir={tmp_path / 'run'}",
+    f"--config.data.train.data_dir={data_dir}",
+    f"--config.data.eval.data_dir={data_dir}",
+  ]
+  done = subprocess.run(
+    command,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
+  )
   assert done.returncode == 0 and done.stderr == "", done.stderr
   lines = done.stdout.splitlines()
   assert lines[0] == f"Prepared the built-in digits dataset in {data_dir}/digits/1.0.0 (once: later runs read it)."

@@ -3,9 +3,17 @@
 import subprocess
 import sys
 
-MODULES = ("lvm_jax", "lvm_jax.models.registry", "lvm_jax.train.steps", "lvm_jax.train.state",
-           "lvm_jax.train.optimizer", "lvm_jax.train.throughput", "lvm_jax.data.device_batches",
-           "lvm_jax.data.host_memory", "lvm_jax.parallel.partitioning")
+MODULES = (
+  "lvm_jax",
+  "lvm_jax.models.registry",
+  "lvm_jax.train.steps",
+  "lvm_jax.train.state",
+  "lvm_jax.train.optimizer",
+  "lvm_jax.train.throughput",
+  "lvm_jax.data.device_batches",
+  "lvm_jax.data.host_memory",
+  "lvm_jax.parallel.partitioning",
+)
 
 # One fresh interpreter imports the modules in turn and names the first after which TensorFlow is loaded.
 _FIRST_WITH_TF = """

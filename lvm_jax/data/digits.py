@@ -27,6 +27,7 @@ SPLIT_SEED = 0
 def split_indices(split: str) -> np.ndarray:
   """Indices into sklearn.datasets.load_digits() of the examples of `split`, in the order they are stored."""
   from sklearn.datasets import load_digits
+
   labels = load_digits().target
   test = []
   rng = np.random.RandomState(SPLIT_SEED)
@@ -60,15 +61,17 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(8, 8, 1), encoding_format="png"),
-            "label": tfds.features.ClassLabel(names=[str(d) for d in range(10)]),
-        }),
-        supervised_keys=("image", "label"),
-        disable_shuffling=True,
-        homepage="https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html",
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(8, 8, 1), encoding_format="png"),
+          "label": tfds.features.ClassLabel(names=[str(d) for d in range(10)]),
+        }
+      ),
+      supervised_keys=("image", "label"),
+      disable_shuffling=True,
+      homepage="https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html",
     )
 
   def _split_generators(self, dl_manager):
@@ -77,6 +80,7 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, split):
     from sklearn.datasets import load_digits
+
     digits = load_digits()
     images = to_uint8(digits.images)[..., None]
     for index in split_indices(split):

@@ -37,10 +37,14 @@ _LISTED_IN_WARNING = 20
 _LISTED_IN_ERROR = 3
 # Folder names that say "split" (COCO's val2017 too). Folders holding only folders are read as splits when they
 # are all named so, or one is the split asked for; otherwise they may be classes with subfolders, and auto asks.
-_SPLIT_NAME = re.compile(r"(train|training|trainval|val|valid|validation|test|testing|eval|evaluation|dev|"
-                         r"holdout|minival)[-_]?\d*", re.IGNORECASE)
-_CHOOSE_LAYOUT = ("set layout='classes' (in a recipe, data.train.layout and data.eval.layout: "
-                  "--config.data.train.layout=classes)")
+_SPLIT_NAME = re.compile(
+  r"(train|training|trainval|val|valid|validation|test|testing|eval|evaluation|dev|"
+  r"holdout|minival)[-_]?\d*",
+  re.IGNORECASE,
+)
+_CHOOSE_LAYOUT = (
+  "set layout='classes' (in a recipe, data.train.layout and data.eval.layout: --config.data.train.layout=classes)"
+)
 
 
 class FolderSource(sources.Source):
@@ -58,29 +62,39 @@ class FolderSource(sources.Source):
   whose readable files all fall in the other split of the hold-out is a warning, not an error.
   """
 
-  def __init__(self, root: str, split: str = "train", *, holdout_fraction: float = 0.1,
-               holdout_split: str = "validation", train_split: str = "train", layout: str = "auto",
-               strict: bool = False, index_path: Optional[str] = None):
+  def __init__(
+    self,
+    root: str,
+    split: str = "train",
+    *,
+    holdout_fraction: float = 0.1,
+    holdout_split: str = "validation",
+    train_split: str = "train",
+    layout: str = "auto",
+    strict: bool = False,
+    index_path: Optional[str] = None,
+  ):
     root = os.fspath(root)
     if not tf.io.gfile.isdir(root):
       what = "is not a directory" if tf.io.gfile.exists(root) else "does not exist"
-      raise FileNotFoundError(f"Image folder root {root} {what}; expected root/<split>/<class>/*.jpg or "
-                              "root/<class>/*.jpg.")
+      raise FileNotFoundError(
+        f"Image folder root {root} {what}; expected root/<split>/<class>/*.jpg or root/<class>/*.jpg."
+      )
     if layout not in LAYOUTS:
       raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
     self.root, self.split = root, split
     top = _subdirs(root)
     if not top:
-      raise ValueError(f"Image folder root {root} contains no folders; expected root/<split>/<class>/*.jpg or "
-                       "root/<class>/*.jpg.")
+      raise ValueError(
+        f"Image folder root {root} contains no folders; expected root/<split>/<class>/*.jpg or root/<class>/*.jpg."
+      )
     if layout == "auto":
       layout = _auto_layout(root, top, split)
     self.layout = layout
     if layout == "splits":
       self.class_names, candidates, labels = _split_tree(root, top, split)
     else:
-      self.class_names, candidates, labels = _class_tree(root, top, split, train_split, holdout_split,
-                                                         holdout_fraction)
+      self.class_names, candidates, labels = _class_tree(root, top, split, train_split, holdout_split, holdout_fraction)
     self.skipped = _validate(root, candidates, strict, index_path)  # [(relative path, why)], kept for callers
     bad = dict(self.skipped)
     kept = [(path, label) for path, label in zip(candidates, labels) if path not in bad]
@@ -103,8 +117,9 @@ class FolderSource(sources.Source):
     return len(range(process_index, self.num_examples, process_count))
 
   def dataset(self, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
-    return self.references(process_index, process_count).map(self.load, num_parallel_calls=tf.data.AUTOTUNE,
-                                                             deterministic=True)
+    return self.references(process_index, process_count).map(
+      self.load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
 
   def references(self, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
     """{"path", "label"} of this shard's files: a shuffle buffer of paths costs bytes per example rather than
@@ -112,8 +127,9 @@ class FolderSource(sources.Source):
     sources.check_shard(process_index, process_count)
     paths = [_join(self.root, f) for f in self.files[process_index::process_count]]
     labels = self.labels[process_index::process_count]
-    return tf.data.Dataset.from_tensor_slices({"path": tf.constant(paths, tf.string),
-                                               "label": tf.constant(labels, tf.int64)})
+    return tf.data.Dataset.from_tensor_slices(
+      {"path": tf.constant(paths, tf.string), "label": tf.constant(labels, tf.int64)}
+    )
 
   @staticmethod
   def load(reference: dict) -> dict:
@@ -131,8 +147,9 @@ def _hidden(name: str) -> bool:
 
 
 def _subdirs(path: str) -> list[str]:
-  return sorted(n.rstrip("/") for n in tf.io.gfile.listdir(path)
-                if not _hidden(n) and tf.io.gfile.isdir(_join(path, n.rstrip("/"))))
+  return sorted(
+    n.rstrip("/") for n in tf.io.gfile.listdir(path) if not _hidden(n) and tf.io.gfile.isdir(_join(path, n.rstrip("/")))
+  )
 
 
 def _only_folders(path: str) -> bool:
@@ -150,11 +167,12 @@ def _auto_layout(root: str, top: list[str], split: str) -> str:
   subs = _subdirs(_join(root, top[0]))
   example = _join(root, top[0], subs[0]) if subs else _join(root, top[0])
   raise ValueError(
-      f"layout='auto' cannot tell what the folders of {root} are: {', '.join(top[:5])}"
-      f"{', ...' if len(top) > 5 else ''} hold only folders (such as {example}), none is named like a split "
-      f"and none is {split!r}. If {_join(root, '<x>')} are classes whose images sit in subfolders, "
-      f"{_CHOOSE_LAYOUT}; if they are split folders (root/<split>/<class>/), set layout='splits' and ask for one "
-      "of them as the split.")
+    f"layout='auto' cannot tell what the folders of {root} are: {', '.join(top[:5])}"
+    f"{', ...' if len(top) > 5 else ''} hold only folders (such as {example}), none is named like a split "
+    f"and none is {split!r}. If {_join(root, '<x>')} are classes whose images sit in subfolders, "
+    f"{_CHOOSE_LAYOUT}; if they are split folders (root/<split>/<class>/), set layout='splits' and ask for one "
+    "of them as the split."
+  )
 
 
 def _class_files(root: str, class_dir: str) -> list[str]:
@@ -162,24 +180,31 @@ def _class_files(root: str, class_dir: str) -> list[str]:
   found = []
   for directory, dirs, names in tf.io.gfile.walk(_join(root, class_dir)):
     dirs[:] = [d for d in dirs if not _hidden(d.rstrip("/"))]
-    relative = os.path.relpath(directory, root).replace(os.sep, "/") if not root.startswith("gs://") else \
-        directory[len(root.rstrip("/")) + 1:]
+    relative = (
+      os.path.relpath(directory, root).replace(os.sep, "/")
+      if not root.startswith("gs://")
+      else directory[len(root.rstrip("/")) + 1 :]
+    )
     found.extend(f"{relative}/{n}" for n in names if not _hidden(n))
   return sorted(found)
 
 
 def _split_tree(root: str, splits: list[str], split: str):
   if split not in splits:
-    raise ValueError(f"{root} has split folders {', '.join(splits)}; there is no split {split!r}. (If those "
-                     f"folders are classes whose images sit in subfolders, {_CHOOSE_LAYOUT}.)")
+    raise ValueError(
+      f"{root} has split folders {', '.join(splits)}; there is no split {split!r}. (If those "
+      f"folders are classes whose images sit in subfolders, {_CHOOSE_LAYOUT}.)"
+    )
   classes = {s: set(_subdirs(_join(root, s))) for s in splits}
   every = set().union(*classes.values())
   for name in sorted(every):
     missing = [s for s in splits if name not in classes[s]]
     if missing:
-      raise ValueError(f"Class {name!r} is in {', '.join(s for s in splits if s not in missing)} but missing from "
-                       f"{', '.join(_join(root, s) for s in missing)}: every split folder needs the same class "
-                       "folders, or labels would mean different classes in different splits.")
+      raise ValueError(
+        f"Class {name!r} is in {', '.join(s for s in splits if s not in missing)} but missing from "
+        f"{', '.join(_join(root, s) for s in missing)}: every split folder needs the same class "
+        "folders, or labels would mean different classes in different splits."
+      )
   if not every:
     raise ValueError(f"The split folders of {root} ({', '.join(splits)}) contain no class folders.")
   class_names = sorted(every)
@@ -197,14 +222,17 @@ def _split_tree(root: str, splits: list[str], split: str):
 def holdout_score(relative_path: str) -> float:
   """A stable number in [0, 1) for a path relative to root: the file is held out when it is < the fraction."""
   digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
-  return int.from_bytes(digest[:8], "big") / 2 ** 64
+  return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _class_tree(root: str, class_names: list[str], split: str, train_split: str, holdout_split: str,
-                holdout_fraction: float):
+def _class_tree(
+  root: str, class_names: list[str], split: str, train_split: str, holdout_split: str, holdout_fraction: float
+):
   if split not in (train_split, holdout_split):
-    raise ValueError(f"{root} has no split folders (its folders are classes), so its splits are "
-                     f"{train_split!r} and {holdout_split!r} (train_split / holdout_split), not {split!r}.")
+    raise ValueError(
+      f"{root} has no split folders (its folders are classes), so its splits are "
+      f"{train_split!r} and {holdout_split!r} (train_split / holdout_split), not {split!r}."
+    )
   if train_split == holdout_split:
     raise ValueError(f"train_split and holdout_split are both {train_split!r}.")
   if not 0 < holdout_fraction < 1:
@@ -220,9 +248,11 @@ def _class_tree(root: str, class_names: list[str], split: str, train_split: str,
     labels += [label] * len(chosen)
     total += len(found)
   if not files:
-    raise ValueError(f"None of the {total} files under {root} falls in split {split!r}: the hash at "
-                     f"holdout_fraction={holdout_fraction} puts them all in the other split (too few files). Add "
-                     "images, change holdout_fraction, or make split folders (root/<split>/<class>/).")
+    raise ValueError(
+      f"None of the {total} files under {root} falls in split {split!r}: the hash at "
+      f"holdout_fraction={holdout_fraction} puts them all in the other split (too few files). Add "
+      "images, change holdout_fraction, or make split folders (root/<split>/<class>/)."
+    )
   return class_names, files, labels
 
 
@@ -233,18 +263,28 @@ def _no_readable_image(root: str, split: str, class_dirs: list[str], bad: dict[s
     names.append(repr(class_dir.rsplit("/", 1)[-1]))
     failed = [(f, why) for f, why in sorted(bad.items()) if f.startswith(class_dir + "/")]
     examples = "; ".join(f"{f.rsplit('/', 1)[-1]}: {why}" for f, why in failed[:_LISTED_IN_ERROR])
-    lines.append(f"{_join(root, class_dir)}: {len(failed)} file(s), none readable ({examples}"
-                 f"{'; ...' if len(failed) > _LISTED_IN_ERROR else ''})")
+    lines.append(
+      f"{_join(root, class_dir)}: {len(failed)} file(s), none readable ({examples}"
+      f"{'; ...' if len(failed) > _LISTED_IN_ERROR else ''})"
+    )
   what = f"class {names[0]} has" if len(names) == 1 else f"classes {', '.join(names)} have"
   folders = "from every split folder" if "/" in class_dirs[0] else "from root"
   raise ValueError(
-      f"Reading split {split!r} of {root}: {what} no readable images, so a label would never be seen (skipping bad "
-      f"files, strict=False, never drops a whole class). {'; '.join(lines)}. Replace the bad files with images, "
-      f"or remove the class folder {folders}.")
+    f"Reading split {split!r} of {root}: {what} no readable images, so a label would never be seen (skipping bad "
+    f"files, strict=False, never drops a whole class). {'; '.join(lines)}. Replace the bad files with images, "
+    f"or remove the class folder {folders}."
+  )
 
 
-def _check_holdout_classes(root: str, split: str, holdout_fraction: float, absent: list[str],
-                           candidates: set[str], bad: dict[str, str], index_path: Optional[str]) -> None:
+def _check_holdout_classes(
+  root: str,
+  split: str,
+  holdout_fraction: float,
+  absent: list[str],
+  candidates: set[str],
+  bad: dict[str, str],
+  index_path: Optional[str],
+) -> None:
   """Classes with no readable example in this side of the hold-out: an error when the class has no readable file
   in either side; a warning when the hash put all its readable files in the other split (a small class)."""
   unreadable, elsewhere = [], []
@@ -258,10 +298,12 @@ def _check_holdout_classes(root: str, split: str, holdout_fraction: float, absen
       elsewhere.append(f"{name!r} ({len(others) - len(others_bad)} readable file(s))")
   if unreadable:
     _no_readable_image(root, split, unreadable, bad)
-  warnings.warn(f"Split {split!r} of {root} has no example of class(es) {', '.join(elsewhere)}: the hash at "
-                f"holdout_fraction={holdout_fraction} puts all their readable files in the other split. "
-                "Add images to them, change holdout_fraction, or make split folders (root/<split>/<class>/).",
-                stacklevel=3)
+  warnings.warn(
+    f"Split {split!r} of {root} has no example of class(es) {', '.join(elsewhere)}: the hash at "
+    f"holdout_fraction={holdout_fraction} puts all their readable files in the other split. "
+    "Add images to them, change holdout_fraction, or make split folders (root/<split>/<class>/).",
+    stacklevel=3,
+  )
 
 
 def _decode_failures(paths: list[str]) -> set[int]:
@@ -304,8 +346,7 @@ def _load_index(index_path: Optional[str], root: str) -> dict:
 
 def _verdicts(root: str, files: list[str], index_path: Optional[str]) -> dict[str, str]:
   """{file: why} for the files that are not images the pipeline can decode."""
-  bad = {f: f"not a {'/'.join(IMAGE_EXTENSIONS)} file" for f in files
-         if not f.lower().endswith(IMAGE_EXTENSIONS)}
+  bad = {f: f"not a {'/'.join(IMAGE_EXTENSIONS)} file" for f in files if not f.lower().endswith(IMAGE_EXTENSIONS)}
   images = [f for f in files if f not in bad]
   index = _load_index(index_path, root)
   stamps = {}

@@ -12,7 +12,7 @@ import ctypes
 import ctypes.util
 import sys
 
-_M_TRIM_THRESHOLD = -1   # glibc's mallopt parameter numbers (malloc.h)
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
 _THRESHOLD = 1 << 30
 

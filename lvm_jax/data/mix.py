@@ -25,11 +25,15 @@ def _check(batch: dict, op: str) -> dict:
     image = tf.cast(image, tf.float32)
     batch = {**batch, "image": image}
   if not image.dtype.is_floating or image.shape.rank != 4:
-    raise TypeError(f"{op}: expects a batch of images [B, H, W, C] (uint8 or float), got {image.dtype.name} of "
-                    f"rank {image.shape.rank}; run it after batching.")
+    raise TypeError(
+      f"{op}: expects a batch of images [B, H, W, C] (uint8 or float), got {image.dtype.name} of "
+      f"rank {image.shape.rank}; run it after batching."
+    )
   if not label.dtype.is_floating or label.shape.rank != 2:
-    raise TypeError(f"{op}: expects one-hot labels [B, num_classes], got {label.dtype.name} of rank "
-                    f"{label.shape.rank}; put onehot(num_classes) in the pp before it.")
+    raise TypeError(
+      f"{op}: expects one-hot labels [B, num_classes], got {label.dtype.name} of rank "
+      f"{label.shape.rank}; put onehot(num_classes) in the pp before it."
+    )
   return batch
 
 
@@ -93,6 +97,7 @@ def _single(name: str, mix, alpha: float):
     batch = _check(batch, name)
     seed, batch = _batch_rng(batch)
     return mix(batch, seed, alpha)
+
   return op
 
 
@@ -127,6 +132,8 @@ def mixup_cutmix(mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, switch_pro
     if not mixup_alpha:
       return _cutmix(batch, mix_seed, cutmix_alpha)
     use_cutmix = tf.random.stateless_uniform([], switch_seed) < switch_prob
-    return tf.cond(use_cutmix, lambda: _cutmix(batch, mix_seed, cutmix_alpha),
-                   lambda: _mixup(batch, mix_seed, mixup_alpha))
+    return tf.cond(
+      use_cutmix, lambda: _cutmix(batch, mix_seed, cutmix_alpha), lambda: _mixup(batch, mix_seed, mixup_alpha)
+    )
+
   return op

@@ -54,7 +54,9 @@ def library():
     return tf.load_op_library(str(path))
   except (OSError, subprocess.SubprocessError, tf.errors.OpError) as error:
     detail = getattr(error, "stderr", None) or str(error)
-    warnings.warn(f"lvm_jax: could not build or load {', '.join(s.name for s in SOURCES)} with {compiler!r}; the "
-                  f"input pipeline uses TensorFlow's ops instead (a third more CPU per training image). "
-                  f"{detail[-2000:]}")
+    warnings.warn(
+      f"lvm_jax: could not build or load {', '.join(s.name for s in SOURCES)} with {compiler!r}; the "
+      f"input pipeline uses TensorFlow's ops instead (a third more CPU per training image). "
+      f"{detail[-2000:]}"
+    )
     return None

@@ -17,8 +17,8 @@ Size = Union[int, Sequence[int]]
 
 # The presets of data.normalize and the normalize op, in 0..1 units.
 NORMALIZATIONS = {
-    "imagenet": normalization.IMAGENET_DEFAULT,
-    "inception": normalization.IMAGENET_STANDARD,
+  "imagenet": normalization.IMAGENET_DEFAULT,
+  "inception": normalization.IMAGENET_STANDARD,
 }
 RESIZE_METHODS = ("bilinear", "bicubic", "nearest", "area", "lanczos3", "lanczos5", "gaussian", "mitchellcubic")
 OVERSHOOTING_METHODS = ("bicubic", "lanczos3", "lanczos5", "mitchellcubic")  # negative lobes: may leave 0..255
@@ -27,8 +27,10 @@ OVERSHOOTING_METHODS = ("bicubic", "lanczos3", "lanczos5", "mitchellcubic")  # n
 def take_rng(example: dict) -> tuple[tf.Tensor, dict]:
   """A fresh seed for this op, and the example with the other half of the split as its new rng."""
   if "rng" not in example:
-    raise KeyError("Random preprocessing ops need example['rng'] (a tf.int64 [2] stateless seed); the pipeline "
-                   "adds it before the ops run.")
+    raise KeyError(
+      "Random preprocessing ops need example['rng'] (a tf.int64 [2] stateless seed); the pipeline "
+      "adds it before the ops run."
+    )
   use, rest = tf.unstack(tf.random.experimental.stateless_split(example["rng"], 2))
   return use, {**example, "rng": rest}
 
@@ -86,10 +88,12 @@ def decode():
   palettes, converts CMYK JPEGs (within 2 levels of PIL) and takes the high byte of 16-bit PNGs
   (65535 -> 255, like lvm_jax.tasks.images). Animated GIFs give their first frame.
   """
+
   def op(example):
     image = tf.io.decode_image(example["image"], channels=3, dtype=tf.uint8, expand_animations=False)
     image.set_shape([None, None, 3])
     return {**example, "image": image}
+
   return op
 
 
@@ -100,6 +104,7 @@ def resize(size: Size, method: str = "bilinear", antialias: bool = True):
 
   def op(example):
     return {**example, "image": _resize_uint8(example["image"], size, method, antialias)}
+
   return op
 
 
@@ -121,6 +126,7 @@ def resize_small(size: int, method: str = "bilinear", antialias: bool = True):
 
   def op(example):
     return {**example, "image": _resize_shorter(example["image"], size, method, antialias)}
+
   return op
 
 
@@ -139,11 +145,11 @@ def central_crop(size: Size):
 
   def op(example):
     return {**example, "image": _center_crop(example["image"], size)}
+
   return op
 
 
-def center_crop_fraction(size: Size, crop_fraction: float = 0.875, method: str = "bilinear",
-                         antialias: bool = True):
+def center_crop_fraction(size: Size, crop_fraction: float = 0.875, method: str = "bilinear", antialias: bool = True):
   """timm's eval transform: shorter side to floor(size / crop_fraction), then the central `size` crop."""
   size = _size(size, "center_crop_fraction")
   if not 0 < crop_fraction <= 1:
@@ -154,6 +160,7 @@ def center_crop_fraction(size: Size, crop_fraction: float = 0.875, method: str =
   def op(example):
     image = _resize_shorter(example["image"], shorter, method, antialias)
     return {**example, "image": _center_crop(image, size, rounding="round")}
+
   return op
 
 
@@ -165,8 +172,14 @@ def _check_inception_args(op, area_min, area_max, ratio, method, antialias):
   _resize_uint8(tf.zeros([1, 1, 3]), (1, 1), method, antialias)
 
 
-def inception_crop(size: Size, area_min: float = 0.08, area_max: float = 1.0,
-                   ratio: Sequence[float] = (3 / 4, 4 / 3), method: str = "bilinear", antialias: bool = False):
+def inception_crop(
+  size: Size,
+  area_min: float = 0.08,
+  area_max: float = 1.0,
+  ratio: Sequence[float] = (3 / 4, 4 / 3),
+  method: str = "bilinear",
+  antialias: bool = False,
+):
   """Random resized crop (Szegedy et al. 2015; timm's RandomResizedCrop), resized to `size`.
 
   Samples an area fraction uniformly in [area_min, area_max] and a log-uniform aspect ratio (width / height)
@@ -181,6 +194,7 @@ def inception_crop(size: Size, area_min: float = 0.08, area_max: float = 1.0,
     rng, example = take_rng(example)
     crop = _inception_crop_of(example["image"], rng, size, area_min, area_max, ratio, method, antialias)
     return {**example, "image": crop}
+
   return op
 
 
@@ -190,9 +204,14 @@ def _inception_crop_of(image, rng, size, area_min, area_max, ratio, method, anti
   return _resize_columns(_rows(image, top, ch), left, cw, size, method, antialias)
 
 
-def decode_inception_crop(size: Size, area_min: float = 0.08, area_max: float = 1.0,
-                          ratio: Sequence[float] = (3 / 4, 4 / 3), method: str = "bilinear",
-                          antialias: bool = False):
+def decode_inception_crop(
+  size: Size,
+  area_min: float = 0.08,
+  area_max: float = 1.0,
+  ratio: Sequence[float] = (3 / 4, 4 / 3),
+  method: str = "bilinear",
+  antialias: bool = False,
+):
   """decode|inception_crop(...) in one op that decodes only the crop window of a JPEG
   (tf.image.decode_and_crop_jpeg), so the usual training crop skips most of the decode. Same rng, same
   window; pixels equal except a few levels at the window's edge from JPEG chroma upsampling. Bilinear without
@@ -223,11 +242,13 @@ def decode_inception_crop(size: Size, area_min: float = 0.08, area_max: float = 
     resized = tf.cond(tf.io.is_jpeg(data), crop_jpeg, crop_decoded)
     resized.set_shape(size + (3,))
     return {**example, "image": resized}
+
   return op
 
 
-def inception_crop_box(image_size: tf.Tensor, rng: tf.Tensor, area_min: float, area_max: float,
-                       ratio: Sequence[float], tries: int = 10) -> tuple[tf.Tensor, ...]:
+def inception_crop_box(
+  image_size: tf.Tensor, rng: tf.Tensor, area_min: float, area_max: float, ratio: Sequence[float], tries: int = 10
+) -> tuple[tf.Tensor, ...]:
   """(top, left, height, width) of an inception crop of an image of `image_size` (height, width), int32.
 
   One draw of 2 * tries + 2 uniforms: area fractions, log-uniform aspect ratios, and the position. The box
@@ -236,13 +257,21 @@ def inception_crop_box(image_size: tf.Tensor, rng: tf.Tensor, area_min: float, a
   """
   uniform = tf.random.stateless_uniform([2 * tries + 2], rng)
   log_min, log_max = math.log(ratio[0]), math.log(ratio[1])
-  aspect = tf.exp(uniform[tries:2 * tries] * (log_max - log_min) + log_min)
-  area_uniform, position = uniform[:tries], uniform[2 * tries:]
+  aspect = tf.exp(uniform[tries : 2 * tries] * (log_max - log_min) + log_min)
+  area_uniform, position = uniform[:tries], uniform[2 * tries :]
   image_size = tf.cast(image_size, tf.int32)
   library = native.library()
   if library is not None:
-    box = library.lvm_inception_crop_box(image_size, area_uniform, aspect, position, area_min=area_min,
-                                         area_max=area_max, ratio_min=ratio[0], ratio_max=ratio[1])
+    box = library.lvm_inception_crop_box(
+      image_size,
+      area_uniform,
+      aspect,
+      position,
+      area_min=area_min,
+      area_max=area_max,
+      ratio_min=ratio[0],
+      ratio_max=ratio[1],
+    )
     return tuple(tf.unstack(box))
   return _inception_crop_box_ops(image_size, area_uniform, aspect, position, area_min, area_max, ratio)
 
@@ -280,6 +309,7 @@ def flip_lr(p: float = 0.5):
     image = example["image"]
     flip = tf.random.stateless_uniform([], rng) < p
     return {**example, "image": tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)}
+
   return op
 
 
@@ -287,8 +317,10 @@ def normalize(mean: Union[str, float, Sequence[float]] = "imagenet", std: Union[
   """uint8 -> float32 (x / 255 - mean) / std; mean/std in 0..1 units, or a preset name: 'imagenet', 'inception'."""
   if isinstance(mean, str):
     if mean not in NORMALIZATIONS or std is not None:
-      raise ValueError(f"normalize: a preset is one of {sorted(NORMALIZATIONS)} with no std, or pass numeric "
-                       f"(mean, std); got mean={mean!r}, std={std!r}.")
+      raise ValueError(
+        f"normalize: a preset is one of {sorted(NORMALIZATIONS)} with no std, or pass numeric "
+        f"(mean, std); got mean={mean!r}, std={std!r}."
+      )
     mean, std = NORMALIZATIONS[mean]
   if std is None:
     raise ValueError(f"normalize: numeric mean {mean!r} needs a std.")
@@ -314,6 +346,7 @@ def normalize(mean: Union[str, float, Sequence[float]] = "imagenet", std: Union[
     rows = tf.reshape(image, [shape[0], -1])
     normalized = rows * tf.tile(scale, shape[1:2]) + tf.tile(offset, shape[1:2])
     return {**example, "image": tf.ensure_shape(tf.reshape(normalized, shape), image.shape)}
+
   return op
 
 
@@ -325,6 +358,7 @@ def value_range(vmin: float = -1.0, vmax: float = 1.0):
   def op(example):
     image = tf.cast(example["image"], tf.float32) / 255.0
     return {**example, "image": image * (vmax - vmin) + vmin}
+
   return op
 
 
@@ -338,10 +372,15 @@ def onehot(num_classes: int, smoothing: float = 0.0):
   def op(example):
     label = tf.cast(example["label"], tf.int64)
     # tf.one_hot silently gives all zeros for an out-of-range label; a wrong num_classes must fail loudly.
-    with tf.control_dependencies([
+    with tf.control_dependencies(
+      [
         tf.debugging.assert_greater_equal(label, tf.constant(0, tf.int64), message="onehot: negative label"),
-        tf.debugging.assert_less(label, tf.constant(num_classes, tf.int64),
-                                 message=f"onehot: label >= num_classes={num_classes}")]):
+        tf.debugging.assert_less(
+          label, tf.constant(num_classes, tf.int64), message=f"onehot: label >= num_classes={num_classes}"
+        ),
+      ]
+    ):
       hot = tf.one_hot(label, num_classes, dtype=tf.float32)
     return {**example, "label": hot * (1 - smoothing) + smoothing / num_classes}
+
   return op

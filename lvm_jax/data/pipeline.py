@@ -23,12 +23,14 @@ PpSpec = Union[str, Sequence[str]]
 @dataclasses.dataclass(frozen=True)
 class Shard:
   """Which part of the data this process reads."""
+
   index: int = 0
   count: int = 1
 
   @classmethod
   def current(cls) -> "Shard":
     import jax
+
     return cls(jax.process_index(), jax.process_count())
 
 
@@ -54,6 +56,7 @@ def _chain(ops: Sequence[Op]) -> Op:
     for op in ops:
       example = op(example)
     return example
+
   return apply
 
 
@@ -64,8 +67,16 @@ def _example_rng(seed: int, shard: Shard, epoch, position) -> tf.Tensor:
   return tf.random.experimental.stateless_fold_in(rng, tf.cast(position, tf.int64))
 
 
-def _shard_stream(source, shard: Shard, per_example: list[Op], batch_ops: list[Op], batch_size: int, seed: int,
-                  start: int, shuffle_buffer: int) -> tf.data.Dataset:
+def _shard_stream(
+  source,
+  shard: Shard,
+  per_example: list[Op],
+  batch_ops: list[Op],
+  batch_size: int,
+  seed: int,
+  start: int,
+  shuffle_buffer: int,
+) -> tf.data.Dataset:
   """One shard's endless stream of batches: per-epoch shuffle, per-example rng, skip `start`, ops, batch."""
   shard_size = source.shard_size(shard.index, shard.count)
   if shard_size == 0:
@@ -77,8 +88,7 @@ def _shard_stream(source, shard: Shard, per_example: list[Op], batch_ops: list[O
     key = tf.random.experimental.stateless_fold_in(tf.constant([seed, 1], tf.int64), epoch)
     epoch_seed = tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
     shuffled = base.shuffle(min(shuffle_buffer, shard_size), seed=epoch_seed, reshuffle_each_iteration=False)
-    return shuffled.enumerate().map(
-        lambda i, ex: {**ex, "rng": _example_rng(seed, shard, epoch, i)})
+    return shuffled.enumerate().map(lambda i, ex: {**ex, "rng": _example_rng(seed, shard, epoch, i)})
 
   ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_examples)
   ds = ds.skip(offset)  # a resume never decodes the skipped examples (nor reads them, for a source with `load`)
@@ -91,9 +101,18 @@ def _shard_stream(source, shard: Shard, per_example: list[Op], batch_ops: list[O
   return ds.map(lambda batch: {k: v for k, v in batch.items() if k != "rng"})
 
 
-def train_dataset(source, spec: PpSpec, *, global_batch_size: int, seed: int, start: int = 0,
-                  shard: Optional[Shard] = None, num_shards: Optional[int] = None, shuffle_buffer: int = 10_000,
-                  prefetch: int = 2) -> tf.data.Dataset:
+def train_dataset(
+  source,
+  spec: PpSpec,
+  *,
+  global_batch_size: int,
+  seed: int,
+  start: int = 0,
+  shard: Optional[Shard] = None,
+  num_shards: Optional[int] = None,
+  shuffle_buffer: int = 10_000,
+  prefetch: int = 2,
+) -> tf.data.Dataset:
   """Batches of this process's share of `global_batch_size`, forever.
 
   The split is read as `num_shards` data shards (default: one per process), each shuffled and batched on its
@@ -129,13 +148,25 @@ def train_dataset(source, spec: PpSpec, *, global_batch_size: int, seed: int, st
     raise ValueError(f"global batch size {global_batch_size} is not divisible by data.num_shards={num_shards}.")
   per_example, batch_ops = _split_ops(spec)
   mine = num_shards // shard.count
-  streams = [_shard_stream(source, Shard(shard.index * mine + i, num_shards), per_example, batch_ops,
-                           global_batch_size // num_shards, seed, start, shuffle_buffer) for i in range(mine)]
+  streams = [
+    _shard_stream(
+      source,
+      Shard(shard.index * mine + i, num_shards),
+      per_example,
+      batch_ops,
+      global_batch_size // num_shards,
+      seed,
+      start,
+      shuffle_buffer,
+    )
+    for i in range(mine)
+  ]
   if len(streams) == 1:
     ds = streams[0]
   else:
     ds = tf.data.Dataset.zip(tuple(streams)).map(
-        lambda *parts: {k: tf.concat([p[k] for p in parts], axis=0) for k in parts[0]})
+      lambda *parts: {k: tf.concat([p[k] for p in parts], axis=0) for k in parts[0]}
+    )
   return ds.prefetch(prefetch)
 
 
@@ -146,8 +177,9 @@ def eval_steps(source, global_batch_size: int, shard_count: int) -> int:
   return max(1, math.ceil(largest / local_batch))
 
 
-def eval_dataset(source, spec: PpSpec, *, global_batch_size: int, shard: Optional[Shard] = None,
-                 prefetch: int = 2) -> tf.data.Dataset:
+def eval_dataset(
+  source, spec: PpSpec, *, global_batch_size: int, shard: Optional[Shard] = None, prefetch: int = 2
+) -> tf.data.Dataset:
   """Every example of the split exactly once across processes, in batches with a "mask" (1 real, 0 padding).
 
   All processes yield eval_steps(...) batches, so collective computations line up.
@@ -175,8 +207,10 @@ def eval_dataset(source, spec: PpSpec, *, global_batch_size: int, shard: Optiona
   ds = ds.map(_chain(per_example), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.map(lambda ex: {**{k: v for k, v in ex.items() if k != "rng"}, "mask": tf.constant(1, tf.int32)})
   if any(None in s.shape for s in ds.element_spec.values()):
-    raise ValueError(f"pp {spec!r} leaves examples of unknown shape {ds.element_spec}; end it with a fixed-size "
-                     "resize or crop so examples can be batched.")
+    raise ValueError(
+      f"pp {spec!r} leaves examples of unknown shape {ds.element_spec}; end it with a fixed-size "
+      "resize or crop so examples can be batched."
+    )
   padding = steps * local_batch - source.shard_size(shard.index, shard.count)
   blank = {k: tf.zeros(s.shape, s.dtype) for k, s in ds.element_spec.items()}
   ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))

@@ -17,21 +17,21 @@ from typing import Callable, Sequence, Union
 from lvm_jax.data import mix, ops, randaugment
 
 OPS: dict[str, Callable] = {
-    "decode": ops.decode,
-    "resize": ops.resize,
-    "resize_small": ops.resize_small,
-    "central_crop": ops.central_crop,
-    "center_crop_fraction": ops.center_crop_fraction,
-    "inception_crop": ops.inception_crop,
-    "decode_inception_crop": ops.decode_inception_crop,
-    "flip_lr": ops.flip_lr,
-    "normalize": ops.normalize,
-    "value_range": ops.value_range,
-    "onehot": ops.onehot,
-    "randaugment": randaugment.randaugment,
-    "mixup": mix.mixup,
-    "cutmix": mix.cutmix,
-    "mixup_cutmix": mix.mixup_cutmix,
+  "decode": ops.decode,
+  "resize": ops.resize,
+  "resize_small": ops.resize_small,
+  "central_crop": ops.central_crop,
+  "center_crop_fraction": ops.center_crop_fraction,
+  "inception_crop": ops.inception_crop,
+  "decode_inception_crop": ops.decode_inception_crop,
+  "flip_lr": ops.flip_lr,
+  "normalize": ops.normalize,
+  "value_range": ops.value_range,
+  "onehot": ops.onehot,
+  "randaugment": randaugment.randaugment,
+  "mixup": mix.mixup,
+  "cutmix": mix.cutmix,
+  "mixup_cutmix": mix.mixup_cutmix,
 }
 BATCH_OPS = frozenset({"mixup", "cutmix", "mixup_cutmix"})
 
@@ -91,8 +91,10 @@ def parse_op(text: str) -> Callable[[dict], dict]:
       args = [ast.literal_eval(a) for a in call.args]
       kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
     except ValueError:
-      raise ValueError(f"pp op {text!r}: arguments must be Python literals (numbers, strings, tuples, lists, "
-                       f"None, True/False); {name} accepts {name}{inspect.signature(factory)}.") from None
+      raise ValueError(
+        f"pp op {text!r}: arguments must be Python literals (numbers, strings, tuples, lists, "
+        f"None, True/False); {name} accepts {name}{inspect.signature(factory)}."
+      ) from None
     if any(k.arg is None for k in call.keywords):
       raise ValueError(f"pp op {text!r}: **kwargs are not allowed; {name} accepts {name}{inspect.signature(factory)}.")
   try:

@@ -122,8 +122,13 @@ def _transform(image, matrix, fill):
   x = tf.concat([x, tf.ones_like(x[..., :1])], -1)[None]
   transforms = tf.concat([tf.reshape(tf.cast(matrix, tf.float32), [6]), tf.zeros([2])], 0)[None]
   out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=x, transforms=transforms, output_shape=tf.shape(image)[:2], fill_value=0.0,
-      interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+    images=x,
+    transforms=transforms,
+    output_shape=tf.shape(image)[:2],
+    fill_value=0.0,
+    interpolation="BILINEAR",
+    fill_mode="CONSTANT",
+  )[0]
   rgb, inside = out[..., :3], out[..., 3:]
   blended = rgb + (1.0 - inside) * tf.constant(fill, tf.float32)
   return tf.cast(tf.clip_by_value(tf.round(blended), 0, 255), tf.uint8)
@@ -170,30 +175,37 @@ def _enhance_factor(level):
 
 # name -> fn(image, level, sign_rng, fill); levels map to arguments as timm's rand transforms do.
 OPS = {
-    "AutoContrast": lambda x, level, rng, fill: autocontrast(x),
-    "Equalize": lambda x, level, rng, fill: equalize(x),
-    "Invert": lambda x, level, rng, fill: invert(x),
-    "Rotate": lambda x, level, rng, fill: rotate(x, _signed(level / _MAX_LEVEL * 30.0, rng), fill),
-    "Posterize": lambda x, level, rng, fill: posterize(x, int(level / _MAX_LEVEL * 4)),
-    "Solarize": lambda x, level, rng, fill: solarize(x, int(level / _MAX_LEVEL * 256)),
-    "SolarizeAdd": lambda x, level, rng, fill: solarize_add(x, int(level / _MAX_LEVEL * 110)),
-    "Color": lambda x, level, rng, fill: color(x, _enhance_factor(level)),
-    "Contrast": lambda x, level, rng, fill: contrast(x, _enhance_factor(level)),
-    "Brightness": lambda x, level, rng, fill: brightness(x, _enhance_factor(level)),
-    "Sharpness": lambda x, level, rng, fill: sharpness(x, _enhance_factor(level)),
-    "ShearX": lambda x, level, rng, fill: shear_x(x, _signed(level / _MAX_LEVEL * 0.3, rng), fill),
-    "ShearY": lambda x, level, rng, fill: shear_y(x, _signed(level / _MAX_LEVEL * 0.3, rng), fill),
-    "TranslateX": lambda x, level, rng, fill: translate_x(
-        x, _signed(level / _MAX_LEVEL * 0.45, rng) * tf.cast(tf.shape(x)[1], tf.float32), fill),
-    "TranslateY": lambda x, level, rng, fill: translate_y(
-        x, _signed(level / _MAX_LEVEL * 0.45, rng) * tf.cast(tf.shape(x)[0], tf.float32), fill),
+  "AutoContrast": lambda x, level, rng, fill: autocontrast(x),
+  "Equalize": lambda x, level, rng, fill: equalize(x),
+  "Invert": lambda x, level, rng, fill: invert(x),
+  "Rotate": lambda x, level, rng, fill: rotate(x, _signed(level / _MAX_LEVEL * 30.0, rng), fill),
+  "Posterize": lambda x, level, rng, fill: posterize(x, int(level / _MAX_LEVEL * 4)),
+  "Solarize": lambda x, level, rng, fill: solarize(x, int(level / _MAX_LEVEL * 256)),
+  "SolarizeAdd": lambda x, level, rng, fill: solarize_add(x, int(level / _MAX_LEVEL * 110)),
+  "Color": lambda x, level, rng, fill: color(x, _enhance_factor(level)),
+  "Contrast": lambda x, level, rng, fill: contrast(x, _enhance_factor(level)),
+  "Brightness": lambda x, level, rng, fill: brightness(x, _enhance_factor(level)),
+  "Sharpness": lambda x, level, rng, fill: sharpness(x, _enhance_factor(level)),
+  "ShearX": lambda x, level, rng, fill: shear_x(x, _signed(level / _MAX_LEVEL * 0.3, rng), fill),
+  "ShearY": lambda x, level, rng, fill: shear_y(x, _signed(level / _MAX_LEVEL * 0.3, rng), fill),
+  "TranslateX": lambda x, level, rng, fill: translate_x(
+    x, _signed(level / _MAX_LEVEL * 0.45, rng) * tf.cast(tf.shape(x)[1], tf.float32), fill
+  ),
+  "TranslateY": lambda x, level, rng, fill: translate_y(
+    x, _signed(level / _MAX_LEVEL * 0.45, rng) * tf.cast(tf.shape(x)[0], tf.float32), fill
+  ),
 }
 
 IMAGENET_FILL = tuple(round(255 * m) for m in normalization.IMAGENET_DEFAULT[0])  # timm's img_mean: (124, 116, 104)
 
 
-def randaugment(num_layers: int = 2, magnitude: float = 9, prob: float = 0.5,
-                fill: Sequence[int] = IMAGENET_FILL, ops: Optional[Sequence[str]] = None):
+def randaugment(
+  num_layers: int = 2,
+  magnitude: float = 9,
+  prob: float = 0.5,
+  fill: Sequence[int] = IMAGENET_FILL,
+  ops: Optional[Sequence[str]] = None,
+):
   """`num_layers` rounds of: pick one of `ops` (default all 15) uniformly, apply it with probability `prob`."""
   if not isinstance(num_layers, int) or num_layers < 0:
     raise ValueError(f"randaugment: num_layers must be a non-negative int, got {num_layers!r}.")
@@ -225,4 +237,5 @@ def randaugment(num_layers: int = 2, magnitude: float = 9, prob: float = 0.5,
       apply = tf.random.stateless_uniform([], apply_rng) < prob
       image = tf.cond(apply, lambda x=image, r=sign_rng, w=which: _apply(x, w, r), lambda x=image: x)
     return {**example, "image": image}
+
   return op

@@ -98,9 +98,17 @@ class TfdsSource(Source):
     Image / ClassLabel feature, else its only top-level Image / ClassLabel feature; name them otherwise.
   """
 
-  def __init__(self, name: str, split: str, *, data_dir: Optional[str] = None, download: bool = False,
-               manual_dir: Optional[str] = None, image_key: Optional[str] = None,
-               label_key: Optional[str] = None):
+  def __init__(
+    self,
+    name: str,
+    split: str,
+    *,
+    data_dir: Optional[str] = None,
+    download: bool = False,
+    manual_dir: Optional[str] = None,
+    image_key: Optional[str] = None,
+    label_key: Optional[str] = None,
+  ):
     self.name, self.split = name, split
     self.builder = _prepared_builder(name, data_dir, download, manual_dir)
     self.num_examples = _split_info(self.builder, name, split).num_examples
@@ -124,17 +132,21 @@ class TfdsSource(Source):
       return {"image": example[image_key], "label": tf.cast(example[label_key], tf.int64)}
 
     if self.shard_size(process_index, process_count) == 0:  # TFDS refuses to read an empty slice
-      return tf.data.Dataset.from_tensor_slices({"image": tf.constant([], tf.string),
-                                                 "label": tf.constant([], tf.int64)})
+      return tf.data.Dataset.from_tensor_slices(
+        {"image": tf.constant([], tf.string), "label": tf.constant([], tf.int64)}
+      )
     features = self.builder.info.features
     # Every top-level image stays encoded, not only ours: a dataset's masks (oxford_iiit_pet) are dropped
     # below, so decoding them would be wasted work.
-    decoders = {key: tfds.decode.SkipDecoding() for key, feature in features.items()
-                if isinstance(feature, tfds.features.Image)}
+    decoders = {
+      key: tfds.decode.SkipDecoding() for key, feature in features.items() if isinstance(feature, tfds.features.Image)
+    }
     ds = self.builder.as_dataset(
-        split=self._shard_split(process_index, process_count), decoders=decoders,
-        shuffle_files=False,  # with unshuffled files TFDS interleaves deterministically: a fixed order
-        read_config=tfds.ReadConfig(try_autocache=False))  # caching is the pipeline's choice, not ours
+      split=self._shard_split(process_index, process_count),
+      decoders=decoders,
+      shuffle_files=False,  # with unshuffled files TFDS interleaves deterministically: a fixed order
+      read_config=tfds.ReadConfig(try_autocache=False),
+    )  # caching is the pipeline's choice, not ours
     return ds.map(select, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
@@ -150,25 +162,30 @@ def _prepared_builder(name: str, data_dir: Optional[str], download: bool, manual
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError:
     known = list(tfds.list_builders(with_community_datasets=False)) + list(_BUILT_IN_BUILDERS)
-    raise ValueError(f"Unknown TFDS dataset {name!r}.{_close(base_name, known)} "
-                     "(tfds.list_builders() lists the names TFDS knows.)") from None
+    raise ValueError(
+      f"Unknown TFDS dataset {name!r}.{_close(base_name, known)} (tfds.list_builders() lists the names TFDS knows.)"
+    ) from None
   if builder.is_prepared():
     return builder
   if not download:
     raise FileNotFoundError(
-        f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. Prepare it once with "
-        f"make_source('tfds', name={name!r}, split=..., data_dir=..., download=True) (or "
-        f"tfds.builder({name!r}, data_dir=...).download_and_prepare()), or point data_dir at the directory that "
-        f"holds it. Some datasets (imagenet2012) need their archives downloaded by hand into manual_dir first: "
-        f"see https://www.tensorflow.org/datasets/catalog/{base_name}.")
+      f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. Prepare it once with "
+      f"make_source('tfds', name={name!r}, split=..., data_dir=..., download=True) (or "
+      f"tfds.builder({name!r}, data_dir=...).download_and_prepare()), or point data_dir at the directory that "
+      f"holds it. Some datasets (imagenet2012) need their archives downloaded by hand into manual_dir first: "
+      f"see https://www.tensorflow.org/datasets/catalog/{base_name}."
+    )
   try:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   except ModuleNotFoundError as e:
     if e.name != "importlib_resources":
       raise
     # TFDS 4.9.10 imports this backport to find its checksums files but only requires it below Python 3.9.
-    raise ModuleNotFoundError(f"Preparing {name!r} needs the importlib_resources package, which TFDS uses but "
-                              "does not install: pip install importlib_resources.", name=e.name) from e
+    raise ModuleNotFoundError(
+      f"Preparing {name!r} needs the importlib_resources package, which TFDS uses but "
+      "does not install: pip install importlib_resources.",
+      name=e.name,
+    ) from e
   return builder
 
 
@@ -177,8 +194,10 @@ def _split_info(builder, name: str, split: str):
     return builder.info.splits[split]
   except (KeyError, ValueError, TypeError) as e:
     available = ", ".join(f"{s} ({info.num_examples} examples)" for s, info in builder.info.splits.items())
-    raise ValueError(f"TFDS dataset {name!r} has no split {split!r}: {e} Its splits: {available}. Slices such "
-                     "as 'train[:98%]' or 'train[1000:]' are allowed.") from None
+    raise ValueError(
+      f"TFDS dataset {name!r} has no split {split!r}: {e} Its splits: {available}. Slices such "
+      "as 'train[:98%]' or 'train[1000:]' are allowed."
+    ) from None
 
 
 def _pick_feature(name: str, features, key: Optional[str], default: str, kind: type) -> str:
@@ -187,20 +206,26 @@ def _pick_feature(name: str, features, key: Optional[str], default: str, kind: t
   of_kind = [k for k, f in features.items() if isinstance(f, kind)]
   if key is not None:
     if key not in features:
-      raise ValueError(f"TFDS dataset {name!r} has no feature {key!r} ({default}_key).{_close(key, features)} "
-                       f"Its features: {', '.join(features)}.")
+      raise ValueError(
+        f"TFDS dataset {name!r} has no feature {key!r} ({default}_key).{_close(key, features)} "
+        f"Its features: {', '.join(features)}."
+      )
     if not isinstance(features[key], kind):
-      raise ValueError(f"TFDS dataset {name!r}: feature {key!r} ({default}_key) is of type "
-                       f"{type(features[key]).__name__}, expected {kind.__name__}. "
-                       f"Its {kind.__name__} features: {', '.join(of_kind) or 'none'}.")
+      raise ValueError(
+        f"TFDS dataset {name!r}: feature {key!r} ({default}_key) is of type "
+        f"{type(features[key]).__name__}, expected {kind.__name__}. "
+        f"Its {kind.__name__} features: {', '.join(of_kind) or 'none'}."
+      )
     return key
   if default in of_kind:
     return default
   if len(of_kind) == 1:
     return of_kind[0]
-  raise ValueError(f"TFDS dataset {name!r}: cannot tell which feature is the {default}; name it with "
-                   f"{default}_key=... . Its top-level {kind.__name__} features: {', '.join(of_kind) or 'none'}; "
-                   f"all features: {', '.join(features)}.")
+  raise ValueError(
+    f"TFDS dataset {name!r}: cannot tell which feature is the {default}; name it with "
+    f"{default}_key=... . Its top-level {kind.__name__} features: {', '.join(of_kind) or 'none'}; "
+    f"all features: {', '.join(features)}."
+  )
 
 
 def digits_source(split: str, data_dir: Optional[str] = None) -> TfdsSource:
@@ -210,6 +235,7 @@ def digits_source(split: str, data_dir: Optional[str] = None) -> TfdsSource:
 
 def _kinds() -> dict[str, Callable[..., Source]]:
   from lvm_jax.data import folders  # here, not at the top: folders.py builds on Source from this file
+
   return {"tfds": TfdsSource, "folder": folders.FolderSource, "digits": digits_source}
 
 
@@ -238,8 +264,9 @@ def make_source(kind: str, **kwargs) -> Source:
   unknown = [k for k in kwargs if k not in params]
   if unknown:
     hints = "".join(_close(k, params) for k in unknown)
-    raise TypeError(f"make_source({kind!r}): unknown argument(s) {', '.join(unknown)}.{hints} "
-                    f"It takes: {', '.join(params)}.")
+    raise TypeError(
+      f"make_source({kind!r}): unknown argument(s) {', '.join(unknown)}.{hints} It takes: {', '.join(params)}."
+    )
   missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in kwargs]
   if missing:
     raise TypeError(f"make_source({kind!r}) needs {', '.join(missing)}. It takes: {', '.join(params)}.")

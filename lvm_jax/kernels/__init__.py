@@ -20,5 +20,14 @@ from lvm_jax.kernels.matmul import matmul
 from lvm_jax.kernels.max_pool import max_pool_3x3s2
 from lvm_jax.kernels.switch import ENV_VAR, cpu_kernels_enabled, use_cpu_kernels
 
-__all__ = ["ENV_VAR", "conv", "cpu_kernels_enabled", "einsum_attention", "jax_attention", "matmul", "max_pool_3x3s2",
-           "use_cpu_kernels", "xla_attention"]
+__all__ = [
+  "ENV_VAR",
+  "conv",
+  "cpu_kernels_enabled",
+  "einsum_attention",
+  "jax_attention",
+  "matmul",
+  "max_pool_3x3s2",
+  "use_cpu_kernels",
+  "xla_attention",
+]

@@ -17,13 +17,16 @@ def bias_groups(bias: jax.Array, batch: int) -> int:
   """How many distinct leading entries an attention bias has: example i takes bias[i % groups]."""
   groups = bias.shape[0] if bias.ndim == 4 else 1
   if batch % groups:
-    raise ValueError(f"Attention bias of shape {bias.shape}: its leading axis must divide the batch of {batch} "
-                     "(example i takes bias[i % groups]).")
+    raise ValueError(
+      f"Attention bias of shape {bias.shape}: its leading axis must divide the batch of {batch} "
+      "(example i takes bias[i % groups])."
+    )
   return groups
 
 
-def jax_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array],
-                  valid_length: Optional[int], implementation: str) -> jax.Array:
+def jax_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array], valid_length: Optional[int], implementation: str
+) -> jax.Array:
   """jax.nn.dot_product_attention on [batch, length, heads, head_dim], with a grouped bias and padding keys.
 
   bias: broadcasts to [batch, heads, queries, keys], or its leading axis divides the batch (bias_groups).
@@ -33,8 +36,9 @@ def jax_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.A
     # jax's kernels need the bias broadcastable to the whole batch: repeat the groups.
     bias = jnp.tile(bias, (q.shape[0] // bias_groups(bias, q.shape[0]), 1, 1, 1))
   key_lengths = None if valid_length is None else jnp.full((q.shape[0],), valid_length, jnp.int32)
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation,
-                                      key_value_seq_lengths=key_lengths)
+  return jax.nn.dot_product_attention(
+    q, k, v, bias=bias, implementation=implementation, key_value_seq_lengths=key_lengths
+  )
 
 
 def _head_major_logits(q, k, bias, valid_length):
@@ -86,8 +90,14 @@ def _deferred_attention_bwd(normalized_vjp, dout):
 _deferred_attention.defvjp(_deferred_attention_fwd, _deferred_attention_bwd)
 
 
-def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array] = None,
-                     valid_length: Optional[int] = None, dropout: Optional[Callable] = None) -> jax.Array:
+def einsum_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  bias: Optional[jax.Array] = None,
+  valid_length: Optional[int] = None,
+  dropout: Optional[Callable] = None,
+) -> jax.Array:
   """Attention on [batch, length, heads, head_dim] as head-major einsums; `bias` and `valid_length` as for
   jax_attention.
 
@@ -103,8 +113,9 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[ja
   return jnp.swapaxes(out, 1, 2)
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array] = None,
-                  valid_length: Optional[int] = None) -> jax.Array:
+def xla_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array] = None, valid_length: Optional[int] = None
+) -> jax.Array:
   """XLA's attention: einsum_attention while the CPU kernels are on, jax.nn.dot_product_attention otherwise."""
   if switch.cpu_kernels_enabled():
     return einsum_attention(q, k, v, bias, valid_length)

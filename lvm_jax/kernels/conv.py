@@ -11,8 +11,9 @@ Padding = Sequence[tuple[int, int]]
 
 
 def reference_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding) -> jax.Array:
-  return jax.lax.conv_general_dilated(x, kernel, tuple(strides), tuple(map(tuple, padding)),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jax.lax.conv_general_dilated(
+    x, kernel, tuple(strides), tuple(map(tuple, padding)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
 
 
 def cpu_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding) -> jax.Array:
@@ -25,7 +26,7 @@ def cpu_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: P
   strides, padding = tuple(strides), tuple(map(tuple, padding))
   size = kernel.shape[:2]
   if size == (1, 1) and padding == ((0, 0), (0, 0)):
-    return cpu_gradient_matmul(x[:, ::strides[0], ::strides[1]], kernel[0, 0])
+    return cpu_gradient_matmul(x[:, :: strides[0], :: strides[1]], kernel[0, 0])
   if size == (3, 3) and strides == (1, 1) and padding == ((1, 1), (1, 1)) and winograd.supports(x, kernel):
     return winograd.winograd_conv3x3(x, kernel)
   return reference_conv(x, kernel, strides, padding)

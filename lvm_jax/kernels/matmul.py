@@ -37,6 +37,7 @@ def _cpu_gradient_bwd(residuals, dy):
 
 cpu_gradient_matmul.defvjp(_cpu_gradient_fwd, _cpu_gradient_bwd)
 
+
 def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """x [..., in] @ kernel [in, out]; while the CPU kernels are on, with cpu_gradient_matmul's gradient."""
   if switch.cpu_kernels_enabled():

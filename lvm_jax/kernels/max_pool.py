@@ -37,16 +37,21 @@ def _cpu_gradient_bwd(residuals, dy):
   dpadded = jnp.zeros(padded.shape, dy.dtype)
   for i in range(3):
     for j in range(3):
-      tap = padded[:, i:i + 2 * out_h - 1:2, j:j + 2 * out_w - 1:2]
+      tap = padded[:, i : i + 2 * out_h - 1 : 2, j : j + 2 * out_w - 1 : 2]
       hit = (tap == y) & ~taken
       taken = taken | hit
-      spread = ((0, 0, 0), (i, padded.shape[1] - i - 2 * out_h + 1, 1), (j, padded.shape[2] - j - 2 * out_w + 1, 1),
-                (0, 0, 0))
+      spread = (
+        (0, 0, 0),
+        (i, padded.shape[1] - i - 2 * out_h + 1, 1),
+        (j, padded.shape[2] - j - 2 * out_w + 1, 1),
+        (0, 0, 0),
+      )
       dpadded = dpadded + jax.lax.pad(jnp.where(hit, dy, zero), zero, spread)
-  return (dpadded[:, 1:height + 1, 1:width + 1],)
+  return (dpadded[:, 1 : height + 1, 1 : width + 1],)
 
 
 cpu_gradient_max_pool_3x3s2.defvjp(_cpu_gradient_fwd, _cpu_gradient_bwd)
+
 
 def max_pool_3x3s2(x: jax.Array) -> jax.Array:
   """3x3/2 max pool with torch's padding; while the CPU kernels are on, with cpu_gradient_max_pool_3x3s2's

@@ -40,4 +40,3 @@ def use_cpu_kernels(enabled: bool) -> Iterator[None]:
     yield
   finally:
     _OVERRIDE.reset(token)
-

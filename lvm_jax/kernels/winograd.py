@@ -30,6 +30,7 @@ def direct_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 # The transforms act along one spatial axis at a time, on lists of that axis' taps.
 
+
 def _input_taps(d):
   """B^T over 4 input taps."""
   d0, d1, d2, d3 = d
@@ -63,8 +64,12 @@ def transform_kernel(kernel: jax.Array, turned: bool = False) -> jax.Array:
   """[3, 3, C, K] -> [16, C, K]: G g G^T for every input/output channel pair; with turned, of the kernel turned
   180 degrees (its 9 taps read in reverse, no copy)."""
   matrix = _KERNEL_TRANSFORM[:, ::-1] if turned else _KERNEL_TRANSFORM
-  return jnp.einsum("tj,jck->tck", matrix.astype(kernel.dtype), kernel.reshape((9,) + kernel.shape[2:]),
-                    precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum(
+    "tj,jck->tck",
+    matrix.astype(kernel.dtype),
+    kernel.reshape((9,) + kernel.shape[2:]),
+    precision=jax.lax.Precision.HIGHEST,
+  )
 
 
 def transform_kernel_adjoint(du: jax.Array) -> jax.Array:
@@ -80,8 +85,8 @@ def transform_input(x: jax.Array) -> jax.Array:
   tiles_h, tiles_w = _tile_counts(height, width)
   padded = jnp.pad(x, ((0, 0), (1, 2 * tiles_h + 1 - height), (1, 2 * tiles_w + 1 - width), (0, 0)))
   # Two 4-way stacks (rows, then columns): XLA:CPU runs them as fused loops, one 16-way stack as a slow concat.
-  rows = jnp.stack(_input_taps([padded[:, i:i + 2 * tiles_h:2] for i in range(4)]))
-  tiles = jnp.stack(_input_taps([rows[:, :, :, j:j + 2 * tiles_w:2] for j in range(4)]), axis=1)
+  rows = jnp.stack(_input_taps([padded[:, i : i + 2 * tiles_h : 2] for i in range(4)]))
+  tiles = jnp.stack(_input_taps([rows[:, :, :, j : j + 2 * tiles_w : 2] for j in range(4)]), axis=1)
   return tiles.reshape(16, n * tiles_h * tiles_w, c)
 
 
@@ -147,6 +152,8 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   NHWC input, HWIO kernel.
   """
   if kernel.ndim != 4 or kernel.shape[:2] != (3, 3) or x.ndim != 4 or x.shape[-1] != kernel.shape[2]:
-    raise ValueError(f"winograd_conv3x3 needs an [N, H, W, C] input and a [3, 3, C, K] kernel, got shapes {x.shape} "
-                     f"and {kernel.shape}.")
+    raise ValueError(
+      f"winograd_conv3x3 needs an [N, H, W, C] input and a [3, 3, C, K] kernel, got shapes {x.shape} "
+      f"and {kernel.shape}."
+    )
   return _winograd(x, kernel)

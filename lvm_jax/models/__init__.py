@@ -1,4 +1,5 @@
 """Model families as plain Flax linen modules."""
+
 from lvm_jax.models.registry import create_model, list_models
 from lvm_jax.models.resnet import ResNet
 from lvm_jax.models.swin import SwinTransformer

@@ -41,6 +41,7 @@ def gelu(x: jax.Array) -> jax.Array:
 class Dense(nn.Module):
   """nn.Dense's parameters ("kernel" [in, out], "bias" [out]) and result, through kernels.matmul: the one dense
   layer of every model here."""
+
   features: int
   use_bias: bool = True
   kernel_init: Callable = nn.initializers.lecun_normal()
@@ -67,6 +68,7 @@ class DropPath(nn.Module):
 
   rate: a float, or a scalar array (a scanned stack of layers feeds each its own, traced, rate).
   """
+
   rate: Any
 
   @nn.compact
@@ -83,6 +85,7 @@ class DropPath(nn.Module):
 
 class Mlp(nn.Module):
   """Two dense layers with GELU between, as in every transformer block here."""
+
   hidden_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
@@ -91,22 +94,34 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     width = x.shape[-1]
-    x = Dense(self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1",
-                 kernel_init=partitioned(xavier_uniform, ("embed", "mlp")),
-                 bias_init=partitioned(nn.initializers.normal(1e-6), ("mlp",)))(x)
+    x = Dense(
+      self.hidden_dim,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="fc1",
+      kernel_init=partitioned(xavier_uniform, ("embed", "mlp")),
+      bias_init=partitioned(nn.initializers.normal(1e-6), ("mlp",)),
+    )(x)
     x = gelu(x)
     x = constrain(x, ("batch", "length", "mlp"))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2",
-                 kernel_init=partitioned(xavier_uniform, ("mlp", "embed")),
-                 bias_init=partitioned(nn.initializers.normal(1e-6), ("embed",)))(x)
+    x = Dense(
+      width,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="fc2",
+      kernel_init=partitioned(xavier_uniform, ("mlp", "embed")),
+      bias_init=partitioned(nn.initializers.normal(1e-6), ("embed",)),
+    )(x)
     return nn.Dropout(self.dropout, deterministic=not train)(x)
 
 
 def _flat_init(init: Callable, in_dims: int) -> Callable:
   """`init` drawn on the 2-D (fan_in, fan_out) view and reshaped: the numbers nn.DenseGeneral draws."""
+
   def flat(key, shape, dtype=jnp.float32):
     return init(key, (math.prod(shape[:in_dims]), math.prod(shape[in_dims:])), dtype).reshape(shape)
+
   return flat
 
 
@@ -117,6 +132,7 @@ class Projection(nn.Module):
   unboxing that under axis rules and a mesh (flax re-runs the init to check shapes even in apply) applies a
   3-name constraint to a 2-D array. This draws the same numbers with the names on the real shape.
   """
+
   features: Sequence[int]
   in_dims: int
   kernel_names: Sequence[Optional[str]]
@@ -128,10 +144,14 @@ class Projection(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     features = tuple(self.features)
-    kernel = self.param("kernel", partitioned(_flat_init(xavier_uniform, self.in_dims), self.kernel_names),
-                        x.shape[x.ndim - self.in_dims:] + features, self.param_dtype)
+    kernel = self.param(
+      "kernel",
+      partitioned(_flat_init(xavier_uniform, self.in_dims), self.kernel_names),
+      x.shape[x.ndim - self.in_dims :] + features,
+      self.param_dtype,
+    )
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    batch_shape, in_shape = x.shape[:x.ndim - self.in_dims], x.shape[x.ndim - self.in_dims:]
+    batch_shape, in_shape = x.shape[: x.ndim - self.in_dims], x.shape[x.ndim - self.in_dims :]
     y = kernels.matmul(x.reshape(batch_shape + (math.prod(in_shape),)), kernel.reshape(math.prod(in_shape), -1))
     y = y.reshape(batch_shape + features)
     if self.use_bias:
@@ -157,15 +177,27 @@ def attention_implementation(requested: Optional[str], head_dim: int, dtype, has
     return requested
   device = device if device is not None else jax.devices()[0]
   capability = getattr(device, "compute_capability", None)
-  if (device.platform == "gpu" and capability and tuple(map(int, str(capability).split(".")[:2])) >= (8, 0)
-      and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
-      and not has_bias):
+  if (
+    device.platform == "gpu"
+    and capability
+    and tuple(map(int, str(capability).split(".")[:2])) >= (8, 0)
+    and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    and head_dim % 8 == 0
+    and head_dim <= 128
+    and not has_bias
+  ):
     return "cudnn"
   return "xla"
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array],
-                          implementation: str, valid_length: Optional[int] = None) -> jax.Array:
+def dot_product_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  bias: Optional[jax.Array],
+  implementation: str,
+  valid_length: Optional[int] = None,
+) -> jax.Array:
   """Attention on [batch, length, heads, head_dim] by `implementation` ("xla": kernels.xla_attention, "cudnn").
 
   bias: added to the [batch, heads, queries, keys] logits; it broadcasts, or its leading axis is a divisor G of
@@ -177,13 +209,17 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Option
   """
   queries, keys = q.shape[1], k.shape[1]
   if implementation == "cudnn" and (queries % 2 or keys % 2):
+
     def pad(x, axis, length):
       return jnp.pad(x, [(0, length % 2 if i == axis else 0) for i in range(x.ndim)])
 
     q, k, v = pad(q, 1, queries), pad(k, 1, keys), pad(v, 1, keys)
     if bias is not None:  # [..., queries, keys], either may broadcast (size 1)
-      bias = pad(pad(bias, bias.ndim - 2, queries if bias.shape[-2] == queries else 0),
-                 bias.ndim - 1, keys if bias.shape[-1] == keys else 0)
+      bias = pad(
+        pad(bias, bias.ndim - 2, queries if bias.shape[-2] == queries else 0),
+        bias.ndim - 1,
+        keys if bias.shape[-1] == keys else 0,
+      )
     valid_length = keys if valid_length is None else valid_length
     return dot_product_attention(q, k, v, bias, implementation, valid_length)[:, :queries]
   if implementation == "xla":
@@ -201,6 +237,7 @@ class Attention(nn.Module):
   (attention_implementation). Training with attention dropout always runs kernels.einsum_attention, the one form
   with dropout on the weights.
   """
+
   num_heads: int
   dropout: float = 0.0
   qkv_bias: bool = True  # the output projection always has a bias, as in every reference
@@ -209,8 +246,9 @@ class Attention(nn.Module):
   attention_impl: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool, bias: Optional[jax.Array] = None,
-               valid_length: Optional[int] = None) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, *, train: bool, bias: Optional[jax.Array] = None, valid_length: Optional[int] = None
+  ) -> jax.Array:
     """valid_length: tokens from this index on are padding, never attended to (dot_product_attention)."""
     width = x.shape[-1]
     if width % self.num_heads:
@@ -218,8 +256,16 @@ class Attention(nn.Module):
     head_dim = width // self.num_heads
 
     def project(name):
-      return Projection((self.num_heads, head_dim), 1, ("embed", "heads", "kv"), ("heads", "kv"),
-                        use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+      return Projection(
+        (self.num_heads, head_dim),
+        1,
+        ("embed", "heads", "kv"),
+        ("heads", "kv"),
+        use_bias=self.qkv_bias,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
+      )(x)
 
     q, k, v = project("query"), project("key"), project("value")
     q = constrain(q, ("batch", "length", "heads", "kv"))
@@ -230,11 +276,17 @@ class Attention(nn.Module):
     else:
       implementation = attention_implementation(self.attention_impl, head_dim, q.dtype, bias is not None)
       out = dot_product_attention(q, k, v, bias, implementation, valid_length)
-    return Projection((width,), 2, ("heads", "kv", "embed"), ("embed",), dtype=self.dtype,
-                      param_dtype=self.param_dtype, name="out")(out)
+    return Projection(
+      (width,), 2, ("heads", "kv", "embed"), ("embed",), dtype=self.dtype, param_dtype=self.param_dtype, name="out"
+    )(out)
 
 
 def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
-                      scale_init=partitioned(ones, ("embed",)),
-                      bias_init=partitioned(zeros, ("embed",)))
+  return nn.LayerNorm(
+    epsilon=eps,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+    scale_init=partitioned(ones, ("embed",)),
+    bias_init=partitioned(zeros, ("embed",)),
+  )

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 from lvm_jax.models import resnet, swin, vit
 
 FAMILIES = (
-    (vit.VisionTransformer, vit.VARIANTS),
-    (resnet.ResNet, resnet.VARIANTS),
-    (swin.SwinTransformer, swin.VARIANTS),
+  (vit.VisionTransformer, vit.VARIANTS),
+  (resnet.ResNet, resnet.VARIANTS),
+  (swin.SwinTransformer, swin.VARIANTS),
 )
 _MODELS = {name: (cls, args) for cls, variants in FAMILIES for name, args in variants.items()}
 
@@ -47,8 +47,10 @@ def create_model(name: str, **overrides) -> nn.Module:
   arguments = [f.name for f in _arguments(cls)]
   unknown = sorted(set(overrides) - set(arguments))
   if unknown:
-    raise TypeError(f"{cls.__name__} ({name}) has no argument {', '.join(map(repr, unknown))}; "
-                    f"its arguments are: {', '.join(arguments)}.")
+    raise TypeError(
+      f"{cls.__name__} ({name}) has no argument {', '.join(map(repr, unknown))}; "
+      f"its arguments are: {', '.join(arguments)}."
+    )
   return cls(**{**args, **overrides})
 
 

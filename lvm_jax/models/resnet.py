@@ -22,10 +22,11 @@ ModuleDef = Callable[..., nn.Module]
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
   """Where a residual block sits and what it computes; shared by the model and the weight converters."""
+
   stage: int
   index: int
   in_channels: int
-  width: int           # channels of the inner convolutions
+  width: int  # channels of the inner convolutions
   out_channels: int
   strides: int
 
@@ -43,6 +44,7 @@ class Conv(nn.Module):
   """nn.Conv without a bias: the same parameter ("kernel" [kh, kw, in, out]) and, within float32 rounding, the
   same result, computed by kernels.conv (the CPU kernels' form for the shape where they are on, lax.conv
   elsewhere). ResNet's default `conv`; nn.Conv(use_bias=False) takes its place unchanged."""
+
   features: int
   kernel_size: Sequence[int]
   strides: Sequence[int] = (1, 1)
@@ -72,10 +74,11 @@ def _scale_init(zero: bool) -> Callable:
 
 def _head_bias_init(fan_in: int):
   """torch.nn.Linear's bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = fan_in ** -0.5
+  bound = fan_in**-0.5
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
@@ -85,6 +88,7 @@ class ResidualBlock(nn.Module):
   conv, norm: module constructors with everything but the per-layer arguments bound (ResNet binds them):
   conv(features, kernel_size, strides=, padding=, name=) and norm(scale_init=, name=).
   """
+
   spec: BlockSpec
   bottleneck: bool
   drop_path: float
@@ -134,6 +138,7 @@ class ResNet(nn.Module):
   With `return_features=True` the call returns {"stride_4", "stride_8", "stride_16", "stride_32": the outputs
   of the stages, NHWC (one entry per stage; the key is its stride); "pooled": [B, C] the features the head sees}.
   """
+
   num_classes: int = 1000
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   block: str = "bottleneck"
@@ -152,10 +157,11 @@ class ResNet(nn.Module):
     """Every residual block in order, with its channels and stride."""
     if self.block not in _BLOCKS:
       raise ValueError(f"ResNet block must be one of {_BLOCKS}, got {self.block!r}.")
-    widths = self.stage_widths or tuple(self.width * 2 ** s for s in range(len(self.stage_sizes)))
+    widths = self.stage_widths or tuple(self.width * 2**s for s in range(len(self.stage_sizes)))
     if len(widths) != len(self.stage_sizes):
-      raise ValueError(f"ResNet stage_widths={tuple(widths)} and stage_sizes={tuple(self.stage_sizes)} must have "
-                       "one entry per stage.")
+      raise ValueError(
+        f"ResNet stage_widths={tuple(widths)} and stage_sizes={tuple(self.stage_sizes)} must have one entry per stage."
+      )
     if not self.stage_sizes or min(self.stage_sizes) < 1:
       raise ValueError(f"ResNet stage_sizes={tuple(self.stage_sizes)}: every stage needs at least one block.")
     specs, channels = [], self.width
@@ -190,8 +196,14 @@ class ResNet(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     conv_init = layers.partitioned(_CONV_INIT, (None, None, "conv_in", "conv_out"))
     conv = functools.partial(self.conv, kernel_init=conv_init, **kw)
-    norm = functools.partial(self.norm, use_running_average=not train, momentum=self.bn_momentum,
-                             epsilon=self.bn_eps, bias_init=layers.partitioned(layers.zeros, ("conv_out",)), **kw)
+    norm = functools.partial(
+      self.norm,
+      use_running_average=not train,
+      momentum=self.bn_momentum,
+      epsilon=self.bn_eps,
+      bias_init=layers.partitioned(layers.zeros, ("conv_out",)),
+      **kw,
+    )
     x = _torch_conv(conv, self.width, 7, 2, "stem_conv")(x.astype(self.dtype))
     x = norm(scale_init=_scale_init(False), name="stem_bn")(x)
     x = kernels.max_pool_3x3s2(nn.relu(x))
@@ -199,10 +211,11 @@ class ResNet(nn.Module):
 
     features = {}
     for i, (spec, rate) in enumerate(zip(specs, layers.drop_path_rates(self.drop_path, len(specs)))):
-      x = ResidualBlock(spec, self.block == "bottleneck", rate, self.zero_init_last, conv, norm,
-                        name=spec.name)(x, train=train)
+      x = ResidualBlock(spec, self.block == "bottleneck", rate, self.zero_init_last, conv, norm, name=spec.name)(
+        x, train=train
+      )
       if i + 1 == len(specs) or specs[i + 1].stage != spec.stage:
-        features[f"stride_{4 * 2 ** spec.stage}"] = x
+        features[f"stride_{4 * 2**spec.stage}"] = x
 
     # Average in float32: a bf16 sum over 49+ positions loses the low bits the head needs.
     pooled = x.astype(jnp.float32).mean(axis=(1, 2)).astype(self.dtype)
@@ -214,16 +227,21 @@ class ResNet(nn.Module):
     # torch.nn.Linear's default init, U(+-1/sqrt(fan_in)) for kernel and bias: the fresh head that timm and
     # torchvision ResNet recipes train from. Not zeros (as ViT's head): a zero kernel gives the body no
     # gradient on the first step, and the recipes were tuned with this head.
-    return layers.Dense(self.num_classes, name="head",
-                        kernel_init=layers.partitioned(nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-                                                       ("embed", "classes")),
-                        bias_init=layers.partitioned(_head_bias_init(x.shape[-1]), ("classes",)), **kw)(pooled)
+    return layers.Dense(
+      self.num_classes,
+      name="head",
+      kernel_init=layers.partitioned(
+        nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"), ("embed", "classes")
+      ),
+      bias_init=layers.partitioned(_head_bias_init(x.shape[-1]), ("classes",)),
+      **kw,
+    )(pooled)
 
 
 VARIANTS = {
-    "resnet18": dict(stage_sizes=(2, 2, 2, 2), block="basic"),
-    "resnet34": dict(stage_sizes=(3, 4, 6, 3), block="basic"),
-    "resnet50": dict(stage_sizes=(3, 4, 6, 3), block="bottleneck"),
-    "resnet101": dict(stage_sizes=(3, 4, 23, 3), block="bottleneck"),
-    "resnet152": dict(stage_sizes=(3, 8, 36, 3), block="bottleneck"),
+  "resnet18": dict(stage_sizes=(2, 2, 2, 2), block="basic"),
+  "resnet34": dict(stage_sizes=(3, 4, 6, 3), block="basic"),
+  "resnet50": dict(stage_sizes=(3, 4, 6, 3), block="bottleneck"),
+  "resnet101": dict(stage_sizes=(3, 4, 23, 3), block="bottleneck"),
+  "resnet152": dict(stage_sizes=(3, 8, 36, 3), block="bottleneck"),
 }

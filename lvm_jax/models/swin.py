@@ -34,6 +34,7 @@ def shifted_window_mask(height: int, width: int, window: int, shift: int) -> np.
   After rolling the map by -shift, the last `shift` rows/columns come from the opposite border; tokens
   may only attend within their own region (3 bands per axis, as the paper's slices define them).
   """
+
   def bands(size):
     idx = np.arange(size)
     return (idx >= size - window).astype(np.int64) + (idx >= size - shift)
@@ -65,6 +66,7 @@ class WindowAttention(nn.Module):
   follows the configured window, so parameters never depend on the input size (as in transformers 5;
   the paper's code sizes it for a shrunk window instead, which no released checkpoint needs).
   """
+
   num_heads: int
   window_size: int
   qkv_bias: bool
@@ -73,14 +75,23 @@ class WindowAttention(nn.Module):
   param_dtype: Any
 
   def setup(self):
-    self.attention = layers.Attention(self.num_heads, dropout=self.attention_dropout, qkv_bias=self.qkv_bias,
-                                      dtype=self.dtype, param_dtype=self.param_dtype)
+    self.attention = layers.Attention(
+      self.num_heads,
+      dropout=self.attention_dropout,
+      qkv_bias=self.qkv_bias,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
     nn.share_scope(self, self.attention)
 
   @nn.compact
   def __call__(self, windows: jax.Array, *, window: int, mask: Optional[np.ndarray], train: bool) -> jax.Array:
-    table = self.param("relative_position_bias_table", layers.partitioned(layers.trunc_normal_02, (None, "heads")),
-                       ((2 * self.window_size - 1) ** 2, self.num_heads), self.param_dtype)
+    table = self.param(
+      "relative_position_bias_table",
+      layers.partitioned(layers.trunc_normal_02, (None, "heads")),
+      ((2 * self.window_size - 1) ** 2, self.num_heads),
+      self.param_dtype,
+    )
     bias = table[relative_position_index(window, self.window_size)].transpose(2, 0, 1)  # [heads, N, N]
     # [windows or 1, heads, N, N]: window i of every image takes row i (layers.dot_product_attention).
     bias = bias[None] if mask is None else bias[None] + jnp.asarray(mask)[:, None]
@@ -93,6 +104,7 @@ class SwinBlock(nn.Module):
   Both residual branches get stochastic depth, as in the paper's code and timm (transformers drops the
   attention branch only; the same in eval mode).
   """
+
   num_heads: int
   window_size: int
   shift: bool
@@ -122,8 +134,9 @@ class SwinBlock(nn.Module):
     if shift:
       y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
       mask = shifted_window_mask(padded_h, padded_w, window, shift)
-    y = WindowAttention(self.num_heads, self.window_size, self.qkv_bias, self.attention_dropout, name="attn",
-                        **kw)(to_windows(y, window), window=window, mask=mask, train=train)
+    y = WindowAttention(self.num_heads, self.window_size, self.qkv_bias, self.attention_dropout, name="attn", **kw)(
+      to_windows(y, window), window=window, mask=mask, train=train
+    )
     y = from_windows(y, window, padded_h, padded_w)
     if shift:
       y = jnp.roll(y, (shift, shift), axis=(1, 2))
@@ -139,6 +152,7 @@ class SwinBlock(nn.Module):
 
 class PatchMerging(nn.Module):
   """Halves the resolution: each 2x2 neighbourhood concatenated, normalized, projected to 2x the width."""
+
   layer_norm_eps: float
   dtype: Any
   param_dtype: Any
@@ -150,8 +164,14 @@ class PatchMerging(nn.Module):
     # The references' order: (row 0, col 0), (row 1, col 0), (row 0, col 1), (row 1, col 1).
     x = jnp.concatenate([x[:, row::2, col::2] for col in (0, 1) for row in (0, 1)], axis=-1)
     x = layers.layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
-    x = layers.Dense(2 * channels, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="reduction", kernel_init=layers.partitioned(layers.trunc_normal_02, ("mlp", "embed")))(x)
+    x = layers.Dense(
+      2 * channels,
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="reduction",
+      kernel_init=layers.partitioned(layers.trunc_normal_02, ("mlp", "embed")),
+    )(x)
     return layers.constrain(x, ("batch", "height", "width", "embed"))
 
 
@@ -167,6 +187,7 @@ class SwinTransformer(nn.Module):
   outputs of the stages (before the next patch merging and before the final norm), NHWC; the key is the
   stage's stride, patch_size * 2**stage; "pooled": [B, C] the features the head sees}.
   """
+
   num_classes: int = 1000
   image_size: int = 224
   patch_size: int = 4
@@ -186,15 +207,23 @@ class SwinTransformer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
     if len(self.depths) != len(self.num_heads):
-      raise ValueError(f"Swin depths={tuple(self.depths)} and num_heads={tuple(self.num_heads)} must have one "
-                       "entry per stage.")
+      raise ValueError(
+        f"Swin depths={tuple(self.depths)} and num_heads={tuple(self.num_heads)} must have one entry per stage."
+      )
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     p = self.patch_size
     x = x.astype(self.dtype)
     x = jnp.pad(x, ((0, 0), (0, -x.shape[1] % p), (0, -x.shape[2] % p), (0, 0)))
-    x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", name="patch_embed",
-                kernel_init=layers.partitioned(nn.initializers.lecun_normal(), (None, None, None, "embed")),
-                bias_init=layers.partitioned(layers.zeros, ("embed",)), **kw)(x)
+    x = nn.Conv(
+      self.embed_dim,
+      (p, p),
+      strides=(p, p),
+      padding="VALID",
+      name="patch_embed",
+      kernel_init=layers.partitioned(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+      bias_init=layers.partitioned(layers.zeros, ("embed",)),
+      **kw,
+    )(x)
     x = layers.layer_norm(self.layer_norm_eps, name="patch_norm", **kw)(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = layers.constrain(x, ("batch", "height", "width", "embed"))
@@ -203,10 +232,20 @@ class SwinTransformer(nn.Module):
     features = {}
     for stage, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
       for i in range(depth):
-        x = SwinBlock(heads, self.window_size, i % 2 == 1, self.mlp_ratio, self.qkv_bias, self.dropout,
-                      self.attention_dropout, next(rates), self.layer_norm_eps, name=f"stage_{stage}_block_{i}",
-                      **kw)(x, train=train)
-      features[f"stride_{p * 2 ** stage}"] = x
+        x = SwinBlock(
+          heads,
+          self.window_size,
+          i % 2 == 1,
+          self.mlp_ratio,
+          self.qkv_bias,
+          self.dropout,
+          self.attention_dropout,
+          next(rates),
+          self.layer_norm_eps,
+          name=f"stage_{stage}_block_{i}",
+          **kw,
+        )(x, train=train)
+      features[f"stride_{p * 2**stage}"] = x
       if stage < len(self.depths) - 1:
         x = PatchMerging(self.layer_norm_eps, name=f"merge_{stage}", **kw)(x)
 
@@ -216,9 +255,13 @@ class SwinTransformer(nn.Module):
       return {**features, "pooled": pooled}
     if self.num_classes == 0:
       return pooled
-    return layers.Dense(self.num_classes, name="head",
-                        kernel_init=layers.partitioned(layers.trunc_normal_02, ("embed", "classes")),
-                        bias_init=layers.partitioned(layers.zeros, ("classes",)), **kw)(pooled)
+    return layers.Dense(
+      self.num_classes,
+      name="head",
+      kernel_init=layers.partitioned(layers.trunc_normal_02, ("embed", "classes")),
+      bias_init=layers.partitioned(layers.zeros, ("classes",)),
+      **kw,
+    )(pooled)
 
   def layer_id(self, path: str) -> Optional[int]:
     """The parameter's layer for layer-wise lr decay (models/param_groups.py): patch_embed and patch_norm 0,
@@ -226,7 +269,7 @@ class SwinTransformer(nn.Module):
     block, the final norm and head the last."""
     top = param_groups.top_level(path)
     ends = np.cumsum(self.depths).tolist()  # the id of each stage's last block
-    if (match := param_groups.STAGE_BLOCK.match(top)):
+    if match := param_groups.STAGE_BLOCK.match(top):
       stage, index = int(match.group(1)), int(match.group(2))
       if stage < len(ends) and index < self.depths[stage]:
         return ends[stage] - self.depths[stage] + index + 1
@@ -245,15 +288,21 @@ class SwinTransformer(nn.Module):
 
 
 def _variant(embed_dim: int, depths: tuple, num_heads: tuple, image_size: int = 224, window_size: int = 7) -> dict:
-  return dict(image_size=image_size, patch_size=4, embed_dim=embed_dim, depths=depths, num_heads=num_heads,
-              window_size=window_size)
+  return dict(
+    image_size=image_size,
+    patch_size=4,
+    embed_dim=embed_dim,
+    depths=depths,
+    num_heads=num_heads,
+    window_size=window_size,
+  )
 
 
 VARIANTS = {
-    "swin_t": _variant(96, (2, 2, 6, 2), (3, 6, 12, 24)),
-    "swin_s": _variant(96, (2, 2, 18, 2), (3, 6, 12, 24)),
-    "swin_b": _variant(128, (2, 2, 18, 2), (4, 8, 16, 32)),
-    "swin_l": _variant(192, (2, 2, 18, 2), (6, 12, 24, 48)),
-    "swin_b_384": _variant(128, (2, 2, 18, 2), (4, 8, 16, 32), image_size=384, window_size=12),
-    "swin_l_384": _variant(192, (2, 2, 18, 2), (6, 12, 24, 48), image_size=384, window_size=12),
+  "swin_t": _variant(96, (2, 2, 6, 2), (3, 6, 12, 24)),
+  "swin_s": _variant(96, (2, 2, 18, 2), (3, 6, 12, 24)),
+  "swin_b": _variant(128, (2, 2, 18, 2), (4, 8, 16, 32)),
+  "swin_l": _variant(192, (2, 2, 18, 2), (6, 12, 24, 48)),
+  "swin_b_384": _variant(128, (2, 2, 18, 2), (4, 8, 16, 32), image_size=384, window_size=12),
+  "swin_l_384": _variant(192, (2, 2, 18, 2), (6, 12, 24, 48), image_size=384, window_size=12),
 }

@@ -8,17 +8,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lvm_jax import logical_axes
 from lvm_jax.models import layers, param_groups
-from lvm_jax.parallel.partitioning import LAYER_AXIS
 
 # name -> (width, depth, mlp_dim, num_heads), from the paper's Table 1 and the AugReg / big_vision releases.
 _SIZES = {
-    "Ti": (192, 12, 768, 3),
-    "S": (384, 12, 1536, 6),
-    "B": (768, 12, 3072, 12),
-    "L": (1024, 24, 4096, 16),
-    "H": (1280, 32, 5120, 16),
-    "g": (1408, 40, 6144, 16),
+  "Ti": (192, 12, 768, 3),
+  "S": (384, 12, 1536, 6),
+  "B": (768, 12, 3072, 12),
+  "L": (1024, 24, 4096, 16),
+  "H": (1280, 32, 5120, 16),
+  "g": (1408, 40, 6144, 16),
 }
 
 
@@ -33,6 +33,7 @@ def vit_args(variant: str) -> dict:
 
 class EncoderBlock(nn.Module):
   """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
   num_heads: int
   mlp_dim: int
   dropout: float
@@ -44,15 +45,17 @@ class EncoderBlock(nn.Module):
   attention_impl: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool, drop_path_rate: Optional[jax.Array] = None,
-               valid_length: Optional[int] = None) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, *, train: bool, drop_path_rate: Optional[jax.Array] = None, valid_length: Optional[int] = None
+  ) -> jax.Array:
     """drop_path_rate: this layer's stochastic-depth rate as an array (a scanned stack feeds one per layer),
     instead of the `drop_path` field. valid_length: tokens from there on are padding, never attended to."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     rate = self.drop_path if drop_path_rate is None else drop_path_rate
     y = layers.layer_norm(self.layer_norm_eps, name="norm1", **kw)(x)
-    y = layers.Attention(self.num_heads, dropout=self.attention_dropout, attention_impl=self.attention_impl,
-                         name="attn", **kw)(y, train=train, valid_length=valid_length)
+    y = layers.Attention(
+      self.num_heads, dropout=self.attention_dropout, attention_impl=self.attention_impl, name="attn", **kw
+    )(y, train=train, valid_length=valid_length)
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
     x = x + layers.DropPath(rate)(y, train=train)
     y = layers.layer_norm(self.layer_norm_eps, name="norm2", **kw)(x)
@@ -78,6 +81,7 @@ class VisionTransformer(nn.Module):
   attention_impl: "xla", "cudnn" or None (cuDNN flash attention on NVIDIA GPUs in bfloat16/float16, else XLA;
   layers.attention_implementation).
   """
+
   num_classes: int = 1000
   image_size: int = 224
   patch_size: int = 16
@@ -111,24 +115,37 @@ class VisionTransformer(nn.Module):
       raise ValueError("ViT pooling='token' needs class_token=True.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     p = self.patch_size
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", name="patch_embed",
-                kernel_init=layers.partitioned(nn.initializers.lecun_normal(), (None, None, None, "embed")),
-                bias_init=layers.partitioned(layers.zeros, ("embed",)), **kw)(x.astype(self.dtype))
+    x = nn.Conv(
+      self.width,
+      (p, p),
+      strides=(p, p),
+      padding="VALID",
+      name="patch_embed",
+      kernel_init=layers.partitioned(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+      bias_init=layers.partitioned(layers.zeros, ("embed",)),
+      **kw,
+    )(x.astype(self.dtype))
     batch, h, w, _ = x.shape
     if (h, w) != (self.grid_size, self.grid_size):
       raise ValueError(
-          f"ViT built for {self.image_size}x{self.image_size} images (a {self.grid_size}x{self.grid_size} patch "
-          f"grid) got a {h}x{w} grid; build it with image_size={h * p} (from_pretrained(..., image_size=) "
-          f"resizes the position embeddings).")
+        f"ViT built for {self.image_size}x{self.image_size} images (a {self.grid_size}x{self.grid_size} patch "
+        f"grid) got a {h}x{w} grid; build it with image_size={h * p} (from_pretrained(..., image_size=) "
+        f"resizes the position embeddings)."
+      )
     x = x.reshape(batch, h * w, self.width)
 
     use_cls = self.class_token
     num_pos = h * w + (1 if use_cls and not self.no_embed_class else 0)
-    pos = self.param("pos_embed", layers.partitioned(layers.trunc_normal_02, (None, "length", "embed")),
-                     (1, num_pos, self.width), self.param_dtype).astype(self.dtype)
+    pos = self.param(
+      "pos_embed",
+      layers.partitioned(layers.trunc_normal_02, (None, "length", "embed")),
+      (1, num_pos, self.width),
+      self.param_dtype,
+    ).astype(self.dtype)
     if use_cls:
-      cls = self.param("cls_token", layers.partitioned(layers.zeros, (None, None, "embed")),
-                       (1, 1, self.width), self.param_dtype).astype(self.dtype)
+      cls = self.param(
+        "cls_token", layers.partitioned(layers.zeros, (None, None, "embed")), (1, 1, self.width), self.param_dtype
+      ).astype(self.dtype)
       cls = jnp.broadcast_to(cls, (batch, 1, self.width))
       if self.no_embed_class:
         x = jnp.concatenate([cls, x + pos], axis=1)
@@ -157,26 +174,36 @@ class VisionTransformer(nn.Module):
       pooled = x[:, 0] if self.pooling == "token" else grid.mean(axis=1)
 
     if self.representation_size is not None:
-      pooled = layers.Dense(self.representation_size, name="pre_logits",
-                            kernel_init=layers.partitioned(nn.initializers.lecun_normal(), ("embed", "mlp")),
-                            bias_init=layers.partitioned(layers.zeros, ("mlp",)), **kw)(pooled)
+      pooled = layers.Dense(
+        self.representation_size,
+        name="pre_logits",
+        kernel_init=layers.partitioned(nn.initializers.lecun_normal(), ("embed", "mlp")),
+        bias_init=layers.partitioned(layers.zeros, ("mlp",)),
+        **kw,
+      )(pooled)
       pooled = jnp.tanh(pooled)
 
     if return_features:
       return {"grid": grid.reshape(batch, h, w, self.width), "pooled": pooled}
     if self.num_classes == 0:
       return pooled
-    return layers.Dense(self.num_classes, name="head",
-                        kernel_init=layers.partitioned(layers.zeros, ("embed", "classes")),
-                        bias_init=layers.partitioned(layers.zeros, ("classes",)), **kw)(pooled)
+    return layers.Dense(
+      self.num_classes,
+      name="head",
+      kernel_init=layers.partitioned(layers.zeros, ("embed", "classes")),
+      bias_init=layers.partitioned(layers.zeros, ("classes",)),
+      **kw,
+    )(pooled)
 
   def layer_id(self, path: str) -> Optional[int]:
     """The parameter's layer for layer-wise lr decay (models/param_groups.py): patch_embed, pos_embed and
     cls_token 0, block_i i + 1, the final norm, fc_norm, pre_logits and head depth + 1."""
     top = param_groups.top_level(path)
     if top == SCANNED_BLOCKS:
-      raise ValueError("ViT layer ids need one parameter subtree per block; a ViT built with scan_layers=True stacks "
-                       "them (params['blocks']): build it with scan_layers=False for layer-wise lr decay.")
+      raise ValueError(
+        "ViT layer ids need one parameter subtree per block; a ViT built with scan_layers=True stacks "
+        "them (params['blocks']): build it with scan_layers=False for layer-wise lr decay."
+      )
     if (match := _BLOCK.match(top)) and int(match.group(1)) < self.depth:
       return int(match.group(1)) + 1
     if top in ("patch_embed", "pos_embed", "cls_token"):
@@ -194,13 +221,22 @@ class VisionTransformer(nn.Module):
     return layers.drop_path_rates(self.drop_path, self.depth)
 
   def _attention_implementation(self) -> str:
-    return layers.attention_implementation(self.attention_impl, self.width // self.num_heads, self.dtype,
-                                           has_bias=False)
+    return layers.attention_implementation(
+      self.attention_impl, self.width // self.num_heads, self.dtype, has_bias=False
+    )
 
   def _encoder(self, x: jax.Array, train: bool, valid_length: Optional[int] = None) -> jax.Array:
-    block = functools.partial(EncoderBlock, self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout,
-                              layer_norm_eps=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                              attention_impl=self.attention_impl)
+    block = functools.partial(
+      EncoderBlock,
+      self.num_heads,
+      self.mlp_dim,
+      self.dropout,
+      self.attention_dropout,
+      layer_norm_eps=self.layer_norm_eps,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      attention_impl=self.attention_impl,
+    )
     if not self.scan_layers:
       for i, rate in enumerate(self.drop_path_rates()):
         x = block(drop_path=rate, name=f"block_{i}")(x, train=train, valid_length=valid_length)
@@ -211,8 +247,13 @@ class VisionTransformer(nn.Module):
 
     # No drop path: no per-layer input, so the block keeps DropPath's static shortcut.
     rates = jnp.asarray(self.drop_path_rates(), jnp.float32) if self.drop_path else None
-    stack = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                    length=self.depth, metadata_params={nn.PARTITION_NAME: LAYER_AXIS})
+    stack = nn.scan(
+      body,
+      variable_axes={"params": 0},
+      split_rngs={"params": True, "dropout": True},
+      length=self.depth,
+      metadata_params={nn.PARTITION_NAME: logical_axes.LAYERS},
+    )
     x, _ = stack(block(drop_path=0.0, name=SCANNED_BLOCKS), x, rates)
     return x
 
@@ -238,8 +279,9 @@ def unstack_blocks(params: dict) -> dict:
   """The scan_layers params layout back to per-layer block_0 ... block_{n-1} (what the converters write)."""
   params = dict(params)
   if SCANNED_BLOCKS not in params:
-    raise ValueError(f"unstack_blocks needs scanned ViT params (a {SCANNED_BLOCKS!r} subtree), got keys "
-                     f"{sorted(params)}.")
+    raise ValueError(
+      f"unstack_blocks needs scanned ViT params (a {SCANNED_BLOCKS!r} subtree), got keys {sorted(params)}."
+    )
   blocks = params.pop(SCANNED_BLOCKS)
   depth = jax.tree.leaves(blocks)[0].shape[0]
   params.update({f"block_{i}": jax.tree.map(lambda x: x[i], blocks) for i in range(depth)})
@@ -247,7 +289,16 @@ def unstack_blocks(params: dict) -> dict:
 
 
 VARIANTS = {
-    f"vit_{size.lower()}{patch}": vit_args(f"{size}/{patch}")
-    for size, patch in (("Ti", 16), ("S", 16), ("S", 32), ("B", 16), ("B", 32), ("L", 16), ("L", 32),
-                        ("H", 14), ("g", 14))
+  f"vit_{size.lower()}{patch}": vit_args(f"{size}/{patch}")
+  for size, patch in (
+    ("Ti", 16),
+    ("S", 16),
+    ("S", 32),
+    ("B", 16),
+    ("B", 32),
+    ("L", 16),
+    ("L", 32),
+    ("H", 14),
+    ("g", 14),
+  )
 }

@@ -51,8 +51,9 @@ FAILED = "failed"
 VERDICT = "verdict"
 
 RESTART_HINT = "Restart all processes with the same command: training resumes from the last checkpoint."
-FAILED_HINT = ("Fix what its log shows, then restart all processes with the same command: training resumes "
-               "from the last checkpoint.")
+FAILED_HINT = (
+  "Fix what its log shows, then restart all processes with the same command: training resumes from the last checkpoint."
+)
 
 
 def timeout_from_env() -> float:
@@ -78,9 +79,13 @@ def jax_heartbeat_timeout_s(timeout_s: float) -> int:
   return int(2 * (timeout_s + 3 * timeout_s / 5)) + 1
 
 
-def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None, *,
-               heartbeat_timeout_s: Optional[float] = None) -> Optional["PeerWatch"]:
+def initialize(
+  coordinator_address: Optional[str] = None,
+  num_processes: Optional[int] = None,
+  process_id: Optional[int] = None,
+  *,
+  heartbeat_timeout_s: Optional[float] = None,
+) -> Optional["PeerWatch"]:
   """jax.distributed.initialize (gloo collectives on CPU hosts), then a PeerWatch when there are several processes.
 
   Args:
@@ -93,21 +98,29 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     The running PeerWatch, or None (a single process, or the watch turned off).
   """
   import jax
+
   # CPU hosts need gloo for cross-process collectives; GPU and TPU backends ignore this setting.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   timeout_s = timeout_from_env() if heartbeat_timeout_s is None else float(heartbeat_timeout_s)
   extra = {"heartbeat_timeout_seconds": jax_heartbeat_timeout_s(timeout_s)} if timeout_s > 0 else {}
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id, **extra)
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id, **extra
+  )
   # jax has no public handle on its key-value store; Orbax and jax.experimental.multihost_utils use this one.
   from jax._src import distributed as jax_distributed
+
   state = jax_distributed.global_state
   if timeout_s <= 0 or state.num_processes < 2:
     return None
   client = state.client
   global _watch
-  _watch = PeerWatch(client, state.process_id, state.num_processes, timeout_s,
-                     is_shut_down=lambda: jax_distributed.global_state.client is not client).start()
+  _watch = PeerWatch(
+    client,
+    state.process_id,
+    state.num_processes,
+    timeout_s,
+    is_shut_down=lambda: jax_distributed.global_state.client is not client,
+  ).start()
   previous_hook = sys.excepthook
 
   def excepthook(kind, value, traceback):  # an uncaught exception (not SystemExit): Python exits after this
@@ -148,10 +161,19 @@ class PeerWatch:
   own, and a `clock`, to judge without waiting.
   """
 
-  def __init__(self, client, process_id: int, num_processes: int, timeout_s: float, *,
-               interval_s: Optional[float] = None, say: Callable[[str], None] = _print_error,
-               stop: Callable[[], None] = _exit_now,
-               is_shut_down: Callable[[], bool] = lambda: False, clock: Callable[[], float] = time.monotonic):
+  def __init__(
+    self,
+    client,
+    process_id: int,
+    num_processes: int,
+    timeout_s: float,
+    *,
+    interval_s: Optional[float] = None,
+    say: Callable[[str], None] = _print_error,
+    stop: Callable[[], None] = _exit_now,
+    is_shut_down: Callable[[], bool] = lambda: False,
+    clock: Callable[[], float] = time.monotonic,
+  ):
     if timeout_s <= 0:
       raise ValueError(f"timeout_s must be > 0, got {timeout_s}.")
     self.client, self.process_id, self.num_processes = client, process_id, num_processes
@@ -212,8 +234,11 @@ class PeerWatch:
       silent = self._clock() - self._last_answer
       if silent > self.timeout_s:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return self._report(0, f"process 0 of {self.num_processes} (the coordinator) did not answer for "
-                               f"{silent:.0f} s ({reason})", RESTART_HINT)
+        return self._report(
+          0,
+          f"process 0 of {self.num_processes} (the coordinator) did not answer for {silent:.0f} s ({reason})",
+          RESTART_HINT,
+        )
       return self._carry_on()
     now = self._last_answer = self._clock()
     ending = 0  # watched processes that are stopping themselves
@@ -226,13 +251,17 @@ class PeerWatch:
         lost, what, hint = rest.split("\n", 2)
         return self._report(int(lost), f"process {process} reports: {what}", hint)
       elif kind == FAILED:
-        return self._report(process, f"process {process} of {self.num_processes} failed ({rest}; its log has "
-                                     "the error)", FAILED_HINT)
+        return self._report(
+          process, f"process {process} of {self.num_processes} failed ({rest}; its log has the error)", FAILED_HINT
+        )
       elif current != value:
         self._seen[process] = (current, now)
       elif now - since > self.timeout_s:
-        return self._report(process, f"process {process} of {self.num_processes} stopped responding (no "
-                                     f"heartbeat for {now - since:.0f} s)", RESTART_HINT)
+        return self._report(
+          process,
+          f"process {process} of {self.num_processes} stopped responding (no heartbeat for {now - since:.0f} s)",
+          RESTART_HINT,
+        )
     if self._failed and ending == len(self._seen):
       self._stop_process()
       return False
@@ -272,8 +301,10 @@ class PeerWatch:
     # to read it (every interval) before it exits, since once process 0 is gone jax aborts them with no word
     # about the lost process; and a process that failed itself learns that its failure was seen.
     try:
-      self._call(lambda: self.client.key_value_set(self._key, f"{VERDICT} {lost}\n{what}\n{hint}",
-                                                   allow_overwrite=True), self.interval_s)
+      self._call(
+        lambda: self.client.key_value_set(self._key, f"{VERDICT} {lost}\n{what}\n{hint}", allow_overwrite=True),
+        self.interval_s,
+      )
       if self.process_id == 0 and self.num_processes > 2:
         self._stop.wait(1.5 * self.interval_s)
     except Exception:  # pylint: disable=broad-except  # best effort: stopping matters more

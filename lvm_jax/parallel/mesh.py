@@ -27,20 +27,26 @@ def mesh_shape(shape: Optional[Mapping[str, int]], num_devices: int) -> dict:
   fill = [axis for axis, size in sizes.items() if size == -1]
   bad = {axis: size for axis, size in sizes.items() if size < 1 and size != -1}
   if bad or len(fill) > 1:
-    raise ValueError(f"Mesh shape {sizes}: every axis size must be a positive integer, and at most one may be -1 "
-                     "(it takes the remaining devices).")
+    raise ValueError(
+      f"Mesh shape {sizes}: every axis size must be a positive integer, and at most one may be -1 "
+      "(it takes the remaining devices)."
+    )
   fixed = 1
   for axis, size in sizes.items():
     if size != -1:
       fixed *= size
   if fill:
     if num_devices % fixed:
-      raise ValueError(f"Mesh shape {sizes}: the fixed axes use {fixed} devices, which does not divide the "
-                       f"{num_devices} available devices, so -1 for {fill[0]!r} cannot fill the rest.")
+      raise ValueError(
+        f"Mesh shape {sizes}: the fixed axes use {fixed} devices, which does not divide the "
+        f"{num_devices} available devices, so -1 for {fill[0]!r} cannot fill the rest."
+      )
     sizes[fill[0]] = num_devices // fixed
   elif fixed != num_devices:
-    raise ValueError(f"Mesh shape {sizes} needs {fixed} devices but {num_devices} are available; "
-                     "make the sizes multiply to the device count or set one axis to -1.")
+    raise ValueError(
+      f"Mesh shape {sizes} needs {fixed} devices but {num_devices} are available; "
+      "make the sizes multiply to the device count or set one axis to -1."
+    )
   return sizes
 
 
@@ -51,8 +57,7 @@ def create_mesh(shape: Optional[Mapping[str, int]] = None, devices: Optional[Seq
   """
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(shape, len(devices))
-  return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES),
-                       devices=devices)
+  return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -67,9 +72,11 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   """Raises unless `batch_size` (global) splits evenly over the data-parallel devices."""
   n = data_parallel_size(mesh)
   if batch_size % n:
-    raise ValueError(f"Global batch size {batch_size} is not divisible by the {n} data-parallel devices "
-                     f"(mesh data={mesh.shape.get('data', 1)} x fsdp={mesh.shape.get('fsdp', 1)}); "
-                     f"use a multiple of {n}.")
+    raise ValueError(
+      f"Global batch size {batch_size} is not divisible by the {n} data-parallel devices "
+      f"(mesh data={mesh.shape.get('data', 1)} x fsdp={mesh.shape.get('fsdp', 1)}); "
+      f"use a multiple of {n}."
+    )
 
 
 def batch_sharding(mesh: Mesh, batch_size: Optional[int] = None) -> NamedSharding:

@@ -43,17 +43,18 @@ def _preset_rules(*sharded) -> tuple:
 class Strategy:
   """rules: (logical name, mesh axis | tuple of axes | None) pairs, earlier pairs first (flax's semantics).
   fsdp_axis: shard big tensors over this mesh axis (None: no FSDP); fsdp_min_size: "big" in elements."""
+
   rules: Rules
   fsdp_axis: Optional[str] = None
-  fsdp_min_size: int = 2 ** 14
+  fsdp_min_size: int = 2**14
   name: str = "custom"
 
 
 PRESETS = {
-    "dp": Strategy(_preset_rules(_BATCH_RULE), name="dp"),
-    "fsdp": Strategy(_preset_rules(_BATCH_RULE), fsdp_axis="fsdp", name="fsdp"),
-    "tp": Strategy(_preset_rules(_BATCH_RULE, *_TP_RULES), name="tp"),
-    "fsdp_tp": Strategy(_preset_rules(_BATCH_RULE, *_TP_RULES), fsdp_axis="fsdp", name="fsdp_tp"),
+  "dp": Strategy(_preset_rules(_BATCH_RULE), name="dp"),
+  "fsdp": Strategy(_preset_rules(_BATCH_RULE), fsdp_axis="fsdp", name="fsdp"),
+  "tp": Strategy(_preset_rules(_BATCH_RULE, *_TP_RULES), name="tp"),
+  "fsdp_tp": Strategy(_preset_rules(_BATCH_RULE, *_TP_RULES), fsdp_axis="fsdp", name="fsdp_tp"),
 }
 _SPEC_KEYS = ("preset", "rules", "fsdp_axis", "fsdp_min_size")
 
@@ -66,8 +67,10 @@ def _normalize_rules(rules) -> Rules:
     if rule[0] not in logical_axes.NAMES:  # it would match no tensor: whatever it meant to shard stays whole
       close = difflib.get_close_matches(rule[0], logical_axes.NAMES, n=1)
       hint = f" Did you mean {close[0]!r}?" if close else ""
-      raise ValueError(f"Sharding rule {tuple(rule)!r} names the unknown logical axis {rule[0]!r}.{hint} "
-                       f"The logical axes are {', '.join(logical_axes.NAMES)} (lvm_jax.logical_axes).")
+      raise ValueError(
+        f"Sharding rule {tuple(rule)!r} names the unknown logical axis {rule[0]!r}.{hint} "
+        f"The logical axes are {', '.join(logical_axes.NAMES)} (lvm_jax.logical_axes)."
+      )
     axes = rule[1]
     if isinstance(axes, (list, tuple)):  # configs hold lists; flax wants tuples
       axes = tuple(axes)
@@ -89,8 +92,10 @@ def get_strategy(spec: Union[str, Strategy, Mapping, Any], **overrides) -> Strat
     if spec not in PRESETS:
       close = difflib.get_close_matches(spec, PRESETS, n=1)
       hint = f" Did you mean {close[0]!r}?" if close else ""
-      raise ValueError(f"Unknown sharding strategy {spec!r}; the presets are {sorted(PRESETS)}.{hint} "
-                       "A config can also give its own rules: {'rules': [('mlp', 'model'), ...]}.")
+      raise ValueError(
+        f"Unknown sharding strategy {spec!r}; the presets are {sorted(PRESETS)}.{hint} "
+        "A config can also give its own rules: {'rules': [('mlp', 'model'), ...]}."
+      )
     strategy = PRESETS[spec]
   else:
     fields = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
@@ -113,16 +118,16 @@ def check_strategy(strategy: Strategy, mesh: Mesh) -> None:
     named.append(strategy.fsdp_axis)
   missing = sorted(set(named) - set(mesh.axis_names))
   if missing:
-    raise ValueError(f"Sharding strategy {strategy.name!r} uses mesh axes {missing} that the mesh "
-                     f"{dict(mesh.shape)} does not have.")
+    raise ValueError(
+      f"Sharding strategy {strategy.name!r} uses mesh axes {missing} that the mesh {dict(mesh.shape)} does not have."
+    )
 
 
 def _axes_size(mesh: Mesh, axes) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
-def partition_spec(shape: Sequence[int], names: Optional[Sequence[Optional[str]]], mesh: Mesh,
-                   strategy: Strategy) -> P:
+def partition_spec(shape: Sequence[int], names: Optional[Sequence[Optional[str]]], mesh: Mesh, strategy: Strategy) -> P:
   """Where one tensor of `shape` with logical `names` (None: unnamed) goes on `mesh`."""
   strategy = get_strategy(strategy)
   shape = tuple(shape)
@@ -139,11 +144,11 @@ def partition_spec(shape: Sequence[int], names: Optional[Sequence[Optional[str]]
 
   fsdp = strategy.fsdp_axis
   used = {a for axes in spec if axes for a in axes}
-  if (fsdp is not None and mesh.shape[fsdp] > 1 and fsdp not in used
-      and math.prod(shape) >= strategy.fsdp_min_size):
+  if fsdp is not None and mesh.shape[fsdp] > 1 and fsdp not in used and math.prod(shape) >= strategy.fsdp_min_size:
     # Never the stacked layer axis of scanned layers: each scan step would gather its layer from other devices.
-    free = [i for i, axes in enumerate(spec) if axes is None and shape[i] % mesh.shape[fsdp] == 0
-            and names[i] != LAYER_AXIS]
+    free = [
+      i for i, axes in enumerate(spec) if axes is None and shape[i] % mesh.shape[fsdp] == 0 and names[i] != LAYER_AXIS
+    ]
     if free:
       spec[max(free, key=lambda i: (shape[i], -i))] = (fsdp,)  # the largest; ties go to the earliest dim
   return P(*(axes[0] if axes and len(axes) == 1 else axes for axes in spec))
@@ -245,11 +250,13 @@ def with_sharding_rules(fn: Callable, mesh: Mesh, strategy) -> Callable:
   def wrapped(*args, **kwargs):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(strategy.rules):
       return fn(*args, **kwargs)
+
   return wrapped
 
 
-def init_sharded(model: nn.Module, rng, input_shape: Sequence[int], mesh: Mesh, strategy,
-                 *, dtype=jnp.float32, **init_kwargs) -> Any:
+def init_sharded(
+  model: nn.Module, rng, input_shape: Sequence[int], mesh: Mesh, strategy, *, dtype=jnp.float32, **init_kwargs
+) -> Any:
   """model.init's variables, unboxed, created directly in their shards (no device ever holds them whole).
 
   jax.eval_shape finds the shapes and names, then one jit with out_shardings creates every shard in place.

@@ -18,6 +18,7 @@ def task_of_workdir(workdir: str) -> type:
   """The Task class of the run in `workdir`, from its saved config (a run from before config.task, or a folder
   without one, is classification's, whose loader says what is missing)."""
   from lvm_jax.train import reporting
+
   try:
     config = reporting.load_config(workdir)
   except FileNotFoundError:

@@ -50,8 +50,10 @@ class Classification(Task):
   @classmethod
   def from_config(cls, config, train_source, eval_source) -> "Classification":
     if eval_source is not None and eval_source.class_names != train_source.class_names:
-      raise ValueError(f"data.eval has classes {eval_source.class_names[:5]}... but data.train has "
-                       f"{train_source.class_names[:5]}...: they must be the same, in the same order.")
+      raise ValueError(
+        f"data.eval has classes {eval_source.class_names[:5]}... but data.train has "
+        f"{train_source.class_names[:5]}...: they must be the same, in the same order."
+      )
     return cls(config.num_classes or train_source.num_classes, config.label_smoothing, train_source.class_names)
 
   def build_model(self, config) -> ModelInit:
@@ -65,14 +67,21 @@ class Classification(Task):
         overrides["image_size"] = config.image_size
       return ModelInit(registry.create_model(config.model, num_classes=self.num_classes, dtype=dtype, **overrides))
     checkpoint = pretrained_lib.load_checkpoint(config.pretrained, dtype=dtype, **overrides)
-    model, variables = pretrained_lib.retarget(checkpoint.model, checkpoint.variables, num_classes=self.num_classes,
-                                               image_size=config.image_size, seed=config.seed)
+    model, variables = pretrained_lib.retarget(
+      checkpoint.model,
+      checkpoint.variables,
+      num_classes=self.num_classes,
+      image_size=config.image_size,
+      seed=config.seed,
+    )
     mean_std = None
     if checkpoint.preprocessing is not None:
       mean_std = (checkpoint.preprocessing.mean, checkpoint.preprocessing.std)
     elif config.data.normalize is None:
-      raise ValueError(f"pretrained={config.pretrained!r}: its preprocessing cannot be read "
-                       f"({checkpoint.preprocessing_error}); set data.normalize to a preset.")
+      raise ValueError(
+        f"pretrained={config.pretrained!r}: its preprocessing cannot be read "
+        f"({checkpoint.preprocessing_error}); set data.normalize to a preset."
+      )
     return ModelInit(model, variables, mean_std)
 
   def check_data(self, element_spec: dict, pp_name: str) -> None:
@@ -93,10 +102,10 @@ class Classification(Task):
     loss = cross_entropy(logits, targets(labels, self.num_classes))
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     return {
-        "count": jnp.sum(mask),
-        "top1": jnp.sum(mask * (jnp.argmax(logits, -1) == labels)),
-        "top5": jnp.sum(mask * jnp.any(top5 == labels[:, None], axis=-1)),
-        "loss": jnp.sum(jnp.where(mask > 0, loss, 0.0)),  # a padded example never turns the sum into NaN
+      "count": jnp.sum(mask),
+      "top1": jnp.sum(mask * (jnp.argmax(logits, -1) == labels)),
+      "top5": jnp.sum(mask * jnp.any(top5 == labels[:, None], axis=-1)),
+      "loss": jnp.sum(jnp.where(mask > 0, loss, 0.0)),  # a padded example never turns the sum into NaN
     }
 
   def summarize_eval(self, per_batch: Sequence[dict]) -> dict:
@@ -110,13 +119,16 @@ class Classification(Task):
   def save_run_files(self, workdir: str) -> None:
     if self.class_names is not None:
       from lvm_jax.data import sources  # TensorFlow comes with it: only when a run writes its workdir
+
       sources.write_class_names(self.class_names, os.path.join(workdir, CLASS_NAMES_FILE))
 
   @classmethod
-  def predict(cls, workdir: str, image: str, *, step: Optional[int] = None, top_k: int = 5,
-              as_json: bool = False) -> str:
+  def predict(
+    cls, workdir: str, image: str, *, step: Optional[int] = None, top_k: int = 5, as_json: bool = False
+  ) -> str:
     """The run's `top_k` classes for `image`, as classify.format_predictions writes them."""
     from lvm_jax.tasks import classify  # the inference API, which builds on the weights loaders
     from lvm_jax.train import workdir_checkpoint
+
     predictions = classify.classify(workdir_checkpoint.load(workdir, step=step), image, top_k=top_k)[0]
     return classify.format_predictions(predictions, as_json=as_json)

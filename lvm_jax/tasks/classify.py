@@ -54,8 +54,9 @@ class Classifier:
     else:
       checkpoint = load_checkpoint(source_or_checkpoint, **overrides)
     if not getattr(checkpoint.model, "num_classes", 0):
-      raise ValueError(f"{checkpoint.source} has no classification head (num_classes=0): it gives features, "
-                       "not class probabilities.")
+      raise ValueError(
+        f"{checkpoint.source} has no classification head (num_classes=0): it gives features, not class probabilities."
+      )
     if batch_size < 1:
       raise ValueError(f"batch_size must be positive, got {batch_size}.")
     self.checkpoint = checkpoint
@@ -67,8 +68,10 @@ class Classifier:
   @property
   def preprocessing(self):
     if self.checkpoint.preprocessing is None:
-      raise ValueError(f"{self.checkpoint.source}: its preprocessing cannot be applied "
-                       f"({self.checkpoint.preprocessing_error}); pass a Checkpoint with a Preprocessing set.")
+      raise ValueError(
+        f"{self.checkpoint.source}: its preprocessing cannot be applied "
+        f"({self.checkpoint.preprocessing_error}); pass a Checkpoint with a Preprocessing set."
+      )
     return self.checkpoint.preprocessing
 
   def _logits(self, variables, pixels):
@@ -80,11 +83,12 @@ class Classifier:
     images = as_image_list(images)
     outputs = []
     for start in range(0, len(images), self.batch_size):
-      chunk = np.stack([self.preprocessing(image_io.load_image(image))
-                        for image in images[start:start + self.batch_size]])
+      chunk = np.stack(
+        [self.preprocessing(image_io.load_image(image)) for image in images[start : start + self.batch_size]]
+      )
       bucket = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
       padded = np.concatenate([chunk, np.zeros((bucket - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-      outputs.append(np.asarray(self._forward(self.checkpoint.variables, padded), np.float32)[:len(chunk)])
+      outputs.append(np.asarray(self._forward(self.checkpoint.variables, padded), np.float32)[: len(chunk)])
     return np.concatenate(outputs)
 
   def probabilities(self, images) -> np.ndarray:
@@ -106,8 +110,9 @@ class Classifier:
     return results
 
 
-def classify(source_or_checkpoint: Union[str, Checkpoint, Classifier], images, top_k: int = 5
-             ) -> list[list[Prediction]]:
+def classify(
+  source_or_checkpoint: Union[str, Checkpoint, Classifier], images, top_k: int = 5
+) -> list[list[Prediction]]:
   """The `top_k` predictions for each image. For repeated calls build a Classifier once instead.
 
   Args:

@@ -48,8 +48,9 @@ def read_image(path: Union[str, os.PathLike]) -> PIL.Image.Image:
     try:
       image.load()
     except Exception as e:  # Pillow reports bad data as OSError, SyntaxError, ValueError or zlib errors
-      raise ValueError(f"{path} is a truncated or corrupt {image.format} file: decoding failed "
-                       f"({type(e).__name__}: {e}).") from None
+      raise ValueError(
+        f"{path} is a truncated or corrupt {image.format} file: decoding failed ({type(e).__name__}: {e})."
+      ) from None
     return to_rgb(image)
 
 
@@ -62,18 +63,23 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     values = np.asarray(image).astype(np.uint32)
     image = PIL.Image.fromarray((values >> 8).astype(np.uint8))
   elif image.mode in ("I", "F"):
-    raise ValueError(f"{image.mode!r} images ({'32-bit integer' if image.mode == 'I' else 'floating point'} "
-                     "pixels) have no known value range; convert them to 8-bit first.")
+    raise ValueError(
+      f"{image.mode!r} images ({'32-bit integer' if image.mode == 'I' else 'floating point'} "
+      "pixels) have no known value range; convert them to 8-bit first."
+    )
   return image.convert("RGB")
 
 
 def from_array(array: np.ndarray) -> PIL.Image.Image:
   if array.dtype != np.uint8:
-    raise TypeError(f"Image arrays must be uint8 (0..255), got {array.dtype}; float arrays are ambiguous "
-                    "(0..1 or 0..255?), convert them first.")
+    raise TypeError(
+      f"Image arrays must be uint8 (0..255), got {array.dtype}; float arrays are ambiguous "
+      "(0..1 or 0..255?), convert them first."
+    )
   if array.ndim == 3 and array.shape[-1] == 1:
     array = array[..., 0]
   if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4)):
     return PIL.Image.fromarray(np.ascontiguousarray(array))
-  raise ValueError(f"Image arrays must be [H, W], [H, W, 1], [H, W, 3] (RGB) or [H, W, 4] (RGBA), got shape "
-                   f"{array.shape}.")
+  raise ValueError(
+    f"Image arrays must be [H, W], [H, W, 1], [H, W, 3] (RGB) or [H, W, 4] (RGBA), got shape {array.shape}."
+  )

@@ -68,8 +68,16 @@ class CheckpointManager:
   predict): nothing is created, saved or cleaned up, so a training run may be writing the same directory.
   """
 
-  def __init__(self, directory: str, *, keep: int = 3, best_metric: Optional[str] = None,
-               best_mode: str = "max", async_save: bool = True, read_only: bool = False):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    keep: int = 3,
+    best_metric: Optional[str] = None,
+    best_mode: str = "max",
+    async_save: bool = True,
+    read_only: bool = False,
+  ):
     if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
       raise ValueError(f"keep must be an int >= 1 (the newest checkpoints to keep), got {keep!r}.")
     if best_mode not in _MODES:
@@ -83,18 +91,20 @@ class CheckpointManager:
     if best_metric is not None:
       keep_policies.append(_BestByMetric(self))  # saves without metrics are LatestN's business only
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policies.AnyPreservationPolicy(keep_policies),
-        # Always Orbax's async checkpointer: only it runs the hook that seals a step before its rename; a
-        # synchronous save is an async one waited for.
-        enable_async_checkpointing=True,
-        async_options=ocp.options.AsyncOptions(post_finalization_callback=self._seal),
-        # Leftovers of a killed save must not block saving that step again; a reader leaves them (they may be
-        # a live run's save in progress). Orbax's own read_only option only adds warnings to this.
-        cleanup_tmp_directories=not read_only,
-        create=not read_only)
+      preservation_policy=policies.AnyPreservationPolicy(keep_policies),
+      # Always Orbax's async checkpointer: only it runs the hook that seals a step before its rename; a
+      # synchronous save is an async one waited for.
+      enable_async_checkpointing=True,
+      async_options=ocp.options.AsyncOptions(post_finalization_callback=self._seal),
+      # Leftovers of a killed save must not block saving that step again; a reader leaves them (they may be
+      # a live run's save in progress). Orbax's own read_only option only adds warnings to this.
+      cleanup_tmp_directories=not read_only,
+      create=not read_only,
+    )
     # Handlers named up front: a fresh manager (a resumed run) can then read the saved layout before restoring.
     registry = ocp.handlers.create_default_handler_registry(
-        **{_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()})
+      **{_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()}
+    )
     self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
     self._in_flight: Optional[int] = None  # the step an async save may still be writing
     self._verified: set[int] = set()
@@ -145,19 +155,29 @@ class CheckpointManager:
     scores = None
     if self.best_metric is not None and metrics is not None:
       if self.best_metric not in metrics:
-        raise ValueError(f"Checkpoint metrics {sorted(metrics)} lack best_metric={self.best_metric!r}, which "
-                         "decides the best checkpoint to keep; pass it or change best_metric.")
+        raise ValueError(
+          f"Checkpoint metrics {sorted(metrics)} lack best_metric={self.best_metric!r}, which "
+          "decides the best checkpoint to keep; pass it or change best_metric."
+        )
       scores = _json_floats(metrics)
       self._scores[step] = self._score(scores)  # before the save: retention runs when it finalizes
     self._in_flight = step
     try:
       # force: Orbax's own interval policy would skip steps; the trainer decides when to save.
-      self._manager.save(step, force=True, args=ocp.args.Composite(**{
-          _STATE: ocp.args.StandardSave(state),
-          _META: ocp.args.JsonSave({"meta": dict(meta or {}), "metrics": scores})}))
+      self._manager.save(
+        step,
+        force=True,
+        args=ocp.args.Composite(
+          **{
+            _STATE: ocp.args.StandardSave(state),
+            _META: ocp.args.JsonSave({"meta": dict(meta or {}), "metrics": scores}),
+          }
+        ),
+      )
     except Exception as e:
-      raise CheckpointSaveError(f"Saving the checkpoint of step {step} in {self.directory} failed: "
-                                f"{type(e).__name__}: {e}") from e
+      raise CheckpointSaveError(
+        f"Saving the checkpoint of step {step} in {self.directory} failed: {type(e).__name__}: {e}"
+      ) from e
     if jax.process_index() == 0:
       logging.info("Checkpoint of step %d started in %s.", step, self.directory)
     if not self._async:
@@ -201,8 +221,9 @@ class CheckpointManager:
       self._manager.wait_until_finished()
       self._manager.check_for_errors()
     except Exception as e:
-      raise CheckpointSaveError(f"Saving the checkpoint of step {step} in {self.directory} failed: "
-                                f"{type(e).__name__}: {e}") from e
+      raise CheckpointSaveError(
+        f"Saving the checkpoint of step {step} in {self.directory} failed: {type(e).__name__}: {e}"
+      ) from e
     finally:
       self._in_flight = None
 
@@ -245,17 +266,21 @@ class CheckpointManager:
           error = e
           if step is None:
             moved = self._quarantine(candidate) if quarantine and not self.read_only else None
-            logging.warning("Skipped checkpoint step %d (%s): %s%s.", e.step, e.path, e.reason,
-                            f"; moved to {moved}" if moved else "")
+            logging.warning(
+              "Skipped checkpoint step %d (%s): %s%s.", e.step, e.path, e.reason, f"; moved to {moved}" if moved else ""
+            )
     chosen = _from_process_0(chosen)
     if quarantine:
       self._manager.reload()  # process 0 may have moved steps away
     if chosen < 0:
       if error is not None and step is not None:
         raise error
-      raise CorruptCheckpointError(steps[-1] if step is None else int(step), self.directory,
-                                   f"none of the {len(steps)} checkpoint(s) {steps} verifies"
-                                   + (f"; the newest problem: {error.reason}" if error else ""))
+      raise CorruptCheckpointError(
+        steps[-1] if step is None else int(step),
+        self.directory,
+        f"none of the {len(steps)} checkpoint(s) {steps} verifies"
+        + (f"; the newest problem: {error.reason}" if error else ""),
+      )
     return chosen
 
   def _quarantine(self, step: int) -> str:
@@ -308,6 +333,7 @@ def _from_process_0(value: int) -> int:
   if jax.process_count() == 1:
     return value
   from jax.experimental import multihost_utils
+
   return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
@@ -325,8 +351,10 @@ def _check_no_typed_keys(state) -> None:
   """Typed PRNG keys are saved as their data and cannot be restored as keys; ask for the data up front."""
   for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
     if hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      raise ValueError(f"State entry {jax.tree_util.keystr(path)} is a typed PRNG key; save "
-                       "jax.random.key_data(key) (uint32) and rebuild it with jax.random.wrap_key_data.")
+      raise ValueError(
+        f"State entry {jax.tree_util.keystr(path)} is a typed PRNG key; save "
+        "jax.random.key_data(key) (uint32) and rebuild it with jax.random.wrap_key_data."
+      )
 
 
 def _abstract_leaf(x):
@@ -355,8 +383,9 @@ def _shapes_by_path(tree, is_leaf=None) -> dict[str, tuple]:
   """{"opt_state/0/mu/params/kernel": shape}: tuples, named tuples and dicts addressed alike, as Orbax stores
   them (a named tuple's fields become dict keys, a tuple's items list indices)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-  return {"/".join(_key_name(e) for e in path): tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
-          for path, x in flat}
+  return {
+    "/".join(_key_name(e) for e in path): tuple(x.shape) if hasattr(x, "shape") else np.shape(x) for path, x in flat
+  }
 
 
 def _is_metadata(x) -> bool:
@@ -375,8 +404,12 @@ def _check_same_layout(saved, target, step: int, directory: str) -> None:
     problems.append(f"the checkpoint has {len(extra)} entries the target lacks, first {extra[:3]}")
   differ = [k for k in want if k in have and have[k] != want[k]]
   if differ:
-    problems.append(f"{len(differ)} shapes differ, first " +
-                    ", ".join(f"{k}: checkpoint {have[k]} vs target {want[k]}" for k in differ[:3]))
+    problems.append(
+      f"{len(differ)} shapes differ, first "
+      + ", ".join(f"{k}: checkpoint {have[k]} vs target {want[k]}" for k in differ[:3])
+    )
   if problems:
-    raise ValueError(f"The checkpoint of step {step} in {directory} does not match the state to restore "
-                     f"(did the model, optimizer or config change?): {'; '.join(problems)}.")
+    raise ValueError(
+      f"The checkpoint of step {step} in {directory} does not match the state to restore "
+      f"(did the model, optimizer or config change?): {'; '.join(problems)}."
+    )

@@ -27,37 +27,37 @@ IN_PLACE = ("optimizer", "optimizer.schedule")
 
 def defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.task = "classification"                    # what the model learns: a name in lvm_jax.tasks.TASKS
+  c.task = "classification"  # what the model learns: a name in lvm_jax.tasks.TASKS
   c.seed = 0
 
   # The model: a registered name plus argument overrides, or a checkpoint to fine-tune (then `model` is ignored
   # and the checkpoint's own architecture is used; `model_args` still override e.g. drop_path).
   c.model = "vit_ti16"
-  c.model_args = ml_collections.ConfigDict()   # e.g. {"drop_path": 0.1, "image_size": 32}
-  c.pretrained = placeholder(str)                         # anything lvm_jax.from_pretrained accepts
-  c.num_classes = placeholder(int)                     # None: the training source's class count
-  c.image_size = placeholder(int)                      # None: the model's own; set for fine-tuning at a new resolution
-  c.dtype = "float32"                          # compute dtype; parameters and optimizer state stay float32
+  c.model_args = ml_collections.ConfigDict()  # e.g. {"drop_path": 0.1, "image_size": 32}
+  c.pretrained = placeholder(str)  # anything lvm_jax.from_pretrained accepts
+  c.num_classes = placeholder(int)  # None: the training source's class count
+  c.image_size = placeholder(int)  # None: the model's own; set for fine-tuning at a new resolution
+  c.dtype = "float32"  # compute dtype; parameters and optimizer state stay float32
 
   c.data = ml_collections.ConfigDict()
-  c.data.train = ml_collections.ConfigDict(dict(kind="digits", split="train"))   # make_source(**train)
-  c.data.eval = ml_collections.ConfigDict(dict(kind="digits", split="test"))     # None: no evaluation
+  c.data.train = ml_collections.ConfigDict(dict(kind="digits", split="train"))  # make_source(**train)
+  c.data.eval = ml_collections.ConfigDict(dict(kind="digits", split="test"))  # None: no evaluation
   c.data.pp_train = "decode|inception_crop(224)|flip_lr"
   c.data.pp_eval = "decode|resize_small(256)|central_crop(224)"
   # Normalization on the device (uint8 crosses to the device, a quarter of the bytes): a preset ("imagenet",
   # "inception") or None for the pretrained checkpoint's own mean/std. Ignored when the pp normalizes itself.
   c.data.normalize = "imagenet"
-  c.data.batch_size = 128                      # global, over all processes
-  c.data.eval_batch_size = 0                   # 0: same as batch_size
+  c.data.batch_size = 128  # global, over all processes
+  c.data.eval_batch_size = 0  # 0: same as batch_size
   # The train split is read as this many shards (0: one per process). A multiple of every process count the run
   # may use makes the global batches independent of the number of hosts (see data/pipeline.py).
   c.data.num_shards = 0
   c.data.shuffle_buffer = 10_000
   c.data.prefetch = 2
 
-  c.num_steps = 0                              # training length in steps; 0: from num_epochs
+  c.num_steps = 0  # training length in steps; 0: from num_epochs
   c.num_epochs = 0.0
-  c.label_smoothing = 0.0                      # for integer labels (a pp with onehot(...) smooths itself)
+  c.label_smoothing = 0.0  # for integer labels (a pp with onehot(...) smooths itself)
 
   c.optimizer = optimizer_block()
   c.optimizer.lr = 1e-3
@@ -67,19 +67,27 @@ def defaults() -> ml_collections.ConfigDict:
   c.sharding = ml_collections.ConfigDict(dict(preset="dp"))
 
   c.log_every_steps = 50
-  c.eval_every_steps = 0                       # 0: evaluate at the end only
+  c.eval_every_steps = 0  # 0: evaluate at the end only
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
-  c.best_metric = "top1"                       # eval metric whose best checkpoint is kept (None: off)
+  c.best_metric = "top1"  # eval metric whose best checkpoint is kept (None: off)
   c.async_checkpoints = True
-  c.progress_bar = True                        # shown only when a terminal is attached
+  c.progress_bar = True  # shown only when a terminal is attached
   return c
 
 
 # Types of the optimizer settings whose default is None ("off" / "the optimizer's own"), so that they can still be
 # set from the command line (ml_collections cannot override a plain None).
-_OPTIONAL_TYPES = dict(lr=float, eps=float, clip_norm=float, layer_decay=float, ema_decay=float, frozen=tuple,
-                       no_decay=tuple, total_steps=int)
+_OPTIONAL_TYPES = dict(
+  lr=float,
+  eps=float,
+  clip_norm=float,
+  layer_decay=float,
+  ema_decay=float,
+  frozen=tuple,
+  no_decay=tuple,
+  total_steps=int,
+)
 
 
 def _typed(block: dict) -> ml_collections.ConfigDict:
@@ -146,9 +154,11 @@ def _replaced_blocks(config) -> list[str]:
       continue  # absent (the default applies) or the wrong type (reported as such)
     lost = [key for key in default if key not in block]
     if lost:
-      errors.append(f"{path} was assigned a new block that lacks {', '.join(map(repr, lost))}, so "
-                    f"--config.{path}.KEY cannot set them: set fields of the default block instead "
-                    f"(c.{path}.KEY = VALUE, or c.{path}.update(KEY=VALUE, ...)), never c.{path} = {{...}}")
+      errors.append(
+        f"{path} was assigned a new block that lacks {', '.join(map(repr, lost))}, so "
+        f"--config.{path}.KEY cannot set them: set fields of the default block instead "
+        f"(c.{path}.KEY = VALUE, or c.{path}.update(KEY=VALUE, ...)), never c.{path} = {{...}}"
+      )
   return errors
 
 
@@ -179,16 +189,20 @@ def validate(config) -> ml_collections.ConfigDict:
   if full.num_steps < 0 or full.num_epochs < 0:
     raise ValueError(f"num_steps and num_epochs must be >= 0, got {full.num_steps} and {full.num_epochs}.")
   if (full.num_steps > 0) == (full.num_epochs > 0):
-    raise ValueError(f"Set exactly one of num_steps (> 0) and num_epochs (> 0); got num_steps={full.num_steps}, "
-                     f"num_epochs={full.num_epochs}.")
+    raise ValueError(
+      f"Set exactly one of num_steps (> 0) and num_epochs (> 0); got num_steps={full.num_steps}, "
+      f"num_epochs={full.num_epochs}."
+    )
   for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if full[key] < 1:
       raise ValueError(f"{key} must be >= 1, got {full[key]}.")
   if full.eval_every_steps < 0:
     raise ValueError(f"eval_every_steps must be >= 0 (0: at the end only), got {full.eval_every_steps}.")
   if full.data.batch_size < 1 or full.data.eval_batch_size < 0:
-    raise ValueError(f"data.batch_size must be >= 1 and data.eval_batch_size >= 0, got {full.data.batch_size} "
-                     f"and {full.data.eval_batch_size}.")
+    raise ValueError(
+      f"data.batch_size must be >= 1 and data.eval_batch_size >= 0, got {full.data.batch_size} "
+      f"and {full.data.eval_batch_size}."
+    )
   if not 0.0 <= full.label_smoothing < 1.0:
     raise ValueError(f"label_smoothing must be in [0, 1), got {full.label_smoothing}.")
   if full.pretrained is None and full.data.normalize is None:

@@ -26,12 +26,25 @@ from lvm_jax.train import schedules
 NAMES = ("adamw", "sgd", "lamb")
 
 # None means "not set": the optimizer's own default applies (see _DEFAULT_EPS) or the feature is off.
-DEFAULTS = dict(name="adamw", lr=None, b1=0.9, b2=0.999, eps=None, momentum=0.9, nesterov=False,
-                weight_decay=0.0, clip_norm=None, schedule=None, layer_decay=None, frozen=None, no_decay=None,
-                accumulate_steps=1, ema_decay=None)
+DEFAULTS = dict(
+  name="adamw",
+  lr=None,
+  b1=0.9,
+  b2=0.999,
+  eps=None,
+  momentum=0.9,
+  nesterov=False,
+  weight_decay=0.0,
+  clip_norm=None,
+  schedule=None,
+  layer_decay=None,
+  frozen=None,
+  no_decay=None,
+  accumulate_steps=1,
+  ema_decay=None,
+)
 SCHEDULE_DEFAULTS = dict(warmup_steps=0, total_steps=None, decay="cosine", end_lr_fraction=0.0)
 _DEFAULT_EPS = dict(adamw=1e-8, lamb=1e-6)
-
 
 
 def _checked_keys(block, defaults: dict, where: str) -> dict:
@@ -79,6 +92,7 @@ def read_config(config) -> dict:
 
 # --------------------------------------------------------------------------------------------- parameter paths
 
+
 def _path_str(path) -> str:
   # Only dict keys name parameters; other entries (e.g. a Partitioned box's attribute) are not part of the name.
   return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
@@ -106,8 +120,10 @@ def _compile_user_regexes(patterns, paths: list[str], key: str) -> list[re.Patte
     except re.error as e:
       raise ValueError(f"optimizer.{key}: {pattern!r} is not a valid regex: {e}.") from None
     if not any(rx.search(p) for p in paths):
-      raise ValueError(f"optimizer.{key}: regex {pattern!r} matches no parameter. Some paths: "
-                       f"{', '.join(paths[:6])}, ... ({len(paths)} in all).")
+      raise ValueError(
+        f"optimizer.{key}: regex {pattern!r} matches no parameter. Some paths: "
+        f"{', '.join(paths[:6])}, ... ({len(paths)} in all)."
+      )
     compiled.append(rx)
   return compiled
 
@@ -139,21 +155,25 @@ def weight_decay_mask(params, no_decay=None, model=None):
 
 # ---------------------------------------------------------------------------------------- layer-wise lr decay
 
+
 def layer_ids(params, model) -> tuple[dict[str, int], int]:
   """(path -> layer id, number of ids), from the model's layer_id / num_layer_ids (models/param_groups.py):
   embeddings 0, then the blocks or stages in order, the head the last id."""
   if not isinstance(model, param_groups.ParamGroups):
-    raise ValueError(f"optimizer.layer_decay needs the model's layer ids: pass make_optimizer a model with "
-                     f"layer_id, num_layer_ids and no_weight_decay (lvm_jax.models.param_groups), not "
-                     f"{type(model).__name__}.")
+    raise ValueError(
+      f"optimizer.layer_decay needs the model's layer ids: pass make_optimizer a model with "
+      f"layer_id, num_layer_ids and no_weight_decay (lvm_jax.models.param_groups), not "
+      f"{type(model).__name__}."
+    )
   try:
     ids = {p: model.layer_id(p) for p in param_paths(params)}
   except ValueError as e:
     raise ValueError(f"optimizer.layer_decay: {e}") from None
   unknown = [p for p, i in ids.items() if i is None]
   if unknown:  # a new parameter must get an explicit id rather than a silent guess
-    raise ValueError(f"optimizer.layer_decay: {type(model).__name__}.layer_id gives no id for parameters "
-                     f"{unknown[:5]}.")
+    raise ValueError(
+      f"optimizer.layer_decay: {type(model).__name__}.layer_id gives no id for parameters {unknown[:5]}."
+    )
   return ids, model.num_layer_ids()
 
 
@@ -191,6 +211,7 @@ def _cast_to_param_dtype() -> optax.GradientTransformation:
 
 # ------------------------------------------------------------------------------------------------ the builder
 
+
 def make_optimizer(config, params, model=None):
   """(optax transformation, schedule_fn) from `config.optimizer` (or an optimizer block given directly).
 
@@ -207,8 +228,13 @@ def make_optimizer(config, params, model=None):
   params = nn.meta.unbox(params)
   paths = param_paths(params)
   s = cfg["schedule"]
-  schedule_fn = schedules.warmup_then_decay(cfg["lr"], warmup_steps=s["warmup_steps"], total_steps=s["total_steps"],
-                                            decay=s["decay"], end_lr_fraction=s["end_lr_fraction"])
+  schedule_fn = schedules.warmup_then_decay(
+    cfg["lr"],
+    warmup_steps=s["warmup_steps"],
+    total_steps=s["total_steps"],
+    decay=s["decay"],
+    end_lr_fraction=s["end_lr_fraction"],
+  )
   # Masks are functions of the (possibly multi_transform-masked) tree so they fit whatever tree optax hands them.
   decay_tree = weight_decay_mask(params, cfg["no_decay"], model)
   decayed = {p for p, d in zip(paths, jax.tree.leaves(decay_tree)) if d}
@@ -220,8 +246,10 @@ def make_optimizer(config, params, model=None):
   elif name == "lamb":
     base = optax.lamb(schedule_fn, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"], weight_decay=wd, mask=mask_fn)
   else:  # coupled L2 (added to the gradient before momentum), as torch.optim.SGD's weight_decay
-    base = optax.chain(optax.add_decayed_weights(wd, mask=mask_fn),
-                       optax.sgd(schedule_fn, momentum=cfg["momentum"] or None, nesterov=bool(cfg["nesterov"])))
+    base = optax.chain(
+      optax.add_decayed_weights(wd, mask=mask_fn),
+      optax.sgd(schedule_fn, momentum=cfg["momentum"] or None, nesterov=bool(cfg["nesterov"])),
+    )
 
   parts = []
   if cfg["clip_norm"]:
@@ -252,7 +280,7 @@ def frozen_mask(params, frozen) -> Any:
 
 # ------------------------------------------------------------------------------------------------------- EMA
 
+
 def ema_update(ema_params, params, decay):
   """decay * ema + (1 - decay) * params, leaf by leaf, keeping the EMA's dtype. Pure; `decay` may be traced."""
-  return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype),
-                      ema_params, params)
+  return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype), ema_params, params)

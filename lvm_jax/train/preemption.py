@@ -78,6 +78,7 @@ class PreemptionWatch:
 
 def _reached_jax_sync_point(step: int) -> bool:
   from jax.experimental import multihost_utils
+
   try:
     return bool(multihost_utils.reached_preemption_sync_point(step))
   except RuntimeError:  # the preemption service is disabled (jax_enable_preemption_service=False)
@@ -86,5 +87,6 @@ def _reached_jax_sync_point(step: int) -> bool:
 
 def _any_process(flag: bool) -> bool:
   from jax.experimental import multihost_utils
+
   flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
   return bool(np.asarray(flags).any())

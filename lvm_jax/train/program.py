@@ -28,21 +28,32 @@ from lvm_jax.train.task import Task
 class TrainProgram:
   task: Task
   model: nn.Module
-  tx: Any                                  # the optax.GradientTransformation
-  schedule: Callable                       # optimizer update -> learning rate
+  tx: Any  # the optax.GradientTransformation
+  schedule: Callable  # optimizer update -> learning rate
   step_config: steps.StepConfig
   mesh: jax.sharding.Mesh
   strategy: partitioning.Strategy
-  input_shape: tuple[int, ...]             # (1, H, W, 3): one example
+  input_shape: tuple[int, ...]  # (1, H, W, 3): one example
   # The state as ShapeDtypeStructs with their shardings: where to create it, and the target to restore onto.
   abstract_state: state_lib.TrainState
-  pretrained_variables: Optional[dict] = None   # initial variables when fine-tuning, else None (fresh init)
+  pretrained_variables: Optional[dict] = None  # initial variables when fine-tuning, else None (fresh init)
   seed: int = 0
 
   @classmethod
-  def create(cls, *, task: Task, model: nn.Module, optimizer: dict, mesh: jax.sharding.Mesh,
-             strategy: partitioning.Strategy, input_shape: tuple[int, ...], normalize: Optional[tuple] = None,
-             pretrained_variables: Optional[dict] = None, seed: int = 0, **fields) -> "TrainProgram":
+  def create(
+    cls,
+    *,
+    task: Task,
+    model: nn.Module,
+    optimizer: dict,
+    mesh: jax.sharding.Mesh,
+    strategy: partitioning.Strategy,
+    input_shape: tuple[int, ...],
+    normalize: Optional[tuple] = None,
+    pretrained_variables: Optional[dict] = None,
+    seed: int = 0,
+    **fields,
+  ) -> "TrainProgram":
     """Builds the optimizer and the sharded state layout; nothing is allocated or compiled.
 
     Args:
@@ -57,16 +68,30 @@ class TrainProgram:
       **fields: the fields of a subclass (setup.Run).
     """
     block = optimizer_lib.read_config(optimizer)
-    params = registry.abstract_variables(model)["params"] if pretrained_variables is None \
-        else pretrained_variables["params"]
+    params = (
+      registry.abstract_variables(model)["params"] if pretrained_variables is None else pretrained_variables["params"]
+    )
     tx, schedule = optimizer_lib.make_optimizer(block, params, model)
-    step_config = steps.StepConfig(normalize=normalize, ema_decay=block["ema_decay"],
-                                   accumulate_steps=block["accumulate_steps"])
-    abstract = state_lib.sharded_abstract_state(model, tx, input_shape, mesh, strategy,
-                                                use_ema=step_config.ema_decay is not None)
-    return cls(task=task, model=model, tx=tx, schedule=schedule, step_config=step_config, mesh=mesh,
-               strategy=strategy, input_shape=tuple(input_shape), abstract_state=abstract,
-               pretrained_variables=pretrained_variables, seed=seed, **fields)
+    step_config = steps.StepConfig(
+      normalize=normalize, ema_decay=block["ema_decay"], accumulate_steps=block["accumulate_steps"]
+    )
+    abstract = state_lib.sharded_abstract_state(
+      model, tx, input_shape, mesh, strategy, use_ema=step_config.ema_decay is not None
+    )
+    return cls(
+      task=task,
+      model=model,
+      tx=tx,
+      schedule=schedule,
+      step_config=step_config,
+      mesh=mesh,
+      strategy=strategy,
+      input_shape=tuple(input_shape),
+      abstract_state=abstract,
+      pretrained_variables=pretrained_variables,
+      seed=seed,
+      **fields,
+    )
 
   @property
   def use_ema(self) -> bool:
@@ -82,15 +107,25 @@ class TrainProgram:
 
   def new_state(self) -> state_lib.TrainState:
     """A fresh state in its shards: the model's init from `seed`, or the pretrained variables."""
-    return state_lib.create(self.model, self.tx, jax.random.key(self.seed), self.input_shape, self.state_shardings,
-                            use_ema=self.use_ema, variables=self.pretrained_variables)
+    return state_lib.create(
+      self.model,
+      self.tx,
+      jax.random.key(self.seed),
+      self.input_shape,
+      self.state_shardings,
+      use_ema=self.use_ema,
+      variables=self.pretrained_variables,
+    )
 
   def train_step(self) -> Callable:
     """(state, batch) -> (state, metrics), jitted under the sharding rules with the state donated."""
     step = steps.make_train_step(self.task, self.model, self.tx, self.schedule, self.step_config)
-    return jax.jit(partitioning.with_sharding_rules(step, self.mesh, self.strategy),
-                   in_shardings=(self.state_shardings, self.batch_sharding),
-                   out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+    return jax.jit(
+      partitioning.with_sharding_rules(step, self.mesh, self.strategy),
+      in_shardings=(self.state_shardings, self.batch_sharding),
+      out_shardings=(self.state_shardings, None),
+      donate_argnums=(0,),
+    )
 
   def eval_step(self) -> Callable:
     """(variables, batch) -> the task's eval values; variables and batch arrive sharded, the values replicated."""

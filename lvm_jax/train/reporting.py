@@ -107,14 +107,13 @@ class ProgressBar:
   the steps left. Redraws at most every `min_interval` seconds so calling it every step costs next to nothing.
   """
 
-  def __init__(self, total_steps: int, stream, *, width: int = 30, min_interval: float = 0.1,
-               clock=time.monotonic):
+  def __init__(self, total_steps: int, stream, *, width: int = 30, min_interval: float = 0.1, clock=time.monotonic):
     self.total_steps, self.stream, self.width = total_steps, stream, width
     self.min_interval, self._clock = min_interval, clock
     self._step = None
-    self._drawn = ""          # what is on the terminal line now
+    self._drawn = ""  # what is on the terminal line now
     self._last_draw = -math.inf
-    self._speed = None        # (img_per_sec, seconds per step) from the last train log
+    self._speed = None  # (img_per_sec, seconds per step) from the last train log
 
   def set_speed(self, step: int, img_per_sec: float | None, eta_seconds: float | None) -> None:
     seconds_per_step = None
@@ -141,7 +140,7 @@ class ProgressBar:
       if seconds_per_step is not None:
         text += f"  ETA {format_duration(max(total - step, 0) * seconds_per_step)}"
     # A line longer than the terminal wraps, and "\r" then rewrites only its last part.
-    return text[:shutil.get_terminal_size().columns - 1]
+    return text[: shutil.get_terminal_size().columns - 1]
 
   def redraw(self) -> None:
     if self._step is None:
@@ -176,8 +175,17 @@ class MetricLogger:
   left out everywhere.
   """
 
-  def __init__(self, workdir: str, *, total_steps: int, enabled: bool | None = None, progress_bar: bool | None = None,
-               stream=None, bar_stream=None, tensorboard: bool = True):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    total_steps: int,
+    enabled: bool | None = None,
+    progress_bar: bool | None = None,
+    stream=None,
+    bar_stream=None,
+    tensorboard: bool = True,
+  ):
     self.workdir, self.total_steps = workdir, int(total_steps)
     self.enabled = jax.process_index() == 0 if enabled is None else bool(enabled)
     self._stream = stream if stream is not None else sys.stdout
@@ -260,10 +268,12 @@ class _TensorBoardWriter:
 
   def __init__(self, logdir: str):
     from tensorflow.core.framework import summary_pb2
+
     self._writer = tf.summary.create_file_writer(logdir)
     self._metadata = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
-        data_class=summary_pb2.DATA_CLASS_SCALAR)
+      plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+      data_class=summary_pb2.DATA_CLASS_SCALAR,
+    )
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     with self._writer.as_default():
@@ -300,7 +310,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config saved by `save_config` (tuples come back as lists: JSON has only arrays)."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f"No {CONFIG_FILE} in workdir {workdir!r}: it is written when training starts "
-                            f"(save_config), so this directory is not a training workdir or the run never began.")
+    raise FileNotFoundError(
+      f"No {CONFIG_FILE} in workdir {workdir!r}: it is written when training starts "
+      f"(save_config), so this directory is not a training workdir or the run never began."
+    )
   with tf.io.gfile.GFile(path) as f:
     return ml_collections.ConfigDict(json.load(f))

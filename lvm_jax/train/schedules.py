@@ -8,8 +8,9 @@ import jax.numpy as jnp
 DECAYS = ("cosine", "linear", "constant")
 
 
-def warmup_then_decay(peak_lr: float, *, warmup_steps: int, total_steps: int, decay: str = "cosine",
-                      end_lr_fraction: float = 0.0):
+def warmup_then_decay(
+  peak_lr: float, *, warmup_steps: int, total_steps: int, decay: str = "cosine", end_lr_fraction: float = 0.0
+):
   """lr(step): peak*step/warmup for step < warmup, then decays to peak*end_lr_fraction at total_steps.
 
   Held at the end value after total_steps (a resumed run that overshoots must not restart the cosine).
@@ -21,8 +22,10 @@ def warmup_then_decay(peak_lr: float, *, warmup_steps: int, total_steps: int, de
   if not 0.0 <= end_lr_fraction <= 1.0:
     raise ValueError(f"optimizer.schedule.end_lr_fraction must be in [0, 1], got {end_lr_fraction!r}.")
   if decay != "constant" and (not isinstance(total_steps, int) or total_steps <= warmup_steps):
-    raise ValueError(f"optimizer.schedule.total_steps={total_steps!r} must be an int > warmup_steps={warmup_steps} "
-                     f"for decay={decay!r}.")
+    raise ValueError(
+      f"optimizer.schedule.total_steps={total_steps!r} must be an int > warmup_steps={warmup_steps} "
+      f"for decay={decay!r}."
+    )
   end_lr = peak_lr * end_lr_fraction
 
   def schedule(step):

@@ -26,6 +26,7 @@ _NORMALIZING_OPS = ("normalize", "value_range")
 @dataclasses.dataclass(kw_only=True)
 class Run(program_lib.TrainProgram):
   """A TrainProgram with the data it trains and evaluates on."""
+
   config: ml_collections.ConfigDict
   train_source: sources.Source
   eval_source: Optional[sources.Source]
@@ -33,7 +34,7 @@ class Run(program_lib.TrainProgram):
 
   @property
   def best_mode(self) -> str:
-    """"max" or "min": which way config.best_metric is better (checked against the task's eval metrics)."""
+    """ "max" or "min": which way config.best_metric is better (checked against the task's eval metrics)."""
     return _best_mode(self.task, self.config.best_metric)
 
   @property
@@ -52,8 +53,10 @@ def _best_mode(task, best_metric: Optional[str]) -> str:
     return "max"
   name = best_metric.removeprefix("ema_")
   if name not in task.eval_metrics:
-    raise ValueError(f"best_metric={best_metric!r} is not an eval metric of task {task.name!r}: one of "
-                     f"{sorted(task.eval_metrics)} (or ema_<name> for the EMA parameters), or None.")
+    raise ValueError(
+      f"best_metric={best_metric!r} is not an eval metric of task {task.name!r}: one of "
+      f"{sorted(task.eval_metrics)} (or ema_<name> for the EMA parameters), or None."
+    )
   return task.eval_metrics[name]
 
 
@@ -65,14 +68,22 @@ def _train_dataset(config, source: sources.Source, start_step: int):
   shard = pipeline.Shard.current()
   num_shards = config.data.num_shards or shard.count
   return pipeline.train_dataset(
-      source, config.data.pp_train, global_batch_size=config.data.batch_size, seed=config.seed,
-      start=start_step * (config.data.batch_size // num_shards), shard=shard, num_shards=num_shards,
-      shuffle_buffer=config.data.shuffle_buffer, prefetch=config.data.prefetch)
+    source,
+    config.data.pp_train,
+    global_batch_size=config.data.batch_size,
+    seed=config.seed,
+    start=start_step * (config.data.batch_size // num_shards),
+    shard=shard,
+    num_shards=num_shards,
+    shuffle_buffer=config.data.shuffle_buffer,
+    prefetch=config.data.prefetch,
+  )
 
 
 def _eval_dataset(config, source: sources.Source):
-  return pipeline.eval_dataset(source, config.data.pp_eval, global_batch_size=_eval_batch_size(config),
-                               prefetch=config.data.prefetch)
+  return pipeline.eval_dataset(
+    source, config.data.pp_eval, global_batch_size=_eval_batch_size(config), prefetch=config.data.prefetch
+  )
 
 
 def _make_source(block, where: str) -> sources.Source:
@@ -92,15 +103,19 @@ def _pp_normalizes(spec) -> bool:
 
 def _normalization(config, pretrained_mean_std) -> Optional[tuple]:
   if _pp_normalizes(config.data.pp_train) != _pp_normalizes(config.data.pp_eval):
-    raise ValueError("data.pp_train and data.pp_eval must both normalize (normalize/value_range op) or both "
-                     "leave it to the device (data.normalize).")
+    raise ValueError(
+      "data.pp_train and data.pp_eval must both normalize (normalize/value_range op) or both "
+      "leave it to the device (data.normalize)."
+    )
   if _pp_normalizes(config.data.pp_train):
     return None
   if config.data.normalize is None:
     return pretrained_mean_std
   if config.data.normalize not in data_ops.NORMALIZATIONS:
-    raise ValueError(f"data.normalize={config.data.normalize!r} is not one of {sorted(data_ops.NORMALIZATIONS)} "
-                     "or None (the pretrained checkpoint's own mean/std).")
+    raise ValueError(
+      f"data.normalize={config.data.normalize!r} is not one of {sorted(data_ops.NORMALIZATIONS)} "
+      "or None (the pretrained checkpoint's own mean/std)."
+    )
   return data_ops.NORMALIZATIONS[config.data.normalize]
 
 
@@ -141,17 +156,35 @@ def build(config) -> Run:
   element = _train_dataset(config, train_source, 0).element_spec
   image_shape = tuple(element["image"].shape[1:])
   if None in image_shape:
-    raise ValueError(f"data.pp_train={config.data.pp_train!r} gives images of unknown size {image_shape}; end it "
-                     "with a fixed-size crop or resize.")
+    raise ValueError(
+      f"data.pp_train={config.data.pp_train!r} gives images of unknown size {image_shape}; end it "
+      "with a fixed-size crop or resize."
+    )
   if eval_source is not None:
     eval_shape = tuple(_eval_dataset(config, eval_source).element_spec["image"].shape[1:])
-    if len(eval_shape) != 3 or eval_shape[-1] != 3 or (hasattr(model_init.model, "image_size") and
-                                                       eval_shape != image_shape):
-      raise ValueError(f"data.pp_eval={config.data.pp_eval!r} gives images of shape {eval_shape}, but the model "
-                       f"trains on {image_shape}: start the eval pp with decode and end it at the training size.")
+    if (
+      len(eval_shape) != 3
+      or eval_shape[-1] != 3
+      or (hasattr(model_init.model, "image_size") and eval_shape != image_shape)
+    ):
+      raise ValueError(
+        f"data.pp_eval={config.data.pp_eval!r} gives images of shape {eval_shape}, but the model "
+        f"trains on {image_shape}: start the eval pp with decode and end it at the training size."
+      )
   task.check_data(element, "data.pp_train")
 
-  return Run.create(task=task, model=model_init.model, optimizer=_optimizer_config(config, num_steps), mesh=mesh,
-                    strategy=strategy, input_shape=(1,) + image_shape, normalize=normalize,
-                    pretrained_variables=model_init.variables, seed=config.seed, config=config,
-                    train_source=train_source, eval_source=eval_source, num_steps=num_steps)
+  return Run.create(
+    task=task,
+    model=model_init.model,
+    optimizer=_optimizer_config(config, num_steps),
+    mesh=mesh,
+    strategy=strategy,
+    input_shape=(1,) + image_shape,
+    normalize=normalize,
+    pretrained_variables=model_init.variables,
+    seed=config.seed,
+    config=config,
+    train_source=train_source,
+    eval_source=eval_source,
+    num_steps=num_steps,
+  )

@@ -17,12 +17,12 @@ from lvm_jax.parallel import partitioning
 
 
 class TrainState(flax.struct.PyTreeNode):
-  step: jax.Array            # batches consumed (micro-batches when gradients are accumulated)
+  step: jax.Array  # batches consumed (micro-batches when gradients are accumulated)
   params: Any
-  batch_stats: Any           # BatchNorm running statistics ({} for models without them)
+  batch_stats: Any  # BatchNorm running statistics ({} for models without them)
   opt_state: Any
-  ema_params: Any            # exponential moving average of params ({} when EMA is off)
-  rng: jax.Array             # raw uint32 key data: plain arrays save and restore anywhere
+  ema_params: Any  # exponential moving average of params ({} when EMA is off)
+  rng: jax.Array  # raw uint32 key data: plain arrays save and restore anywhere
   nonfinite_step: jax.Array  # first step whose loss was NaN/Inf, -1 while all were finite
 
   @property
@@ -41,10 +41,14 @@ class TrainState(flax.struct.PyTreeNode):
 def _new_state(variables: dict, tx: optax.GradientTransformation, rng: jax.Array, use_ema: bool) -> TrainState:
   params = variables["params"]
   return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
-      opt_state=tx.init(params),
-      ema_params=jax.tree.map(jnp.copy, params) if use_ema else {},
-      rng=jax.random.key_data(rng), nonfinite_step=jnp.full((), -1, jnp.int32))
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get("batch_stats", {}),
+    opt_state=tx.init(params),
+    ema_params=jax.tree.map(jnp.copy, params) if use_ema else {},
+    rng=jax.random.key_data(rng),
+    nonfinite_step=jnp.full((), -1, jnp.int32),
+  )
 
 
 def abstract_state(model: nn.Module, tx, input_shape, *, use_ema: bool) -> tuple[TrainState, dict]:
@@ -65,21 +69,32 @@ def sharded_abstract_state(model: nn.Module, tx, input_shape, mesh, strategy, *,
 
 def shardings(model: nn.Module, tx, input_shape, mesh, strategy, *, use_ema: bool) -> TrainState:
   """NamedShardings for every leaf of the TrainState (see sharded_abstract_state)."""
-  return jax.tree.map(lambda a: a.sharding,
-                      sharded_abstract_state(model, tx, input_shape, mesh, strategy, use_ema=use_ema))
+  return jax.tree.map(
+    lambda a: a.sharding, sharded_abstract_state(model, tx, input_shape, mesh, strategy, use_ema=use_ema)
+  )
 
 
-def create(model: nn.Module, tx, rng: jax.Array, input_shape, state_shardings: TrainState, *,
-           use_ema: bool, variables: Optional[dict] = None) -> TrainState:
+def create(
+  model: nn.Module,
+  tx,
+  rng: jax.Array,
+  input_shape,
+  state_shardings: TrainState,
+  *,
+  use_ema: bool,
+  variables: Optional[dict] = None,
+) -> TrainState:
   """A fresh TrainState in its shards: the model's own init, or `variables` (e.g. pretrained) when given.
 
   Given variables are first placed in their shards (device_put from the host sends each device only its part).
   """
   if variables is None:
+
     def init(key):
       init_key, state_key = jax.random.split(key)
       variables = nn.meta.unbox(model.init(init_key, jnp.zeros(input_shape, jnp.float32), train=False))
       return _new_state(variables, tx, state_key, use_ema)
+
     return jax.jit(init, out_shardings=state_shardings)(rng)
 
   variables = nn.meta.unbox(variables)

@@ -35,8 +35,9 @@ def _inputs(batch: dict, config: StepConfig) -> jax.Array:
   return images.astype(jnp.float32)
 
 
-def make_train_step(task: Task, model: nn.Module, tx: optax.GradientTransformation, schedule: Callable,
-                    config: StepConfig) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(
+  task: Task, model: nn.Module, tx: optax.GradientTransformation, schedule: Callable, config: StepConfig
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """One step on one (micro-)batch: the task's loss, gradients, optimizer update, BatchNorm statistics, EMA,
   metrics ({"loss", *task.train_metrics, "grad_norm", "lr"})."""
   k = config.accumulate_steps
@@ -69,14 +70,19 @@ def make_train_step(task: Task, model: nn.Module, tx: optax.GradientTransformati
 
     finite = jnp.isfinite(loss)
     nonfinite_step = jnp.where((state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
-                              batch_stats=updates.get("batch_stats", state.batch_stats),
-                              nonfinite_step=nonfinite_step)
+    new_state = state.replace(
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      ema_params=ema,
+      batch_stats=updates.get("batch_stats", state.batch_stats),
+      nonfinite_step=nonfinite_step,
+    )
     metrics = {
-        "loss": loss,
-        **task_metrics,
-        "grad_norm": optax.tree.norm(grads),
-        "lr": schedule(state.step // k),
+      "loss": loss,
+      **task_metrics,
+      "grad_norm": optax.tree.norm(grads),
+      "lr": schedule(state.step // k),
     }
     return new_state, metrics
 

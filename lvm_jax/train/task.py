@@ -27,9 +27,10 @@ import jax
 @dataclasses.dataclass(frozen=True)
 class ModelInit:
   """The network a run trains, and where its parameters start."""
+
   model: nn.Module
-  variables: Optional[dict] = None          # pretrained variables to start from; None: the model's own init
-  mean_std: Optional[tuple] = None          # the pretrained checkpoint's input (mean, std) in 0..1 units, if known
+  variables: Optional[dict] = None  # pretrained variables to start from; None: the model's own init
+  mean_std: Optional[tuple] = None  # the pretrained checkpoint's input (mean, std) in 0..1 units, if known
 
 
 class Task(abc.ABC):
@@ -71,7 +72,8 @@ class Task(abc.ABC):
 
   @classmethod
   @abc.abstractmethod
-  def predict(cls, workdir: str, image: str, *, step: Optional[int] = None, top_k: int = 5,
-              as_json: bool = False) -> str:
+  def predict(
+    cls, workdir: str, image: str, *, step: Optional[int] = None, top_k: int = 5, as_json: bool = False
+  ) -> str:
     """The text `main.py --mode=predict` prints for `image` with the run in `workdir` (at `step`, or its newest
     intact checkpoint)."""

@@ -36,10 +36,10 @@ class Throughput:
     self.global_batch_size = int(global_batch_size)
     self._clock = clock
     self._last_step = int(start_step)
-    self._last_time = None       # None until the first update (the compilation interval) has passed
-    self._origin = None          # (step, time) where the clock started, for the ETA
+    self._last_time = None  # None until the first update (the compilation interval) has passed
+    self._origin = None  # (step, time) where the clock started, for the ETA
     self._paused_at = None
-    self._paused_seconds = 0.0   # paused since the previous update
+    self._paused_seconds = 0.0  # paused since the previous update
 
   def update(self, step: int) -> dict:
     if self._paused_at is not None:
@@ -60,9 +60,11 @@ class Throughput:
       return {}
     steps_per_sec = steps / train_seconds
     wall_per_step = (now - self._origin[1]) / (step - self._origin[0])
-    return {"img_per_sec": steps_per_sec * self.global_batch_size,
-            "steps_per_sec": steps_per_sec,
-            "eta_seconds": max(self.total_steps - step, 0) * wall_per_step}
+    return {
+      "img_per_sec": steps_per_sec * self.global_batch_size,
+      "steps_per_sec": steps_per_sec,
+      "eta_seconds": max(self.total_steps - step, 0) * wall_per_step,
+    }
 
   def pause(self) -> None:
     if self._paused_at is not None:
@@ -120,8 +122,17 @@ def _num_devices(compiled) -> int:
 # v3 123e12 per chip with 2 TensorCores, each its own JAX device, so half of it per device; v4 275e12 and v5p
 # 459e12 (megacore: one device a chip); v5e 197e12; v6e (Trillium) 918e12. float32 matmuls at JAX's default
 # precision run as bfloat16 passes on the MXU, so the bfloat16 peak applies to them too.
-_TPU_BF16 = {"TPU v2": 22.5e12, "TPU v3": 61.5e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
-             "TPU v5": 459e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}
+_TPU_BF16 = {
+  "TPU v2": 22.5e12,
+  "TPU v3": 61.5e12,
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5": 459e12,
+  "TPU v5p": 459e12,
+  "TPU v6 lite": 918e12,
+  "TPU v6e": 918e12,
+}
 # NVIDIA datasheets list sparse Tensor Core numbers (marked *); these are half of them (dense). float32 uses the
 # TF32 Tensor Core peak, since JAX's default precision runs float32 matmuls as TF32 on Ampere and newer.
 #   A100 (SXM and PCIe, 40/80GB) datasheet: BF16 312, TF32 156 TFLOPS (dense).
@@ -130,12 +141,12 @@ _TPU_BF16 = {"TPU v2": 22.5e12, "TPU v3": 61.5e12, "TPU v4": 275e12, "TPU v5 lit
 #   A10 datasheet: BF16 250*, TF32 125*.
 # (regex on device_kind, {dtype: FLOP/s}); first match wins, so the specific names come first.
 _NVIDIA = (
-    (r"NVIDIA A100\b.*", {"bfloat16": 312e12, "float32": 156e12}),
-    (r"NVIDIA H100 PCIe.*", {"bfloat16": 756.5e12, "float32": 378e12}),
-    (r"NVIDIA H[12]00 NVL.*", {"bfloat16": 835.5e12, "float32": 417.5e12}),
-    (r"NVIDIA (H100|GH200|H200)\b.*", {"bfloat16": 989.5e12, "float32": 494.5e12}),
-    (r"NVIDIA L4", {"bfloat16": 121e12, "float32": 60e12}),
-    (r"NVIDIA A10", {"bfloat16": 125e12, "float32": 62.5e12}),
+  (r"NVIDIA A100\b.*", {"bfloat16": 312e12, "float32": 156e12}),
+  (r"NVIDIA H100 PCIe.*", {"bfloat16": 756.5e12, "float32": 378e12}),
+  (r"NVIDIA H[12]00 NVL.*", {"bfloat16": 835.5e12, "float32": 417.5e12}),
+  (r"NVIDIA (H100|GH200|H200)\b.*", {"bfloat16": 989.5e12, "float32": 494.5e12}),
+  (r"NVIDIA L4", {"bfloat16": 121e12, "float32": 60e12}),
+  (r"NVIDIA A10", {"bfloat16": 125e12, "float32": 62.5e12}),
 )
 
 

@@ -48,15 +48,21 @@ def _check_finite(state, checkpoints: checkpoints_lib.CheckpointManager) -> None
     checkpoints.wait()  # saves still being written are of earlier, finite steps: let them finish
     last = checkpoints.latest_step()
     kept = f"the last good checkpoint is step {last}" if last is not None else "no checkpoint was saved yet"
-    raise NonFiniteLossError(f"The training loss became NaN or Inf at step {bad + 1}; stopping without saving "
-                             f"({kept}). Lower the learning rate, add warmup or clipping (optimizer.clip_norm).")
+    raise NonFiniteLossError(
+      f"The training loss became NaN or Inf at step {bad + 1}; stopping without saving "
+      f"({kept}). Lower the learning rate, add warmup or clipping (optimizer.clip_norm)."
+    )
 
 
 def _checkpoints(run: setup.Run, workdir: str, read_only: bool = False) -> checkpoints_lib.CheckpointManager:
-  return checkpoints_lib.CheckpointManager(os.path.join(workdir, workdir_checkpoint.CHECKPOINT_DIR),
-                                     keep=run.config.keep_checkpoints, best_metric=run.config.best_metric,
-                                     best_mode=run.best_mode, async_save=run.config.async_checkpoints,
-                                     read_only=read_only)
+  return checkpoints_lib.CheckpointManager(
+    os.path.join(workdir, workdir_checkpoint.CHECKPOINT_DIR),
+    keep=run.config.keep_checkpoints,
+    best_metric=run.config.best_metric,
+    best_mode=run.best_mode,
+    async_save=run.config.async_checkpoints,
+    read_only=read_only,
+  )
 
 
 def _resume_step(checkpoints: checkpoints_lib.CheckpointManager) -> int:
@@ -89,8 +95,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     start = _resume_step(checkpoints)
     if start >= run.num_steps:
       if jax.process_index() == 0:
-        print(f"{workdir} already holds the final checkpoint (step {start} of {run.num_steps}): nothing to train. "
-              "Evaluate it with --mode=eval, or raise num_steps / num_epochs to train on.")
+        print(
+          f"{workdir} already holds the final checkpoint (step {start} of {run.num_steps}): nothing to train. "
+          "Evaluate it with --mode=eval, or raise num_steps / num_epochs to train on."
+        )
       return {}
     state = checkpoints.restore(run.abstract_state, step=start) if start else run.new_state()
     if jax.process_index() == 0:
@@ -105,8 +113,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def _train(run: setup.Run, workdir: str, checkpoints: checkpoints_lib.CheckpointManager, state, start: int) -> dict:
   config = run.config
   host_memory.keep_large_buffers()  # batch-sized host buffers are reused, not zero-filled afresh each step
-  batches = device_batches.global_batches(run.train_dataset(start).as_numpy_iterator(), run.batch_sharding,
-                                          prefetch=config.data.prefetch)
+  batches = device_batches.global_batches(
+    run.train_dataset(start).as_numpy_iterator(), run.batch_sharding, prefetch=config.data.prefetch
+  )
   first = next(batches)
   # Compiled ahead once (and only once): the same executable runs every step and tells its FLOPs for the MFU.
   train_step = run.train_step().lower(state, first).compile()
@@ -114,13 +123,15 @@ def _train(run: setup.Run, workdir: str, checkpoints: checkpoints_lib.Checkpoint
   flops_per_step = throughput.compiled_flops(train_step)
   peak = throughput.total_peak_flops(config.dtype, run.mesh.devices.flatten())
   pending = [first]
-  clock = throughput.Throughput(total_steps=run.num_steps, global_batch_size=config.data.batch_size,
-                                start_step=start)
+  clock = throughput.Throughput(total_steps=run.num_steps, global_batch_size=config.data.batch_size, start_step=start)
   eval_metrics: dict = {}
   first_save = True
-  with reporting.MetricLogger(workdir, total_steps=run.num_steps,
-                              progress_bar=None if config.progress_bar else False) as logger, \
-       preemption.PreemptionWatch(sync_every=config.log_every_steps) as watch:
+  with (
+    reporting.MetricLogger(
+      workdir, total_steps=run.num_steps, progress_bar=None if config.progress_bar else False
+    ) as logger,
+    preemption.PreemptionWatch(sync_every=config.log_every_steps) as watch,
+  ):
     for step in range(start + 1, run.num_steps + 1):
       batch = pending.pop() if pending else next(batches)
       state, metrics = train_step(state, batch)
@@ -137,21 +148,23 @@ def _train(run: setup.Run, workdir: str, checkpoints: checkpoints_lib.Checkpoint
         checkpoints.check()  # a failed background save stops the run now, not hours later
 
       evaluated = None
-      if run.eval_source is not None and (last or (config.eval_every_steps and
-                                                   step % config.eval_every_steps == 0)):
+      if run.eval_source is not None and (last or (config.eval_every_steps and step % config.eval_every_steps == 0)):
         with clock.paused():
           _check_finite(state, checkpoints)
           eval_metrics = _evaluate(run, eval_step, state)
           for split, values in eval_metrics.items():
             logger.write(step, split, values)
-        evaluated = {**eval_metrics["eval"],
-                     **{f"ema_{k}": v for k, v in eval_metrics.get("eval_ema", {}).items()}}
+        evaluated = {**eval_metrics["eval"], **{f"ema_{k}": v for k, v in eval_metrics.get("eval_ema", {}).items()}}
 
       if step % config.checkpoint_every_steps == 0 or last or stopping or evaluated:
         with clock.paused():
           _check_finite(state, checkpoints)
-          checkpoints.save(step, state, metrics=evaluated,
-                           meta={"examples_seen": step * config.data.batch_size, "num_steps": run.num_steps})
+          checkpoints.save(
+            step,
+            state,
+            metrics=evaluated,
+            meta={"examples_seen": step * config.data.batch_size, "num_steps": run.num_steps},
+          )
           if first_save:  # a workdir that cannot take a checkpoint fails within seconds of the first save
             checkpoints.wait()
             first_save = False
@@ -189,8 +202,9 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
     for split, values in metrics.items():
       print(reporting.format_line(step, run.num_steps, split, values), flush=True)
   try:
-    with reporting.MetricLogger(workdir, total_steps=run.num_steps, progress_bar=False,
-                                stream=io.StringIO()) as logger:  # the console lines are printed above
+    with reporting.MetricLogger(
+      workdir, total_steps=run.num_steps, progress_bar=False, stream=io.StringIO()
+    ) as logger:  # the console lines are printed above
       for split, values in metrics.items():
         logger.write(step, split, values)
   except (OSError, tf.errors.OpError) as e:

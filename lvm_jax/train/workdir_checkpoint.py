@@ -35,8 +35,11 @@ def save_model_description(workdir: str, model, normalize: Optional[tuple]) -> N
     if name in ("dtype", "param_dtype"):
       value = jnp.dtype(value).name
     args[name] = list(value) if isinstance(value, tuple) else value
-  description = {"class": type(model).__name__, "args": args,
-                 "normalize": None if normalize is None else [list(normalize[0]), list(normalize[1])]}
+  description = {
+    "class": type(model).__name__,
+    "args": args,
+    "normalize": None if normalize is None else [list(normalize[0]), list(normalize[1])],
+  }
   path = os.path.join(workdir, MODEL_FILE)
   with tf.io.gfile.GFile(path + ".tmp", "w") as f:
     json.dump(description, f, indent=1)
@@ -60,6 +63,7 @@ def _model_from_description(path: str):
 class PipelinePreprocessing:
   """The run's eval pp applied to one PIL image (sent through the same TF ops as eval batches), then the
   run's normalization. Callable like lvm_jax.Preprocessing: RGB PIL image -> float32 [H, W, 3]."""
+
   spec: str
   mean: Optional[Sequence[float]] = None
   std: Optional[Sequence[float]] = None
@@ -67,8 +71,11 @@ class PipelinePreprocessing:
   def __call__(self, image: PIL.Image.Image) -> np.ndarray:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="PNG")  # lossless: the pp decodes exactly these pixels
-    example = {"image": tf.constant(buffer.getvalue()), "label": tf.constant(0, tf.int64),
-               "rng": tf.constant([0, 0], tf.int64)}
+    example = {
+      "image": tf.constant(buffer.getvalue()),
+      "label": tf.constant(0, tf.int64),
+      "rng": tf.constant([0, 0], tf.int64),
+    }
     for op in pp.parse(self.spec):
       example = op(example)
     pixels = example["image"].numpy()
@@ -80,6 +87,7 @@ class PipelinePreprocessing:
 def load(workdir: str, step: Optional[int] = None, *, ema: bool = False) -> Checkpoint:
   """The run in `workdir` at its newest intact (or the given) checkpoint; ema=True takes the EMA parameters."""
   from lvm_jax.train import reporting  # the saved config
+
   workdir = checkpoints_lib.absolute(workdir)
   model_path = os.path.join(workdir, MODEL_FILE)
   if not tf.io.gfile.exists(model_path):

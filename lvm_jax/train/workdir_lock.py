@@ -67,6 +67,7 @@ class WorkdirLock:
     if jax.process_count() > 1:  # the other processes learn the outcome instead of hanging in a collective
       from jax.experimental import multihost_utils
       import numpy as np
+
       taken = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
       if taken and error is None:
         error = WorkdirInUseError(f"{self.workdir} is in use by another training run (see process 0's error).")
@@ -87,12 +88,12 @@ class WorkdirLock:
       holder = _parse(os.pread(fd, 4096, 0).decode("utf-8", "replace")) or {}
       os.close(fd)
       raise WorkdirInUseError(
-          f"{self.workdir} is in use by another training run: {_describe(holder)} (lock {self.path}). Wait for "
-          "it to finish or stop it, or train in another --workdir.") from None
+        f"{self.workdir} is in use by another training run: {_describe(holder)} (lock {self.path}). Wait for "
+        "it to finish or stop it, or train in another --workdir."
+      ) from None
     previous = _parse(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
     if previous is not None:
-      logging.warning("Took over %s from a run that ended without releasing it (%s).", self.path,
-                      _describe(previous))
+      logging.warning("Took over %s from a run that ended without releasing it (%s).", self.path, _describe(previous))
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(self._holder).encode(), 0)
     self._fd = fd
@@ -101,23 +102,27 @@ class WorkdirLock:
 
   def _acquire_remote(self) -> None:
     from lvm_jax.tf_host import tf
+
     if tf.io.gfile.exists(self.path):
       with tf.io.gfile.GFile(self.path) as f:
         holder = _parse(f.read())
       age = time.time() - float((holder or {}).get("heartbeat", 0))
       if holder is not None and age < STALE_S:
         raise WorkdirInUseError(
-            f"{self.workdir} is in use by another training run: {_describe(holder)}, alive {age:.0f} s ago "
-            f"(lock {self.path}; taken over once it is {STALE_S:.0f} s old).")
+          f"{self.workdir} is in use by another training run: {_describe(holder)}, alive {age:.0f} s ago "
+          f"(lock {self.path}; taken over once it is {STALE_S:.0f} s old)."
+        )
       if holder is not None:
-        logging.warning("Took over %s: its holder (%s) stopped refreshing it %.0f s ago.", self.path,
-                        _describe(holder), age)
+        logging.warning(
+          "Took over %s: its holder (%s) stopped refreshing it %.0f s ago.", self.path, _describe(holder), age
+        )
     self._write_remote()
     self._heartbeat = threading.Thread(target=self._refresh, name="workdir-lock", daemon=True)
     self._heartbeat.start()
 
   def _write_remote(self) -> None:
     from lvm_jax.tf_host import tf
+
     with tf.io.gfile.GFile(self.path, "w") as f:
       f.write(json.dumps({**self._holder, "heartbeat": time.time()}))
 
@@ -140,4 +145,5 @@ class WorkdirLock:
       self._heartbeat.join()
       self._heartbeat = None
       from lvm_jax.tf_host import tf
+
       tf.io.gfile.remove(self.path)

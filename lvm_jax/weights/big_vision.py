@@ -17,11 +17,12 @@ from lvm_jax.weights.mapping import Tensor
 from lvm_jax.weights.preprocessing import Preprocessing
 
 
-
 def preprocessing(model: VisionTransformer) -> Preprocessing:
   """Both releases train on images resized to the model's size and scaled to [-1, 1]."""
-  return Preprocessing(size=(model.image_size, model.image_size), interpolation="bilinear",
-                       mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+  return Preprocessing(
+    size=(model.image_size, model.image_size), interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+  )
+
 
 _PREFIXES = ("", "params/", "opt/target/")
 
@@ -45,7 +46,9 @@ def model_args(tensors: dict) -> dict:
   prefix, attn, mlp, _, _ = _names(tensors)
   kernel = tensors[prefix + "embedding/kernel"]
   patch, width = kernel.shape[0], kernel.shape[-1]
-  depth = len({m.group(1) for n in tensors if (m := re.match(re.escape(prefix) + r"Transformer/encoderblock_(\d+)/", n))})
+  depth = len(
+    {m.group(1) for n in tensors if (m := re.match(re.escape(prefix) + r"Transformer/encoderblock_(\d+)/", n))}
+  )
   heads = tensors[f"{prefix}Transformer/encoderblock_0/{attn}/query/kernel"].shape[1]
   mlp_dim = tensors[f"{prefix}Transformer/encoderblock_0/{mlp}/Dense_0/kernel"].shape[1]
   pos_name = prefix + "Transformer/posembed_input/pos_embedding"
@@ -56,32 +59,54 @@ def model_args(tensors: dict) -> dict:
   grid = int(round((tokens - has_cls) ** 0.5))
   no_embed_class = has_cls and grid * grid == tokens
   if no_embed_class:
-    grid = int(round(tokens ** 0.5))
+    grid = int(round(tokens**0.5))
   if grid * grid not in (tokens, tokens - 1):
     raise ValueError(f"{pos_name} has {tokens} tokens: not a square patch grid.")
   head = tensors.get(prefix + "head/kernel")
   pre_logits = tensors.get(prefix + "pre_logits/kernel")
   return dict(
-      image_size=grid * patch, patch_size=patch, width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
-      pooling="token" if has_cls else "gap", class_token=has_cls, no_embed_class=no_embed_class,
-      representation_size=None if pre_logits is None else pre_logits.shape[1],
-      num_classes=0 if head is None else head.shape[1], layer_norm_eps=1e-6)
+    image_size=grid * patch,
+    patch_size=patch,
+    width=width,
+    depth=depth,
+    mlp_dim=mlp_dim,
+    num_heads=heads,
+    pooling="token" if has_cls else "gap",
+    class_token=has_cls,
+    no_embed_class=no_embed_class,
+    representation_size=None if pre_logits is None else pre_logits.shape[1],
+    num_classes=0 if head is None else head.shape[1],
+    layer_norm_eps=1e-6,
+  )
 
 
 def table(model: VisionTransformer, tensors: dict) -> list[Tensor]:
   """Our paths against the .npz names; the arrays are already in Flax layout."""
   prefix, attn, mlp, ln1, ln2 = _names(tensors)
   p = ("params",)
-  rows = [(("patch_embed", "kernel"), "embedding/kernel"), (("patch_embed", "bias"), "embedding/bias"),
-          (("pos_embed",), "Transformer/posembed_input/pos_embedding"),
-          (("norm", "scale"), "Transformer/encoder_norm/scale"), (("norm", "bias"), "Transformer/encoder_norm/bias")]
+  rows = [
+    (("patch_embed", "kernel"), "embedding/kernel"),
+    (("patch_embed", "bias"), "embedding/bias"),
+    (("pos_embed",), "Transformer/posembed_input/pos_embedding"),
+    (("norm", "scale"), "Transformer/encoder_norm/scale"),
+    (("norm", "bias"), "Transformer/encoder_norm/bias"),
+  ]
   if model.class_token:
     rows.append((("cls_token",), "cls"))
-  per_block = [(("norm1", "scale"), f"{ln1}/scale"), (("norm1", "bias"), f"{ln1}/bias"),
-               (("norm2", "scale"), f"{ln2}/scale"), (("norm2", "bias"), f"{ln2}/bias")]
-  for ours, theirs in ((("attn", "query"), f"{attn}/query"), (("attn", "key"), f"{attn}/key"),
-                       (("attn", "value"), f"{attn}/value"), (("attn", "out"), f"{attn}/out"),
-                       (("mlp", "fc1"), f"{mlp}/Dense_0"), (("mlp", "fc2"), f"{mlp}/Dense_1")):
+  per_block = [
+    (("norm1", "scale"), f"{ln1}/scale"),
+    (("norm1", "bias"), f"{ln1}/bias"),
+    (("norm2", "scale"), f"{ln2}/scale"),
+    (("norm2", "bias"), f"{ln2}/bias"),
+  ]
+  for ours, theirs in (
+    (("attn", "query"), f"{attn}/query"),
+    (("attn", "key"), f"{attn}/key"),
+    (("attn", "value"), f"{attn}/value"),
+    (("attn", "out"), f"{attn}/out"),
+    (("mlp", "fc1"), f"{mlp}/Dense_0"),
+    (("mlp", "fc2"), f"{mlp}/Dense_1"),
+  ):
     per_block += [(ours + ("kernel",), f"{theirs}/kernel"), (ours + ("bias",), f"{theirs}/bias")]
   for i in range(model.depth):
     rows += [((f"block_{i}",) + ours, f"Transformer/encoderblock_{i}/{theirs}") for ours, theirs in per_block]
@@ -103,6 +128,7 @@ def load(path: pathlib.Path, **overrides):
   # Optimizer state and other training leftovers in the file are not part of the model.
   prefix = _names(tensors)[0]
   tensors = {k: v for k, v in tensors.items() if k.startswith(prefix) and not k.startswith(prefix + "opt/")}
-  variables = mapping.load_variables(table(model, tensors), tensors, registry.abstract_variables(model),
-                                     source=str(path))
+  variables = mapping.load_variables(
+    table(model, tensors), tensors, registry.abstract_variables(model), source=str(path)
+  )
   return model, variables

@@ -26,17 +26,20 @@ def resolve_folder(source: str, files: Sequence[str]) -> pathlib.Path:
   if str(source).count("/") != 1 or str(source).startswith((".", "/", "~")):
     raise FileNotFoundError(f"{source} is neither an existing folder nor a hub repository id like 'org/name'.")
   import huggingface_hub  # imported here: only hub ids need it
+
   patterns = list(files) + ["*.json"]
   try:
     return pathlib.Path(huggingface_hub.snapshot_download(repo_id=str(source), allow_patterns=patterns))
   except Exception as online_error:  # no network or hub unreachable: fall back to the local cache
     try:
-      return pathlib.Path(huggingface_hub.snapshot_download(
-          repo_id=str(source), allow_patterns=patterns, local_files_only=True))
+      return pathlib.Path(
+        huggingface_hub.snapshot_download(repo_id=str(source), allow_patterns=patterns, local_files_only=True)
+      )
     except Exception:
       raise FileNotFoundError(
-          f"Could not download {source!r} from the Hugging Face hub ({online_error.__class__.__name__}: "
-          f"{online_error}) and it is not in the local cache.") from online_error
+        f"Could not download {source!r} from the Hugging Face hub ({online_error.__class__.__name__}: "
+        f"{online_error}) and it is not in the local cache."
+      ) from online_error
 
 
 def read_json(path: pathlib.Path) -> dict:
@@ -51,6 +54,7 @@ def read_json(path: pathlib.Path) -> dict:
 
 def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   from safetensors.numpy import load_file
+
   try:
     return load_file(str(path))
   except Exception as e:
@@ -66,15 +70,19 @@ def read_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
   try:
     import torch
   except ImportError:
-    raise ImportError(f"{path} is a PyTorch .bin checkpoint; reading it safely needs torch installed "
-                      "(torch.load(weights_only=True)). Convert it to safetensors to read it without torch.") from None
+    raise ImportError(
+      f"{path} is a PyTorch .bin checkpoint; reading it safely needs torch installed "
+      "(torch.load(weights_only=True)). Convert it to safetensors to read it without torch."
+    ) from None
   try:
     loaded = torch.load(str(path), map_location="cpu", weights_only=True)
   except Exception as e:
-    raise ValueError(f"{path} could not be read as a weights-only PyTorch checkpoint. Objects other than tensors "
-                     "and plain containers (a training checkpoint's argparse arguments, ...) are never unpickled: "
-                     "save the state dict alone, torch.save(model.state_dict(), path). torch.load said: "
-                     f"{e}") from None
+    raise ValueError(
+      f"{path} could not be read as a weights-only PyTorch checkpoint. Objects other than tensors "
+      "and plain containers (a training checkpoint's argparse arguments, ...) are never unpickled: "
+      "save the state dict alone, torch.save(model.state_dict(), path). torch.load said: "
+      f"{e}"
+    ) from None
   state = _state_dict(loaded, path, torch.Tensor)
   return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
 
@@ -101,10 +109,18 @@ def _state_dict(loaded, path: pathlib.Path, tensor_type: type) -> dict:
   listed = ", ".join(f"{k!r} ({type(v).__name__})" for k, v in bad[:5])
   more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
   nested = [k for k, v in bad if isinstance(v, dict) and v and all(isinstance(t, tensor_type) for t in v.values())]
-  hint = (f" The tensors may be the dict under {nested[0]!r}: save it alone with "
-          f"torch.save(checkpoint[{nested[0]!r}], ...).") if nested and not where else ""
-  raise ValueError(f"{path}{where} holds entries that are not tensors: {listed}{more}. Expected {_TORCH_LAYOUT}, "
-                   f"or that dict under {' or '.join(repr(k) for k in _STATE_DICT_KEYS)}.{hint}")
+  hint = (
+    (
+      f" The tensors may be the dict under {nested[0]!r}: save it alone with "
+      f"torch.save(checkpoint[{nested[0]!r}], ...)."
+    )
+    if nested and not where
+    else ""
+  )
+  raise ValueError(
+    f"{path}{where} holds entries that are not tensors: {listed}{more}. Expected {_TORCH_LAYOUT}, "
+    f"or that dict under {' or '.join(repr(k) for k in _STATE_DICT_KEYS)}.{hint}"
+  )
 
 
 def read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -117,8 +133,10 @@ def read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 def read_weights(folder: pathlib.Path) -> dict[str, np.ndarray]:
   """The state dict in a transformers/timm folder: safetensors (sharded or not) preferred, else torch .bin."""
-  for name, index, reader in ((SAFETENSORS, SAFETENSORS_INDEX, read_safetensors),
-                              (TORCH_BIN, TORCH_BIN_INDEX, read_torch_bin)):
+  for name, index, reader in (
+    (SAFETENSORS, SAFETENSORS_INDEX, read_safetensors),
+    (TORCH_BIN, TORCH_BIN_INDEX, read_torch_bin),
+  ):
     if (folder / name).exists():
       return reader(folder / name)
     if (folder / index).exists():
@@ -154,6 +172,7 @@ def _replaced_atomically(path: pathlib.Path):
 
 def write_safetensors(tensors: dict[str, np.ndarray], path: pathlib.Path) -> None:
   from safetensors.numpy import save_file
+
   with _replaced_atomically(path) as tmp:
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
 

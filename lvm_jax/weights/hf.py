@@ -17,9 +17,9 @@ from lvm_jax.models.vit import VisionTransformer
 
 # model_type -> (converter, model class, supported architectures)
 FAMILIES = {
-    "vit": (vit_weights, VisionTransformer, ("ViTForImageClassification", "ViTModel")),
-    "swin": (swin_weights, SwinTransformer, ("SwinForImageClassification", "SwinModel")),
-    "resnet": (resnet_weights, ResNet, ("ResNetForImageClassification", "ResNetModel")),
+  "vit": (vit_weights, VisionTransformer, ("ViTForImageClassification", "ViTModel")),
+  "swin": (swin_weights, SwinTransformer, ("SwinForImageClassification", "SwinModel")),
+  "resnet": (resnet_weights, ResNet, ("ResNetForImageClassification", "ResNetModel")),
 }
 WEIGHT_FILES = (files.SAFETENSORS, files.SAFETENSORS_INDEX, "model-*.safetensors", "preprocessor_config.json")
 
@@ -31,8 +31,10 @@ def is_hf_config(config: dict) -> bool:
 def _family(config: dict, source: str):
   model_type = config.get("model_type")
   if model_type not in FAMILIES:
-    raise ValueError(f"{source}: model_type {model_type!r} is not supported; supported Hugging Face model types: "
-                     f"{', '.join(sorted(FAMILIES))}.")
+    raise ValueError(
+      f"{source}: model_type {model_type!r} is not supported; supported Hugging Face model types: "
+      f"{', '.join(sorted(FAMILIES))}."
+    )
   converter, cls, architectures = FAMILIES[model_type]
   arch = (config.get("architectures") or [architectures[0]])[0]
   if arch not in architectures:
@@ -73,8 +75,10 @@ def _model_type(model) -> str:
   for model_type, (_, cls, _) in FAMILIES.items():
     if isinstance(model, cls):
       return model_type
-  raise TypeError(f"{type(model).__name__} cannot be saved as a Hugging Face checkpoint; supported: "
-                  f"{', '.join(cls.__name__ for _, cls, _ in FAMILIES.values())}.")
+  raise TypeError(
+    f"{type(model).__name__} cannot be saved as a Hugging Face checkpoint; supported: "
+    f"{', '.join(cls.__name__ for _, cls, _ in FAMILIES.values())}."
+  )
 
 
 def load(folder: pathlib.Path, config: dict, **overrides):
@@ -83,8 +87,13 @@ def load(folder: pathlib.Path, config: dict, **overrides):
   tensors = files.read_weights(folder)
   model = build_model(config, set(tensors), str(folder), **overrides)
   converter = FAMILIES[config["model_type"]][0]
-  variables = mapping.load_variables(table_for(model, tensors), tensors, registry.abstract_variables(model),
-                                     source=str(folder), ignore=converter.HF_IGNORE)
+  variables = mapping.load_variables(
+    table_for(model, tensors),
+    tensors,
+    registry.abstract_variables(model),
+    source=str(folder),
+    ignore=converter.HF_IGNORE,
+  )
   return model, variables, labels_from_config(config)
 
 

@@ -102,8 +102,14 @@ def unflatten(flat: Mapping[Path, object]) -> dict:
   return tree
 
 
-def load_variables(table: Iterable[Tensor], tensors: Mapping[str, np.ndarray], expected: Mapping,
-                   *, source: str, ignore: Iterable[str] = ()) -> dict:
+def load_variables(
+  table: Iterable[Tensor],
+  tensors: Mapping[str, np.ndarray],
+  expected: Mapping,
+  *,
+  source: str,
+  ignore: Iterable[str] = (),
+) -> dict:
   """Builds our variables from `tensors` (their names) following `table`.
 
   `expected` is the variables tree of the target model (arrays or ShapeDtypeStructs). `ignore` lists
@@ -123,8 +129,10 @@ def load_variables(table: Iterable[Tensor], tensors: Mapping[str, np.ndarray], e
     try:
       flat[t.path] = to_ours(t, array, shapes[t.path]).astype(np.float32)
     except ValueError:
-      problems.append(f"shape mismatch for {t.name}: checkpoint has {tuple(array.shape)}, model "
-                      f"{path_str(t.path)} expects {shapes[t.path]} ({t.layout} layout)")
+      problems.append(
+        f"shape mismatch for {t.name}: checkpoint has {tuple(array.shape)}, model "
+        f"{path_str(t.path)} expects {shapes[t.path]} ({t.layout} layout)"
+      )
   uncovered = sorted(set(shapes) - {t.path for t in table})
   if uncovered:
     raise KeyError(f"Converter table misses model variables: {', '.join(map(path_str, uncovered))}.")

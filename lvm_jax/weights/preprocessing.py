@@ -24,26 +24,58 @@ CROP_ROUNDINGS = ("floor", "round")
 # Class defaults of the transformers image processors our checkpoints use; a preprocessor_config.json only
 # stores what differs from them (older ones store "size" as an int).
 _HF_PROCESSORS = {
-    "ViTImageProcessor": dict(size={"height": 224, "width": 224}, default_to_square=True, resample=2,
-                              image_mean=IMAGENET_STANDARD[0], image_std=IMAGENET_STANDARD[1]),
-    "DeiTImageProcessor": dict(size={"height": 256, "width": 256}, default_to_square=True, resample=3,
-                               do_center_crop=True, crop_size={"height": 224, "width": 224},
-                               image_mean=IMAGENET_STANDARD[0], image_std=IMAGENET_STANDARD[1]),
-    "ConvNextImageProcessor": dict(size={"shortest_edge": 384}, default_to_square=False, resample=3,
-                                   crop_pct=224 / 256,
-                                   image_mean=IMAGENET_STANDARD[0], image_std=IMAGENET_STANDARD[1]),
-    "BitImageProcessor": dict(size={"shortest_edge": 224}, default_to_square=False, resample=3,
-                              do_center_crop=True, crop_size={"height": 224, "width": 224},
-                              image_mean=OPENAI_CLIP[0], image_std=OPENAI_CLIP[1]),
-    "CLIPImageProcessor": dict(size={"shortest_edge": 224}, default_to_square=False, resample=3,
-                               do_center_crop=True, crop_size={"height": 224, "width": 224},
-                               image_mean=OPENAI_CLIP[0], image_std=OPENAI_CLIP[1]),
+  "ViTImageProcessor": dict(
+    size={"height": 224, "width": 224},
+    default_to_square=True,
+    resample=2,
+    image_mean=IMAGENET_STANDARD[0],
+    image_std=IMAGENET_STANDARD[1],
+  ),
+  "DeiTImageProcessor": dict(
+    size={"height": 256, "width": 256},
+    default_to_square=True,
+    resample=3,
+    do_center_crop=True,
+    crop_size={"height": 224, "width": 224},
+    image_mean=IMAGENET_STANDARD[0],
+    image_std=IMAGENET_STANDARD[1],
+  ),
+  "ConvNextImageProcessor": dict(
+    size={"shortest_edge": 384},
+    default_to_square=False,
+    resample=3,
+    crop_pct=224 / 256,
+    image_mean=IMAGENET_STANDARD[0],
+    image_std=IMAGENET_STANDARD[1],
+  ),
+  "BitImageProcessor": dict(
+    size={"shortest_edge": 224},
+    default_to_square=False,
+    resample=3,
+    do_center_crop=True,
+    crop_size={"height": 224, "width": 224},
+    image_mean=OPENAI_CLIP[0],
+    image_std=OPENAI_CLIP[1],
+  ),
+  "CLIPImageProcessor": dict(
+    size={"shortest_edge": 224},
+    default_to_square=False,
+    resample=3,
+    do_center_crop=True,
+    crop_size={"height": 224, "width": 224},
+    image_mean=OPENAI_CLIP[0],
+    image_std=OPENAI_CLIP[1],
+  ),
 }
-_HF_COMMON_DEFAULTS = dict(do_resize=True, do_center_crop=False, do_rescale=True, rescale_factor=1 / 255,
-                           do_normalize=True, do_pad=False)
+_HF_COMMON_DEFAULTS = dict(
+  do_resize=True, do_center_crop=False, do_rescale=True, rescale_factor=1 / 255, do_normalize=True, do_pad=False
+)
 # What AutoImageProcessor picks from config.json's model_type when preprocessor_config.json names no class.
-_HF_PROCESSOR_FOR_MODEL = {"VisionTransformer": "ViTImageProcessor", "SwinTransformer": "ViTImageProcessor",
-                           "ResNet": "ConvNextImageProcessor"}
+_HF_PROCESSOR_FOR_MODEL = {
+  "VisionTransformer": "ViTImageProcessor",
+  "SwinTransformer": "ViTImageProcessor",
+  "ResNet": "ConvNextImageProcessor",
+}
 # ConvNextImageProcessor warps instead of cropping from this shortest_edge on.
 _CONVNEXT_NO_CROP_FROM = 384
 
@@ -62,6 +94,7 @@ class Preprocessing:
   crop_rounding: how an odd margin is split by the center crop: "floor" (transformers) or "round" (Python's
     round, as torchvision's CenterCrop that timm uses).
   """
+
   size: tuple[int, int] = (224, 224)
   resize_shorter: Optional[int] = None
   interpolation: str = "bilinear"
@@ -88,8 +121,10 @@ class Preprocessing:
   def __call__(self, image: PIL.Image.Image) -> np.ndarray:
     """float32 [height, width, 3] model input from an RGB PIL image."""
     if image.mode != "RGB":
-      raise ValueError(f"Preprocessing expects an RGB image, got mode {image.mode!r}; read images with "
-                       "lvm_jax.tasks.images.load_image, which converts them.")
+      raise ValueError(
+        f"Preprocessing expects an RGB image, got mode {image.mode!r}; read images with "
+        "lvm_jax.tasks.images.load_image, which converts them."
+      )
     height, width = self._resized_shape(image.height, image.width)
     pixels = np.asarray(image.resize((width, height), resample=INTERPOLATIONS[self.interpolation]))
     pixels = _center_crop(pixels, self.size, self.crop_rounding)
@@ -130,14 +165,17 @@ class Preprocessing:
     # A null value means "the class default" in transformers (_set_attributes), so drop them.
     s = {**_HF_COMMON_DEFAULTS, **_HF_PROCESSORS[processor], **{k: v for k, v in config.items() if v is not None}}
     if not s["do_resize"] or s["do_pad"]:
-      raise ValueError(f"{source}: do_resize=false or do_pad=true is not supported (the input size would "
-                       "depend on the image).")
+      raise ValueError(
+        f"{source}: do_resize=false or do_pad=true is not supported (the input size would depend on the image)."
+      )
     size = _hf_size_dict(s["size"], s["default_to_square"], source)
     crop = _hf_size_dict(s.get("crop_size"), True, source) if s["do_center_crop"] else None
-    args = dict(interpolation=_interpolation_from_pil(s["resample"], source),
-                rescale=float(s["rescale_factor"]) if s["do_rescale"] else 1.0,
-                mean=s["image_mean"] if s["do_normalize"] else 0.0,
-                std=s["image_std"] if s["do_normalize"] else 1.0)
+    args = dict(
+      interpolation=_interpolation_from_pil(s["resample"], source),
+      rescale=float(s["rescale_factor"]) if s["do_rescale"] else 1.0,
+      mean=s["image_mean"] if s["do_normalize"] else 0.0,
+      std=s["image_std"] if s["do_normalize"] else 1.0,
+    )
     if set(size) == {"height", "width"}:
       resized = (size["height"], size["width"])
       if crop is None:
@@ -153,8 +191,10 @@ class Preprocessing:
         return cls(size=(edge, edge), **args)
       return cls(size=(edge, edge), resize_shorter=int(edge / s["crop_pct"]), **args)
     if crop is None:
-      raise ValueError(f"{source}: a shortest_edge resize without a center crop gives inputs whose size depends "
-                       "on the image; not supported.")
+      raise ValueError(
+        f"{source}: a shortest_edge resize without a center crop gives inputs whose size depends "
+        "on the image; not supported."
+      )
     return cls(size=(crop["height"], crop["width"]), resize_shorter=edge, **args)
 
   def to_hf(self) -> dict:
@@ -162,17 +202,30 @@ class Preprocessing:
     transformers always floors the crop margin, so a timm preprocessing ("round") is written with the nearest
     transformers equivalent: a one-pixel shift of the crop when the margin is 3 mod 4."""
     config = {
-        "do_resize": True, "resample": INTERPOLATIONS[self.interpolation],
-        "do_rescale": self.rescale != 1.0, "rescale_factor": self.rescale,
-        "do_normalize": True, "image_mean": list(self.mean), "image_std": list(self.std),
-        "crop_size": {"height": self.size[0], "width": self.size[1]},
+      "do_resize": True,
+      "resample": INTERPOLATIONS[self.interpolation],
+      "do_rescale": self.rescale != 1.0,
+      "rescale_factor": self.rescale,
+      "do_normalize": True,
+      "image_mean": list(self.mean),
+      "image_std": list(self.std),
+      "crop_size": {"height": self.size[0], "width": self.size[1]},
     }
     if self.resize_shorter is not None:
-      return {**config, "image_processor_type": "BitImageProcessor", "size": {"shortest_edge": self.resize_shorter},
-              "do_center_crop": True, "do_convert_rgb": True}
+      return {
+        **config,
+        "image_processor_type": "BitImageProcessor",
+        "size": {"shortest_edge": self.resize_shorter},
+        "do_center_crop": True,
+        "do_convert_rgb": True,
+      }
     resized = self.resize_size or self.size
-    return {**config, "image_processor_type": "ViTImageProcessor",
-            "size": {"height": resized[0], "width": resized[1]}, "do_center_crop": resized != self.size}
+    return {
+      **config,
+      "image_processor_type": "ViTImageProcessor",
+      "size": {"height": resized[0], "width": resized[1]},
+      "do_center_crop": resized != self.size,
+    }
 
   # ---- timm: pretrained_cfg in config.json ----
 
@@ -190,17 +243,25 @@ class Preprocessing:
     crop_mode = cfg.get("crop_mode") or "center"
     interpolation = cfg.get("interpolation") or "bicubic"
     if interpolation not in INTERPOLATIONS:
-      raise ValueError(f"timm interpolation {interpolation!r} is not supported; expected one of "
-                       f"{', '.join(INTERPOLATIONS)}.")
-    args = dict(size=size, interpolation=interpolation, crop_rounding="round",
-                mean=cfg.get("mean") or IMAGENET_DEFAULT[0], std=cfg.get("std") or IMAGENET_DEFAULT[1])
+      raise ValueError(
+        f"timm interpolation {interpolation!r} is not supported; expected one of {', '.join(INTERPOLATIONS)}."
+      )
+    args = dict(
+      size=size,
+      interpolation=interpolation,
+      crop_rounding="round",
+      mean=cfg.get("mean") or IMAGENET_DEFAULT[0],
+      std=cfg.get("std") or IMAGENET_DEFAULT[1],
+    )
     scaled = tuple(math.floor(s / crop_pct) for s in size)
     if crop_mode == "squash":
       return cls(resize_size=scaled, **args)
     if crop_mode == "center" and size[0] == size[1]:
       return cls(resize_shorter=scaled[0], **args)
-    raise ValueError(f"timm crop_mode {crop_mode!r} with input size {size} is not supported; supported: "
-                     "'center' (square inputs) and 'squash'.")
+    raise ValueError(
+      f"timm crop_mode {crop_mode!r} with input size {size} is not supported; supported: "
+      "'center' (square inputs) and 'squash'."
+    )
 
 
 def _pair(value: Any, name: str) -> tuple[int, int]:

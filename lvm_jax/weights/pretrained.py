@@ -17,6 +17,7 @@ from lvm_jax.weights.preprocessing import Preprocessing
 @dataclasses.dataclass
 class Checkpoint:
   """A loaded checkpoint: the model, its variables, class names and the input preprocessing it was trained with."""
+
   model: nn.Module
   variables: dict
   labels: Optional[list[str]]
@@ -73,8 +74,10 @@ def load_checkpoint(source: str, **overrides: Any) -> Checkpoint:
       labels = timm.labels_from_config(config)
       read_preprocessing = lambda: Preprocessing.from_timm(config)
     else:
-      raise ValueError(f"{folder / 'config.json'} is neither a Hugging Face transformers config (no "
-                       "'model_type') nor a timm config (no 'architecture').")
+      raise ValueError(
+        f"{folder / 'config.json'} is neither a Hugging Face transformers config (no "
+        "'model_type') nor a timm config (no 'architecture')."
+      )
   variables = jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), variables)
   if scan:
     model, variables = _scanned(model, variables)
@@ -100,8 +103,9 @@ def _per_layer(model, variables):
   return model.clone(scan_layers=False), {**variables, "params": vit.unstack_blocks(variables["params"])}
 
 
-def from_pretrained(source: str, *, num_classes: Optional[int] = None, image_size: Optional[int] = None,
-                    seed: int = 0, **overrides: Any):
+def from_pretrained(
+  source: str, *, num_classes: Optional[int] = None, image_size: Optional[int] = None, seed: int = 0, **overrides: Any
+):
   """(model, variables) from a pretrained checkpoint, optionally re-targeted for transfer learning.
 
   Args:

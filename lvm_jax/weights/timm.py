@@ -15,9 +15,9 @@ from lvm_jax.weights import vit as vit_weights
 
 # architecture name prefix -> (converter, model class)
 FAMILIES = {
-    "vit_": (vit_weights, VisionTransformer),
-    "resnet": (resnet_weights, ResNet),
-    "swin_": (swin_weights, SwinTransformer),
+  "vit_": (vit_weights, VisionTransformer),
+  "resnet": (resnet_weights, ResNet),
+  "swin_": (swin_weights, SwinTransformer),
 }
 
 
@@ -36,8 +36,10 @@ def build_model(config: dict, source: str, **overrides):
     if architecture.startswith(prefix):
       break
   else:
-    raise ValueError(f"{source}: timm architecture {config['architecture']!r} is not supported; supported "
-                     f"families: {', '.join(p + '*' for p in FAMILIES)}.")
+    raise ValueError(
+      f"{source}: timm architecture {config['architecture']!r} is not supported; supported "
+      f"families: {', '.join(p + '*' for p in FAMILIES)}."
+    )
   args = converter.timm_model_args(architecture, dict(config.get("model_args") or {}), config.get("global_pool"))
   args["num_classes"] = int(config.get("num_classes", 1000))
   return converter, cls(**{**args, **overrides})
@@ -60,6 +62,11 @@ def load(folder: pathlib.Path, config: dict, **overrides):
   """(model, variables) from a timm folder whose config.json is `config`."""
   converter, model = build_model(config, str(folder), **overrides)
   tensors = split_fused_qkv(files.read_weights(folder))
-  variables = mapping.load_variables(converter.timm_table(model), tensors, registry.abstract_variables(model),
-                                     source=str(folder), ignore=converter.TIMM_IGNORE)
+  variables = mapping.load_variables(
+    converter.timm_table(model),
+    tensors,
+    registry.abstract_variables(model),
+    source=str(folder),
+    ignore=converter.TIMM_IGNORE,
+  )
   return model, variables

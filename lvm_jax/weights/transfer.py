@@ -60,6 +60,7 @@ def transfer(variables: dict, source_model, target_model, rng: jax.Array) -> dic
       out[path] = resize_bias_table(np.asarray(value), target.shape).astype(target.dtype)
     else:
       got = "missing" if value is None else f"shape {tuple(value.shape)}"
-      raise ValueError(f"Cannot transfer {mapping.path_str(path)}: checkpoint has {got}, target model "
-                       f"needs {tuple(target.shape)}.")
+      raise ValueError(
+        f"Cannot transfer {mapping.path_str(path)}: checkpoint has {got}, target model needs {tuple(target.shape)}."
+      )
   return mapping.unflatten(out)

@@ -19,16 +19,16 @@ def hf_model_args(config: dict) -> dict:
   if config.get("num_channels", 3) != 3:
     raise ValueError(f"ViT config num_channels={config['num_channels']}: only RGB (3) is supported.")
   return dict(
-      image_size=square_size(config.get("image_size", 224), "image_size"),
-      patch_size=square_size(config.get("patch_size", 16), "patch_size"),
-      width=config.get("hidden_size", 768),
-      depth=config.get("num_hidden_layers", 12),
-      mlp_dim=config.get("intermediate_size", 3072),
-      num_heads=config.get("num_attention_heads", 12),
-      layer_norm_eps=config.get("layer_norm_eps", 1e-12),
-      dropout=config.get("hidden_dropout_prob", 0.0),
-      attention_dropout=config.get("attention_probs_dropout_prob", 0.0),
-      pooling="token",
+    image_size=square_size(config.get("image_size", 224), "image_size"),
+    patch_size=square_size(config.get("patch_size", 16), "patch_size"),
+    width=config.get("hidden_size", 768),
+    depth=config.get("num_hidden_layers", 12),
+    mlp_dim=config.get("intermediate_size", 3072),
+    num_heads=config.get("num_attention_heads", 12),
+    layer_norm_eps=config.get("layer_norm_eps", 1e-12),
+    dropout=config.get("hidden_dropout_prob", 0.0),
+    attention_dropout=config.get("attention_probs_dropout_prob", 0.0),
+    pooling="token",
   )
 
 
@@ -41,17 +41,42 @@ def hf_pooler_args(config: dict) -> dict:
 
 # Where each part of the network lives in the other library ({i}: the block index).
 _HF_NAMES = dict(
-    cls_token="vit.embeddings.cls_token", pos_embed="vit.embeddings.position_embeddings",
-    patch_embed="vit.embeddings.patch_embeddings.projection", norm="vit.layernorm", fc_norm=None,
-    block="vit.encoder.layer.{i}.", norm1="layernorm_before", norm2="layernorm_after",
-    query="attention.attention.query", key="attention.attention.key", value="attention.attention.value",
-    out="attention.output.dense", fc1="intermediate.dense", fc2="output.dense",
-    pre_logits="vit.pooler.dense", head="classifier")
+  cls_token="vit.embeddings.cls_token",
+  pos_embed="vit.embeddings.position_embeddings",
+  patch_embed="vit.embeddings.patch_embeddings.projection",
+  norm="vit.layernorm",
+  fc_norm=None,
+  block="vit.encoder.layer.{i}.",
+  norm1="layernorm_before",
+  norm2="layernorm_after",
+  query="attention.attention.query",
+  key="attention.attention.key",
+  value="attention.attention.value",
+  out="attention.output.dense",
+  fc1="intermediate.dense",
+  fc2="output.dense",
+  pre_logits="vit.pooler.dense",
+  head="classifier",
+)
 # timm's fused qkv is split into attn.q / attn.k / attn.v by the timm loader beforehand.
 _TIMM_NAMES = dict(
-    cls_token="cls_token", pos_embed="pos_embed", patch_embed="patch_embed.proj", norm="norm", fc_norm="fc_norm",
-    block="blocks.{i}.", norm1="norm1", norm2="norm2", query="attn.q", key="attn.k", value="attn.v",
-    out="attn.proj", fc1="mlp.fc1", fc2="mlp.fc2", pre_logits="pre_logits.fc", head="head")
+  cls_token="cls_token",
+  pos_embed="pos_embed",
+  patch_embed="patch_embed.proj",
+  norm="norm",
+  fc_norm="fc_norm",
+  block="blocks.{i}.",
+  norm1="norm1",
+  norm2="norm2",
+  query="attn.q",
+  key="attn.k",
+  value="attn.v",
+  out="attn.proj",
+  fc1="mlp.fc1",
+  fc2="mlp.fc2",
+  pre_logits="pre_logits.fc",
+  head="head",
+)
 
 
 def _table(model: VisionTransformer, names: dict) -> list[Tensor]:
@@ -63,13 +88,16 @@ def _table(model: VisionTransformer, names: dict) -> list[Tensor]:
   table += norm(p + (final_norm,), names[final_norm])
   for i in range(model.depth):
     ours, theirs = p + (f"block_{i}",), names["block"].format(i=i)
-    table += [*norm(ours + ("norm1",), theirs + names["norm1"]), *norm(ours + ("norm2",), theirs + names["norm2"]),
-              *dense(ours + ("attn", "query"), theirs + names["query"]),
-              *dense(ours + ("attn", "key"), theirs + names["key"]),
-              *dense(ours + ("attn", "value"), theirs + names["value"]),
-              *dense(ours + ("attn", "out"), theirs + names["out"], "linear2"),
-              *dense(ours + ("mlp", "fc1"), theirs + names["fc1"]),
-              *dense(ours + ("mlp", "fc2"), theirs + names["fc2"])]
+    table += [
+      *norm(ours + ("norm1",), theirs + names["norm1"]),
+      *norm(ours + ("norm2",), theirs + names["norm2"]),
+      *dense(ours + ("attn", "query"), theirs + names["query"]),
+      *dense(ours + ("attn", "key"), theirs + names["key"]),
+      *dense(ours + ("attn", "value"), theirs + names["value"]),
+      *dense(ours + ("attn", "out"), theirs + names["out"], "linear2"),
+      *dense(ours + ("mlp", "fc1"), theirs + names["fc1"]),
+      *dense(ours + ("mlp", "fc2"), theirs + names["fc2"]),
+    ]
   if model.representation_size is not None:
     table += dense(p + ("pre_logits",), names["pre_logits"])
   if model.num_classes:
@@ -79,26 +107,39 @@ def _table(model: VisionTransformer, names: dict) -> list[Tensor]:
 
 def hf_table(model: VisionTransformer) -> list[Tensor]:
   if not model.class_token or model.pooling != "token" or model.fc_norm or model.no_embed_class:
-    raise ValueError("Hugging Face ViT has a class token with its own position embedding and no fc_norm; "
-                     f"this model has pooling={model.pooling!r}, class_token={model.class_token}, "
-                     f"fc_norm={model.fc_norm}, no_embed_class={model.no_embed_class}.")
+    raise ValueError(
+      "Hugging Face ViT has a class token with its own position embedding and no fc_norm; "
+      f"this model has pooling={model.pooling!r}, class_token={model.class_token}, "
+      f"fc_norm={model.fc_norm}, no_embed_class={model.no_embed_class}."
+    )
   return _table(model, _HF_NAMES)
 
 
 def hf_config(model: VisionTransformer) -> dict:
   hf_table(model)  # rejects models transformers' ViT cannot express
   if model.representation_size is not None and model.num_classes:
-    raise ValueError("transformers' ViTForImageClassification has no pre-logits layer; this model has "
-                     f"representation_size={model.representation_size}.")
+    raise ValueError(
+      "transformers' ViTForImageClassification has no pre-logits layer; this model has "
+      f"representation_size={model.representation_size}."
+    )
   return dict(
-      model_type=HF_MODEL_TYPE,
-      architectures=["ViTForImageClassification" if model.num_classes else "ViTModel"],
-      hidden_size=model.width, num_hidden_layers=model.depth, num_attention_heads=model.num_heads,
-      intermediate_size=model.mlp_dim, hidden_act="gelu", layer_norm_eps=model.layer_norm_eps,
-      hidden_dropout_prob=model.dropout, attention_probs_dropout_prob=model.attention_dropout,
-      image_size=model.image_size, patch_size=model.patch_size, num_channels=3, qkv_bias=True,
-      encoder_stride=model.patch_size,
-      pooler_output_size=model.representation_size or model.width, pooler_act="tanh",
+    model_type=HF_MODEL_TYPE,
+    architectures=["ViTForImageClassification" if model.num_classes else "ViTModel"],
+    hidden_size=model.width,
+    num_hidden_layers=model.depth,
+    num_attention_heads=model.num_heads,
+    intermediate_size=model.mlp_dim,
+    hidden_act="gelu",
+    layer_norm_eps=model.layer_norm_eps,
+    hidden_dropout_prob=model.dropout,
+    attention_probs_dropout_prob=model.attention_dropout,
+    image_size=model.image_size,
+    patch_size=model.patch_size,
+    num_channels=3,
+    qkv_bias=True,
+    encoder_stride=model.patch_size,
+    pooler_output_size=model.representation_size or model.width,
+    pooler_act="tanh",
   )
 
 
@@ -111,16 +152,38 @@ def timm_model_args(architecture: str, model_args: dict, global_pool: str | None
   """timm ViT name + model_args -> our kwargs (without num_classes)."""
   match = re.fullmatch(r"vit_(tiny|small|base|large|huge|giant)_patch(\d+)_(?:clip_)?(\d+)", architecture)
   if not match:
-    raise ValueError(f"timm architecture {architecture!r} is not a plain ViT this loader knows "
-                     "(vit_{tiny,small,base,large,huge,giant}_patch{P}_{SIZE}).")
+    raise ValueError(
+      f"timm architecture {architecture!r} is not a plain ViT this loader knows "
+      "(vit_{tiny,small,base,large,huge,giant}_patch{P}_{SIZE})."
+    )
   size, patch, image = match.groups()
   args = vit_args(f"{_TIMM_SIZES[size]}/{patch}")
   args.update(image_size=int(image), layer_norm_eps=1e-6)
-  unsupported = {k: v for k, v in model_args.items()
-                 if k in ("init_values", "reg_tokens", "qk_norm", "pre_norm", "no_embed_class", "dynamic_img_size",
-                          "act_layer", "norm_layer", "block_fn", "mlp_layer", "embed_layer", "class_token",
-                          "global_pool", "fc_norm", "qkv_bias", "in_chans", "proj_bias")
-                 and v not in (None, False, 0, 3, True, "token", "avg", "")}
+  unsupported = {
+    k: v
+    for k, v in model_args.items()
+    if k
+    in (
+      "init_values",
+      "reg_tokens",
+      "qk_norm",
+      "pre_norm",
+      "no_embed_class",
+      "dynamic_img_size",
+      "act_layer",
+      "norm_layer",
+      "block_fn",
+      "mlp_layer",
+      "embed_layer",
+      "class_token",
+      "global_pool",
+      "fc_norm",
+      "qkv_bias",
+      "in_chans",
+      "proj_bias",
+    )
+    and v not in (None, False, 0, 3, True, "token", "avg", "")
+  }
   if unsupported or model_args.get("qkv_bias", True) is False or model_args.get("in_chans", 3) != 3:
     raise ValueError(f"timm ViT model_args not supported: {unsupported or model_args}.")
   img = model_args.get("img_size", args["image_size"])

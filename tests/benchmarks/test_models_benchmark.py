@@ -19,9 +19,25 @@ def test_attention_flag_reaches_only_models_that_choose_one():
 
 
 def test_run_writes_the_table_and_a_profile(tmp_path):
-  models_benchmark.main(["--models", "vit_ti16", "--batch", "2", "--steps", "1", "--no-torch", "--attention-impl", "xla",
-                         "--profile", str(tmp_path / "profile"), "--out", str(tmp_path / "r.json"),
-                         "--out", str(tmp_path / "r.md")])
+  models_benchmark.main(
+    [
+      "--models",
+      "vit_ti16",
+      "--batch",
+      "2",
+      "--steps",
+      "1",
+      "--no-torch",
+      "--attention-impl",
+      "xla",
+      "--profile",
+      str(tmp_path / "profile"),
+      "--out",
+      str(tmp_path / "r.json"),
+      "--out",
+      str(tmp_path / "r.md"),
+    ]
+  )
   result = json.loads((tmp_path / "r.json").read_text())
   assert result["raw"][0]["attention_impl"] == "xla"
   rows = {r["mode"]: r for r in result["rows"]}

@@ -8,8 +8,10 @@ _spec = importlib.util.spec_from_file_location("readme_table", _ROOT / "benchmar
 readme_table = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(readme_table)
 
-AMD_CPUINFO = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
-               "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512bw\n\nprocessor\t: 1\nmodel name\t: other\n")
+AMD_CPUINFO = (
+  "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+  "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512bw\n\nprocessor\t: 1\nmodel name\t: other\n"
+)
 
 
 def test_the_results_file_is_what_the_generator_writes():
@@ -31,7 +33,8 @@ def test_a_new_file_gets_the_header_and_the_cpu_caveat():
 def test_printed_lines_become_bullets_and_tables_stay_tables():
   printed = "machine: 2 cores\n| a | b |\n|---|---|\n| 1 | 2 |\ndecode only     2500 img/s\n"
   assert readme_table.as_markdown(printed) == (
-      "- machine: 2 cores\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n- `decode only     2500 img/s`")
+    "- machine: 2 cores\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n- `decode only     2500 img/s`"
+  )
 
 
 def test_a_section_says_what_its_table_means_where_and_how():
@@ -45,11 +48,13 @@ def test_a_section_says_what_its_table_means_where_and_how():
 def test_only_the_sections_run_are_replaced_and_others_kept():
   s = readme_table.SECTION
   titles = [title for title, _, _ in readme_table.BENCHMARKS.values()]
-  block = (f"\n{s}On one GPU\n\ngpu figures\n\n{s}{titles[0]}\n\nold input figures\n\n"
-           f"{s}{titles[1]}\n\nold model figures\n")
+  block = (
+    f"\n{s}On one GPU\n\ngpu figures\n\n{s}{titles[0]}\n\nold input figures\n\n{s}{titles[1]}\n\nold model figures\n"
+  )
   merged = readme_table.merge_sections(block, {titles[0]: f"{s}{titles[0]}\n\nnew input figures\n"})
-  assert merged == (f"{s}{titles[0]}\n\nnew input figures\n\n{s}{titles[1]}\n\nold model figures\n\n"
-                    f"{s}On one GPU\n\ngpu figures")
+  assert merged == (
+    f"{s}{titles[0]}\n\nnew input figures\n\n{s}{titles[1]}\n\nold model figures\n\n{s}On one GPU\n\ngpu figures"
+  )
   added = readme_table.merge_sections(block, {titles[2]: f"{s}{titles[2]}\n\nscaling figures\n"})
   assert added.index("old model figures") < added.index("scaling figures") < added.index("gpu figures")
   assert "old input figures" in added
@@ -66,23 +71,25 @@ def test_sections_survive_a_rewrite_of_the_whole_file():
 def test_cpu_name_names_the_microarchitecture_and_the_vector_unit():
   assert readme_table.cpu_name(AMD_CPUINFO) == "AMD EPYC, Zen 5 (family 26 model 2), AVX-512"
   assert readme_table.cpu_name(AMD_CPUINFO.replace(" avx512f avx512bw", "")) == (
-      "AMD EPYC, Zen 5 (family 26 model 2), AVX2")
+    "AMD EPYC, Zen 5 (family 26 model 2), AVX2"
+  )
   zen4 = AMD_CPUINFO.replace("cpu family\t: 26\nmodel\t\t: 2\n", "cpu family\t: 25\nmodel\t\t: 17\n")
   assert readme_table.cpu_name(zen4) == "AMD EPYC, Zen 4 (family 25 model 17), AVX-512"
-  intel = AMD_CPUINFO.replace("AuthenticAMD", "GenuineIntel").replace("cpu family\t: 26\nmodel\t\t: 2\n",
-                                                                      "cpu family\t: 6\nmodel\t\t: 143\n")
-  assert readme_table.cpu_name(intel) == "AMD EPYC, family 6 model 143, AVX-512"   # Intel: no guess
+  intel = AMD_CPUINFO.replace("AuthenticAMD", "GenuineIntel").replace(
+    "cpu family\t: 26\nmodel\t\t: 2\n", "cpu family\t: 6\nmodel\t\t: 143\n"
+  )
+  assert readme_table.cpu_name(intel) == "AMD EPYC, family 6 model 143, AVX-512"  # Intel: no guess
 
 
 def test_microarchitecture_from_amd_family_and_model():
   arch = readme_table.microarchitecture
-  assert arch("AuthenticAMD", 25, 0x01) == "Zen 3"     # Milan
-  assert arch("AuthenticAMD", 25, 0x21) == "Zen 3"     # Vermeer
-  assert arch("AuthenticAMD", 25, 0x11) == "Zen 4"     # Genoa
-  assert arch("AuthenticAMD", 25, 0x61) == "Zen 4"     # Raphael
-  assert arch("AuthenticAMD", 25, 0xa0) == "Zen 4"     # Bergamo
-  assert arch("AuthenticAMD", 26, 0x02) == "Zen 5"     # Turin
-  assert arch("AuthenticAMD", 26, 0x50) is None        # not Zen 5: no guess
-  assert arch("AuthenticAMD", 23, 0x31) == "Zen 2"     # Rome
+  assert arch("AuthenticAMD", 25, 0x01) == "Zen 3"  # Milan
+  assert arch("AuthenticAMD", 25, 0x21) == "Zen 3"  # Vermeer
+  assert arch("AuthenticAMD", 25, 0x11) == "Zen 4"  # Genoa
+  assert arch("AuthenticAMD", 25, 0x61) == "Zen 4"  # Raphael
+  assert arch("AuthenticAMD", 25, 0xA0) == "Zen 4"  # Bergamo
+  assert arch("AuthenticAMD", 26, 0x02) == "Zen 5"  # Turin
+  assert arch("AuthenticAMD", 26, 0x50) is None  # not Zen 5: no guess
+  assert arch("AuthenticAMD", 23, 0x31) == "Zen 2"  # Rome
   assert arch("AuthenticAMD", 27, 0x00) is None
-  assert arch("GenuineIntel", 6, 0x8f) is None
+  assert arch("GenuineIntel", 6, 0x8F) is None

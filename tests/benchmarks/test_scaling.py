@@ -26,17 +26,18 @@ def mesh():
 
 
 def test_per_device_bytes_counts_each_shard_once(mesh):
-  tree = {"sharded": jax.ShapeDtypeStruct((8, 6), jnp.float32, sharding=NamedSharding(mesh, P("fsdp"))),
-          "replicated": jax.ShapeDtypeStruct((3,), jnp.int32, sharding=NamedSharding(mesh, P())),
-          "half": jax.ShapeDtypeStruct((4, 2), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, "fsdp")))}
+  tree = {
+    "sharded": jax.ShapeDtypeStruct((8, 6), jnp.float32, sharding=NamedSharding(mesh, P("fsdp"))),
+    "replicated": jax.ShapeDtypeStruct((3,), jnp.int32, sharding=NamedSharding(mesh, P())),
+    "half": jax.ShapeDtypeStruct((4, 2), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, "fsdp"))),
+  }
   assert scaling.per_device_bytes(tree) == 4 * 6 * 4 + 3 * 4 + 4 * 1 * 2
   assert scaling.unsharded_bytes(tree) == 8 * 6 * 4 + 3 * 4 + 4 * 2 * 2
 
 
 def test_reported_state_bytes_match_the_allocated_shards(mesh):
   """The count from the abstract state (nothing allocated) is what device 0 holds once the state exists."""
-  model = VisionTransformer(num_classes=10, image_size=32, patch_size=8, width=64, depth=2, mlp_dim=256,
-                            num_heads=4)
+  model = VisionTransformer(num_classes=10, image_size=32, patch_size=8, width=64, depth=2, mlp_dim=256, num_heads=4)
   strategy = parallel.get_strategy("fsdp")
   compiled, program, _ = scaling.compile_train_step(model, mesh, strategy, batch_size=2)
   abstract, state = program.abstract_state, program.new_state()
@@ -50,9 +51,16 @@ def test_reported_state_bytes_match_the_allocated_shards(mesh):
   assert xla and xla["argument"] >= scaling.per_device_bytes(abstract)
 
 
-@pytest.mark.parametrize("strategy, devices, want", [
-    ("dp", 4, {"data": 4}), ("fsdp", 8, {"fsdp": 8}), ("tp", 2, {"model": 2}),
-    ("fsdp_tp", 8, {"fsdp": -1, "model": 2}), ("fsdp_tp", 1, {"fsdp": -1, "model": 1})])
+@pytest.mark.parametrize(
+  "strategy, devices, want",
+  [
+    ("dp", 4, {"data": 4}),
+    ("fsdp", 8, {"fsdp": 8}),
+    ("tp", 2, {"model": 2}),
+    ("fsdp_tp", 8, {"fsdp": -1, "model": 2}),
+    ("fsdp_tp", 1, {"fsdp": -1, "model": 1}),
+  ],
+)
 def test_mesh_shape_per_strategy(strategy, devices, want):
   assert scaling.mesh_shape(strategy, devices) == want
   assert np.prod(list(parallel.mesh.mesh_shape(want, devices).values())) == devices

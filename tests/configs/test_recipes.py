@@ -49,6 +49,7 @@ def warmup_steps(epochs: float, batch_size: int) -> int:
 
 # ------------------------------------------------------------------------------------- the full recipes
 
+
 @pytest.mark.parametrize("arg", [None, "runlocal"])
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_validates_and_its_pp_parses(name, arg):
@@ -64,8 +65,11 @@ def test_runlocal_is_the_same_recipe_at_toy_size(name):
   full, local = (config_lib.validate(get_config(name, arg)) for arg in (None, "runlocal"))
   assert op_names(local.data.pp_train) == op_names(full.data.pp_train)
   assert op_names(local.data.pp_eval) == op_names(full.data.pp_eval)
-  assert (local.model, local.label_smoothing, local.data.normalize) == (full.model, full.label_smoothing,
-                                                                        full.data.normalize)
+  assert (local.model, local.label_smoothing, local.data.normalize) == (
+    full.model,
+    full.label_smoothing,
+    full.data.normalize,
+  )
   assert local.data.train.kind == full.data.train.kind and local.data.eval.kind == full.data.eval.kind
   for key in ("name", "momentum", "nesterov", "weight_decay", "clip_norm", "b1", "b2", "eps"):
     assert local.optimizer.get(key) == full.optimizer.get(key), key
@@ -105,8 +109,10 @@ def test_vit_b16_is_deit_b():
   assert opt.get("clip_norm") is None and opt.get("ema_decay") is None
   assert opt.schedule.warmup_steps == warmup_steps(5, 1024) and opt.schedule.decay == "cosine"
   assert opt.lr * opt.schedule.end_lr_fraction == pytest.approx(1e-5)
-  assert c.data.pp_train == ("decode_inception_crop(224, method='bicubic')|flip_lr|randaugment(2, 9)|"
-                             "onehot(1000, smoothing=0.1)|mixup_cutmix(0.8, 1.0, switch_prob=0.5)")
+  assert c.data.pp_train == (
+    "decode_inception_crop(224, method='bicubic')|flip_lr|randaugment(2, 9)|"
+    "onehot(1000, smoothing=0.1)|mixup_cutmix(0.8, 1.0, switch_prob=0.5)"
+  )
   assert op_names(c.data.pp_eval) == ["decode", "center_crop_fraction"]
   assert c.data.normalize == "imagenet"
   assert get_config("vit_b16_imagenet", "batch_size=4096").optimizer.lr == pytest.approx(5e-4 * 4096 / 512)
@@ -129,8 +135,7 @@ def test_finetune_tfds_is_the_vit_transfer_recipe():
   c = config_lib.validate(get_config("finetune_tfds"))
   assert c.pretrained == "google/vit-base-patch16-224" and c.image_size == 384 and c.num_classes is None
   assert c.data.normalize is None and c.data.batch_size == 512
-  assert (c.data.train.name, c.data.train.split, c.data.eval.split) == ("oxford_iiit_pet", "train[:90%]",
-                                                                        "train[90%:]")
+  assert (c.data.train.name, c.data.train.split, c.data.eval.split) == ("oxford_iiit_pet", "train[:90%]", "train[90%:]")
   assert c.num_steps == 500 and c.optimizer.schedule.warmup_steps == 100
   opt = c.optimizer
   assert (opt.name, opt.lr, opt.momentum, opt.weight_decay, opt.clip_norm) == ("sgd", 0.003, 0.9, 0.0, 1.0)
@@ -138,8 +143,12 @@ def test_finetune_tfds_is_the_vit_transfer_recipe():
   assert c.data.pp_eval == "decode|resize_small(448)|central_crop(384)"
 
   c = get_config("finetune_tfds", "dataset=cifar100,image_size=224,pretrained=timm/some_vit")
-  assert (c.data.train.name, c.data.train.split, c.num_steps, c.optimizer.lr) == ("cifar100", "train[:98%]",
-                                                                                  10_000, 0.01)
+  assert (c.data.train.name, c.data.train.split, c.num_steps, c.optimizer.lr) == (
+    "cifar100",
+    "train[:98%]",
+    10_000,
+    0.01,
+  )
   assert (c.image_size, c.pretrained) == (224, "timm/some_vit")
   assert get_config("finetune_tfds", "eval_on_test").data.eval.split == "test"
   assert get_config("finetune_tfds", "dataset=imagenet2012,eval_on_test").data.eval.split == "validation"
@@ -165,7 +174,9 @@ def parse_flags(*args):
   return flag_values.config
 
 
-@pytest.mark.parametrize("name,key,value", [
+@pytest.mark.parametrize(
+  "name,key,value",
+  [
     ("resnet50_imagenet", "data_dir", "/data/tfds"),
     ("vit_b16_imagenet", "manual_dir", "/data/manual"),
     ("swin_t_imagenet", "download", True),
@@ -173,7 +184,8 @@ def parse_flags(*args):
     ("finetune_folder", "root", "/data/photos"),
     ("finetune_folder", "holdout_fraction", 0.2),
     ("finetune_folder", "layout", "classes"),
-])
+  ],
+)
 def test_command_line_sets_a_source_argument_in_both_blocks(name, key, value):
   config = parse_flags(f"--config={REPO / 'configs' / name}.py", f"--config.data.train.{key}={value}")
   assert config.data.train[key] == value and config.data.eval[key] == value
@@ -181,10 +193,28 @@ def test_command_line_sets_a_source_argument_in_both_blocks(name, key, value):
 
 
 # A value for every key of the optimizer block, none of them any recipe's own.
-OPTIMIZER_FLAGS = dict(name="lamb", lr=0.5, b1=0.8, b2=0.95, eps=1e-7, momentum=0.5, nesterov=True, weight_decay=0.02,
-                       clip_norm=2.0, layer_decay=0.75, frozen=("^head/",), no_decay=("bias$",), accumulate_steps=3,
-                       ema_decay=0.9999, **{"schedule.warmup_steps": 7, "schedule.total_steps": 90,
-                                            "schedule.decay": "linear", "schedule.end_lr_fraction": 0.01})
+OPTIMIZER_FLAGS = dict(
+  name="lamb",
+  lr=0.5,
+  b1=0.8,
+  b2=0.95,
+  eps=1e-7,
+  momentum=0.5,
+  nesterov=True,
+  weight_decay=0.02,
+  clip_norm=2.0,
+  layer_decay=0.75,
+  frozen=("^head/",),
+  no_decay=("bias$",),
+  accumulate_steps=3,
+  ema_decay=0.9999,
+  **{
+    "schedule.warmup_steps": 7,
+    "schedule.total_steps": 90,
+    "schedule.decay": "linear",
+    "schedule.end_lr_fraction": 0.01,
+  },
+)
 # Every recipe under configs/, the digits demo and any added later included.
 ALL_RECIPES = sorted(path.stem for path in (REPO / "configs").glob("*.py") if path.stem != "common")
 
@@ -198,13 +228,17 @@ def test_the_flags_cover_every_optimizer_key():
 @pytest.mark.parametrize("name", ALL_RECIPES)
 def test_command_line_sets_any_optimizer_key(name, arg):
   flag_text = {key: repr(value) if isinstance(value, tuple) else value for key, value in OPTIMIZER_FLAGS.items()}
-  config = parse_flags(f"--config={REPO / 'configs' / name}.py" + (f":{arg}" if arg else ""),
-                       *(f"--config.optimizer.{key}={value}" for key, value in flag_text.items()))
+  config = parse_flags(
+    f"--config={REPO / 'configs' / name}.py" + (f":{arg}" if arg else ""),
+    *(f"--config.optimizer.{key}={value}" for key, value in flag_text.items()),
+  )
   opt = config_lib.validate(config).optimizer
   assert {key: opt[key] for key in OPTIMIZER_FLAGS if "." not in key} == {
-      key: value for key, value in OPTIMIZER_FLAGS.items() if "." not in key}
+    key: value for key, value in OPTIMIZER_FLAGS.items() if "." not in key
+  }
   assert {f"schedule.{key}": value for key, value in opt.schedule.items()} == {
-      key: value for key, value in OPTIMIZER_FLAGS.items() if "." in key}
+    key: value for key, value in OPTIMIZER_FLAGS.items() if "." in key
+  }
   optimizer_lib.read_config(opt)
 
 
@@ -219,20 +253,25 @@ def test_command_line_layout_reads_class_folders_with_subfolders(tmp_path):
   assert parse_flags(recipe).data.train.layout == "auto"
   with pytest.raises(ValueError, match=r"set layout='classes'.*--config.data.train.layout=classes"):
     sources.make_source(**parse_flags(recipe).data.train)
-  config = config_lib.validate(parse_flags(recipe, "--config.data.train.layout=classes",
-                                           "--config.data.train.holdout_fraction=0.5"))
+  config = config_lib.validate(
+    parse_flags(recipe, "--config.data.train.layout=classes", "--config.data.train.holdout_fraction=0.5")
+  )
   train, held = (sources.make_source(**block) for block in (config.data.train, config.data.eval))
   assert train.layout == held.layout == "classes" and train.class_names == held.class_names == ["ant", "bee"]
   assert train.num_examples + held.num_examples == 20 and set(held.labels) == set(train.labels) == {0, 1}
 
 
 def test_command_line_sets_pretrained_and_image_size():
-  config = parse_flags(f"--config={REPO / 'configs' / 'finetune_folder.py'}:runlocal",
-                       "--config.pretrained=/models/vit", "--config.image_size=64")
+  config = parse_flags(
+    f"--config={REPO / 'configs' / 'finetune_folder.py'}:runlocal",
+    "--config.pretrained=/models/vit",
+    "--config.image_size=64",
+  )
   assert (config.pretrained, config.image_size) == ("/models/vit", 64)
 
 
 # ------------------------------------------------------------------------- runlocal, trained end to end
+
 
 def check_run(workdir: pathlib.Path, num_steps: int = 4, log_every: int = 2) -> None:
   train = reporting.read_metrics(str(workdir), "train")
@@ -260,9 +299,11 @@ def test_imagenet_recipe_runlocal_trains(name, digits_dir, tmp_path):
 
 # ------------------------------------------------------------------------- fine-tuning, trained end to end
 
+
 @pytest.fixture(scope="module")
 def tiny_vit(tmp_path_factory):
   from tests.tasks.test_classify import save_tiny_vit  # a 64x64 patch-16 transformers ViT with 10 labels
+
   return save_tiny_vit(tmp_path_factory.mktemp("tiny_vit"))
 
 
@@ -273,6 +314,7 @@ def tiny_resnet(tmp_path_factory):
   from transformers import ResNetConfig, ResNetForImageClassification
   from tests import torch_reference as ref
   from tests.tasks.test_classify import PROCESSORS, TINY_RESNET
+
   folder = tmp_path_factory.mktemp("tiny_resnet")
   torch.manual_seed(0)
   model = ResNetForImageClassification(ResNetConfig(**TINY_RESNET, num_labels=5))
@@ -295,8 +337,7 @@ def digit_folder(tmp_path_factory):
 
 
 def non_head(params: dict) -> dict:
-  flat = {"/".join(str(k.key) for k in path): value
-          for path, value in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat = {"/".join(str(k.key) for k in path): value for path, value in jax.tree_util.tree_flatten_with_path(params)[0]}
   return {path: value for path, value in flat.items() if not path.startswith("head/")}
 
 
@@ -319,8 +360,9 @@ def check_starts_from_the_checkpoint(config, checkpoint, num_classes: int, image
     else:
       np.testing.assert_array_equal(value, want[path], err_msg=path)
   if "batch_stats" in original:
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.batch_stats),
-                 jax.device_get(original["batch_stats"]))
+    jax.tree.map(
+      np.testing.assert_array_equal, jax.device_get(state.batch_stats), jax.device_get(original["batch_stats"])
+    )
   return run
 
 

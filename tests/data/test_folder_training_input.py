@@ -26,7 +26,7 @@ def photos(tmp_path_factory):
     (root / name).mkdir()
     for i in range(20):
       y, x = rng.integers(0, 100, 2)
-      crop = PIL.Image.fromarray(image[y:y + 200, x:x + 250])
+      crop = PIL.Image.fromarray(image[y : y + 200, x : x + 250])
       crop.save(root / name / f"{i}.{'png' if i % 4 == 0 else 'jpg'}")
   return str(root)
 
@@ -102,11 +102,13 @@ def test_a_resume_reads_none_of_the_files_it_skips(tmp_path):
   image = skimage.data.astronaut()
   for label in range(6):
     (tmp_path / "train" / f"class{label}").mkdir(parents=True)
-    PIL.Image.fromarray(image[label * 40:label * 40 + 100, :120]).save(tmp_path / "train" / f"class{label}" / "a.jpg")
+    PIL.Image.fromarray(image[label * 40 : label * 40 + 100, :120]).save(tmp_path / "train" / f"class{label}" / "a.jpg")
   source = sources.make_source("folder", root=str(tmp_path), split="train")
   kwargs = dict(global_batch_size=1, seed=0, shard=pipeline.Shard(0, 1))
-  full = [int(b["label"][0]) for b in itertools.islice(
-      pipeline.train_dataset(source, "decode|resize(8)", **kwargs).as_numpy_iterator(), 6)]
+  full = [
+    int(b["label"][0])
+    for b in itertools.islice(pipeline.train_dataset(source, "decode|resize(8)", **kwargs).as_numpy_iterator(), 6)
+  ]
   assert sorted(full) == list(range(6))
   for label in full[:4]:
     (tmp_path / "train" / f"class{label}" / "a.jpg").unlink()

@@ -81,8 +81,9 @@ def test_class_layout_holdout_is_stable_when_files_are_added(tmp_path):
   held = folders.FolderSource(str(tmp_path), "validation", holdout_fraction=0.25)
   assert train.layout == "classes" and train.class_names == CLASSES
   assert not set(train.files) & set(held.files)
-  assert sorted(train.files + held.files) == sorted(f"{c}/{c}_{i:03d}.{('jpg', 'png', 'JPEG')[i % 3]}"
-                                                    for c in CLASSES for i in range(40))
+  assert sorted(train.files + held.files) == sorted(
+    f"{c}/{c}_{i:03d}.{('jpg', 'png', 'JPEG')[i % 3]}" for c in CLASSES for i in range(40)
+  )
   assert 15 <= held.num_examples <= 45  # 25% of 120, give or take the hash
   assert all(folders.holdout_score(f) < 0.25 for f in held.files)
   assert_labels_match_content(read(train))
@@ -124,7 +125,8 @@ def write_bad_files(class_dir) -> None:
   write_image(good, 0, "JPEG")
   data = (class_dir / "zz_good.jpg").read_bytes()
   PIL.Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), np.uint8)).save(
-      class_dir / "truncated.jpg", "JPEG")
+    class_dir / "truncated.jpg", "JPEG"
+  )
   (class_dir / "truncated.jpg").write_bytes((class_dir / "truncated.jpg").read_bytes()[:600])
   (class_dir / "noise.jpg").write_bytes(np.random.RandomState(1).bytes(len(data)))
   (class_dir / "notes.txt").write_text("not an image")
@@ -140,8 +142,11 @@ def test_bad_files_are_skipped_with_a_warning_and_labels_hold(split_tree):
   assert message.startswith("Skipped 3 of 24 files in")
   for name in ("dog/truncated.jpg", "dog/noise.jpg", "dog/notes.txt (not a .jpg/.jpeg/.png file)"):
     assert name in message
-  assert sorted(f for f, _ in source.skipped) == ["train/dog/noise.jpg", "train/dog/notes.txt",
-                                                   "train/dog/truncated.jpg"]
+  assert sorted(f for f, _ in source.skipped) == [
+    "train/dog/noise.jpg",
+    "train/dog/notes.txt",
+    "train/dog/truncated.jpg",
+  ]
   assert source.num_examples == 21
   pairs = read(source)
   assert_labels_match_content(pairs)
@@ -218,6 +223,7 @@ def test_all_files_bad_is_an_error(tmp_path):
 
 # ------------------------------------------------------------ a class with no readable image (strict=False too)
 
+
 def spoil(class_dir, count: int = 3) -> None:
   """Replaces the class folder's files with `count` files that do not decode."""
   for f in class_dir.iterdir():
@@ -281,6 +287,7 @@ def test_no_file_held_out_at_all_is_an_error(tmp_path):
 
 # --------------------------------------------------------------------- class folders holding subfolders
 
+
 def make_nested_tree(root) -> None:
   """root/<class>/<sub>/*.png: classes whose images sit in subfolders."""
   for label, name in enumerate(CLASSES):
@@ -302,8 +309,11 @@ def test_layout_classes_reads_class_folders_with_subfolders(tmp_path):
 @pytest.mark.parametrize("split", ["train", "validation"])
 def test_auto_on_class_folders_with_subfolders_asks_for_a_layout(tmp_path, split):
   make_nested_tree(tmp_path)
-  with pytest.raises(ValueError, match=r"layout='auto' cannot tell.*cat/indoor.*"
-                                       r"set layout='classes'.*--config.data.train.layout=classes"):
+  with pytest.raises(
+    ValueError,
+    match=r"layout='auto' cannot tell.*cat/indoor.*"
+    r"set layout='classes'.*--config.data.train.layout=classes",
+  ):
     folders.FolderSource(str(tmp_path), split)
   with pytest.raises(ValueError, match=r"no split 'train'.*set layout='classes'"):
     folders.FolderSource(str(tmp_path), "train", layout="splits")

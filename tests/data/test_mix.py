@@ -49,7 +49,7 @@ def test_cutmix_label_weight_is_the_pasted_area_exactly():
     fraction = pasted.mean()
     if pasted.any():  # the pasted region is one axis-aligned box
       rows, cols = np.nonzero(pasted.any(1))[0], np.nonzero(pasted.any(0))[0]
-      assert pasted[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all() and pasted.sum() == len(rows) * len(cols)
+      assert pasted[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].all() and pasted.sum() == len(rows) * len(cols)
     np.testing.assert_allclose(label[0], [1 - fraction, fraction], atol=1e-6)
     np.testing.assert_array_equal(image[1] == 0, pasted)  # the partner received the same box
     pasted_fractions.append(fraction)

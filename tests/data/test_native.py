@@ -18,21 +18,24 @@ needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler to
 
 
 def _stock(image, left, width, size):
-  crop = image[:, left:left + width]
+  crop = image[:, left : left + width]
   return ops._resize_uint8(tf.constant(crop), size, "bilinear", antialias=False).numpy()
 
 
 @needs_compiler
-@pytest.mark.parametrize("shape,left,width,size", [
-    ((375, 500, 3), 37, 300, (224, 224)),   # downscale
-    ((90, 120, 3), 5, 70, (224, 224)),      # upscale
-    ((1, 40, 3), 0, 40, (7, 9)),            # one row
-    ((30, 1, 3), 0, 1, (5, 4)),             # one column
-    ((64, 80, 1), 16, 33, (20, 31)),        # grayscale
-    ((64, 80, 4), 3, 77, (40, 40)),         # RGBA
-    ((40, 50, 2), 9, 41, (60, 17)),         # two channels
-    ((40, 50, 5), 2, 45, (30, 70)),         # more channels than one vector holds: the per-value path
-])
+@pytest.mark.parametrize(
+  "shape,left,width,size",
+  [
+    ((375, 500, 3), 37, 300, (224, 224)),  # downscale
+    ((90, 120, 3), 5, 70, (224, 224)),  # upscale
+    ((1, 40, 3), 0, 40, (7, 9)),  # one row
+    ((30, 1, 3), 0, 1, (5, 4)),  # one column
+    ((64, 80, 1), 16, 33, (20, 31)),  # grayscale
+    ((64, 80, 4), 3, 77, (40, 40)),  # RGBA
+    ((40, 50, 2), 9, 41, (60, 17)),  # two channels
+    ((40, 50, 5), 2, 45, (30, 70)),  # more channels than one vector holds: the per-value path
+  ],
+)
 def test_kernel_is_tensorflows_bilinear_resize_within_one_level(shape, left, width, size):
   assert native.library() is not None  # a compiler is here, so the build must work
   kernel = native.library().lvm_crop_resize_bilinear
@@ -122,15 +125,23 @@ def test_crop_box_kernel_chooses_the_boxes_of_the_tensorflow_ops(monkeypatch):
   box = native.library().lvm_inception_crop_box
   rng = np.random.default_rng(0)
   cases = [((int(rng.integers(1, 700)), int(rng.integers(1, 700))), 0.08, 1.0, (3 / 4, 4 / 3)) for _ in range(150)]
-  cases += [((10, 200), 0.9, 1.0, (3 / 4, 4 / 3)), ((400, 7), 0.5, 1.0, (0.5, 2.0)), ((1, 1), 0.08, 1.0, (0.75, 1.33)),
-            ((375, 500), 1.0, 1.0, (1.0, 1.0)), ((224, 224), 0.3, 0.31, (0.2, 5.0))]
-  args = [(tf.constant(size), tf.constant([i, 9], tf.int64), lo, hi, ratio)
-          for i, (size, lo, hi, ratio) in enumerate(cases)]
+  cases += [
+    ((10, 200), 0.9, 1.0, (3 / 4, 4 / 3)),
+    ((400, 7), 0.5, 1.0, (0.5, 2.0)),
+    ((1, 1), 0.08, 1.0, (0.75, 1.33)),
+    ((375, 500), 1.0, 1.0, (1.0, 1.0)),
+    ((224, 224), 0.3, 0.31, (0.2, 5.0)),
+  ]
+  args = [
+    (tf.constant(size), tf.constant([i, 9], tf.int64), lo, hi, ratio) for i, (size, lo, hi, ratio) in enumerate(cases)
+  ]
   with_kernel = [[int(v) for v in ops.inception_crop_box(*a)] for a in args]
   monkeypatch.setattr(native, "library", lambda: None)
   assert with_kernel == [[int(v) for v in ops.inception_crop_box(*a)] for a in args]
-  fallbacks = sum((size[0] - ch) // 2 == top and (size[1] - cw) // 2 == left and (ch == size[0] or cw == size[1])
-                  for (size, *_), (top, left, ch, cw) in zip(cases, with_kernel))
+  fallbacks = sum(
+    (size[0] - ch) // 2 == top and (size[1] - cw) // 2 == left and (ch == size[0] or cw == size[1])
+    for (size, *_), (top, left, ch, cw) in zip(cases, with_kernel)
+  )
   assert fallbacks >= 3  # the strips and the 1x1 image take the centred fallback
   with pytest.raises(tf.errors.InvalidArgumentError, match="input 0 must be a vector"):  # an error, not a crash
     box([[5, 5]], [0.5], [1.0], [0.5, 0.5], area_min=0.1, area_max=1.0, ratio_min=0.75, ratio_max=1.33)

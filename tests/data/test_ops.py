@@ -30,12 +30,23 @@ def _decode(data: bytes) -> np.ndarray:
 
 # -- decode -----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode,fmt,tolerance", [
-    ("RGB", "PNG", 0), ("L", "PNG", 0), ("RGBA", "PNG", 0), ("LA", "PNG", 0), ("P", "PNG", 0), ("P", "GIF", 0),
+
+@pytest.mark.parametrize(
+  "mode,fmt,tolerance",
+  [
+    ("RGB", "PNG", 0),
+    ("L", "PNG", 0),
+    ("RGBA", "PNG", 0),
+    ("LA", "PNG", 0),
+    ("P", "PNG", 0),
+    ("P", "GIF", 0),
     ("RGB", "BMP", 0),
     # TF's and PIL's libjpeg builds upsample chroma and round the colour transform differently.
-    ("RGB", "JPEG", 8), ("L", "JPEG", 2), ("CMYK", "JPEG", 2),
-])
+    ("RGB", "JPEG", 8),
+    ("L", "JPEG", 2),
+    ("CMYK", "JPEG", 2),
+  ],
+)
 def test_decode_gives_rgb_uint8_like_pil_convert(mode, fmt, tolerance):
   pil = PIL.Image.fromarray(CAT)
   if mode == "RGBA":
@@ -72,6 +83,7 @@ def test_decode_inside_tf_data_has_static_channels_and_rejects_corrupt_bytes():
 
 
 # -- resize and crops -------------------------------------------------------------------------------------------
+
 
 def test_resize_shape_dtype_and_closeness_to_pil_bilinear():
   out = ops.resize((30, 45))(_example(CAT))["image"].numpy()
@@ -133,8 +145,10 @@ def test_inception_crop_boxes_respect_area_and_ratio_ranges():
   area_min, area_max, ratio = 0.2, 0.6, (0.5, 2.0)
   areas, ratios = [], []
   for seed in range(300):
-    top, left, ch, cw = (int(v) for v in ops.inception_crop_box(
-        tf.constant([h, w]), tf.constant([seed, 5], tf.int64), area_min, area_max, ratio))
+    top, left, ch, cw = (
+      int(v)
+      for v in ops.inception_crop_box(tf.constant([h, w]), tf.constant([seed, 5], tf.int64), area_min, area_max, ratio)
+    )
     assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w
     areas.append(ch * cw / (h * w))
     ratios.append(cw / ch)
@@ -150,8 +164,10 @@ def test_inception_crop_boxes_respect_area_and_ratio_ranges():
 def test_inception_crop_falls_back_to_a_centred_clamped_crop():
   # A 10 x 200 strip: no crop with ratio <= 4/3 and area >= 0.9 fits, so the fallback takes the full height
   # and width round(10 * 4/3) = 13, centred.
-  top, left, ch, cw = (int(v) for v in ops.inception_crop_box(
-      tf.constant([10, 200]), tf.constant([0, 1], tf.int64), 0.9, 1.0, (3 / 4, 4 / 3)))
+  top, left, ch, cw = (
+    int(v)
+    for v in ops.inception_crop_box(tf.constant([10, 200]), tf.constant([0, 1], tf.int64), 0.9, 1.0, (3 / 4, 4 / 3))
+  )
   assert (top, left, ch, cw) == (0, (200 - 13) // 2, 10, 13)
 
 
@@ -169,6 +185,7 @@ def test_inception_crop_output_and_determinism():
 
 # -- flip -------------------------------------------------------------------------------------------------------
 
+
 def test_flip_lr_is_exact_and_half_the_time():
   op = ops.flip_lr()
   flipped = 0
@@ -184,6 +201,7 @@ def test_flip_lr_is_exact_and_half_the_time():
 
 
 # -- normalize, onehot ------------------------------------------------------------------------------------------
+
 
 def test_normalize_presets_and_numbers():
   image = np.array([[[0, 255, 51]]], np.uint8)
@@ -213,8 +231,9 @@ def test_normalize_per_channel_over_a_whole_image():
   spec = traced.get_concrete_function(tf.TensorSpec([None, None, 3], tf.uint8))
   assert spec.structured_outputs.shape.as_list() == [None, None, 3]  # the static channel count survives
   batch = np.stack([image, image[::-1]])
-  np.testing.assert_allclose(ops.normalize(mean, std)({"image": tf.constant(batch)})["image"],
-                             (batch / 255.0 - mean) / std, rtol=1e-5, atol=1e-6)  # any rank broadcasts
+  np.testing.assert_allclose(
+    ops.normalize(mean, std)({"image": tf.constant(batch)})["image"], (batch / 255.0 - mean) / std, rtol=1e-5, atol=1e-6
+  )  # any rank broadcasts
   with pytest.raises(ValueError, match="normalize: 3 channel means/stds for images of shape"):
     ops.normalize("imagenet")(_example(image[..., :1]))
 
@@ -222,10 +241,17 @@ def test_normalize_per_channel_over_a_whole_image():
 def test_normalize_presets_are_the_published_numbers():
   from transformers import image_utils
   from lvm_jax import normalization
-  assert ops.NORMALIZATIONS["imagenet"] == normalization.IMAGENET_DEFAULT == \
-      (tuple(image_utils.IMAGENET_DEFAULT_MEAN), tuple(image_utils.IMAGENET_DEFAULT_STD))
-  assert ops.NORMALIZATIONS["inception"] == normalization.IMAGENET_STANDARD == \
-      (tuple(image_utils.IMAGENET_STANDARD_MEAN), tuple(image_utils.IMAGENET_STANDARD_STD))
+
+  assert (
+    ops.NORMALIZATIONS["imagenet"]
+    == normalization.IMAGENET_DEFAULT
+    == (tuple(image_utils.IMAGENET_DEFAULT_MEAN), tuple(image_utils.IMAGENET_DEFAULT_STD))
+  )
+  assert (
+    ops.NORMALIZATIONS["inception"]
+    == normalization.IMAGENET_STANDARD
+    == (tuple(image_utils.IMAGENET_STANDARD_MEAN), tuple(image_utils.IMAGENET_STANDARD_STD))
+  )
   assert normalization.OPENAI_CLIP == (tuple(image_utils.OPENAI_CLIP_MEAN), tuple(image_utils.OPENAI_CLIP_STD))
 
 
@@ -257,8 +283,9 @@ def test_train_chain_runs_inside_tf_data_deterministically():
     return example
 
   def run():
-    ds = tf.data.Dataset.range(6).map(lambda i: {"image": tf.constant(encoded), "label": i,
-                                                 "rng": tf.stack([i, tf.constant(9, tf.int64)])})
+    ds = tf.data.Dataset.range(6).map(
+      lambda i: {"image": tf.constant(encoded), "label": i, "rng": tf.stack([i, tf.constant(9, tf.int64)])}
+    )
     ds = ds.map(apply, num_parallel_calls=2, deterministic=True).batch(6)
     return next(iter(ds))
 
@@ -275,6 +302,7 @@ def test_decode_inception_crop_equals_decode_then_inception_crop(fmt):
   import io
   import PIL.Image
   import skimage.data
+
   buffer = io.BytesIO()
   PIL.Image.fromarray(skimage.data.astronaut()).save(buffer, format=fmt.upper())
   data = tf.constant(buffer.getvalue())

@@ -44,16 +44,18 @@ def test_same_seed_same_batches_other_seed_other_batches(train):
 def test_resume_sees_exactly_the_batches_an_uninterrupted_run_sees(train):
   """Across an epoch boundary: 1,437 training digits in batches of 256 end the first epoch in batch 5."""
   full = batches(pipeline.train_dataset(train, TRAIN_PP, global_batch_size=256, seed=SEED, shard=ONE), 9)
-  resumed = batches(pipeline.train_dataset(train, TRAIN_PP, global_batch_size=256, seed=SEED, shard=ONE,
-                                            start=4 * 256), 5)
+  resumed = batches(
+    pipeline.train_dataset(train, TRAIN_PP, global_batch_size=256, seed=SEED, shard=ONE, start=4 * 256), 5
+  )
   for x, y in zip(full[4:], resumed):
     np.testing.assert_array_equal(x["image"], y["image"])
     np.testing.assert_array_equal(x["label"], y["label"])
 
 
 def test_each_epoch_is_a_new_permutation_of_the_split(train):
-  ds = pipeline.train_dataset(train, "decode|normalize((0, 0, 0), (1, 1, 1))", global_batch_size=1437, seed=SEED,
-                              shard=ONE, shuffle_buffer=2000)
+  ds = pipeline.train_dataset(
+    train, "decode|normalize((0, 0, 0), (1, 1, 1))", global_batch_size=1437, seed=SEED, shard=ONE, shuffle_buffer=2000
+  )
   first, second = batches(ds, 2)
   key = lambda b: sorted(map(bytes, (np.round(b["image"] * 255).astype(np.uint8).reshape(len(b["image"]), -1))))
   assert key(first) == key(second)  # the same examples, each once
@@ -70,8 +72,9 @@ def _predict(images):
 @pytest.mark.parametrize("num_devices", [1, 8])
 def test_eval_top1_equals_numpy_over_the_same_predictions(test, num_devices):
   assert test.num_examples == 360 and 360 % GLOBAL_BATCH  # a last, partial batch
-  mesh = jax.make_mesh((num_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices()[:num_devices])
+  mesh = jax.make_mesh(
+    (num_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:num_devices]
+  )
   sharding = NamedSharding(mesh, P("data"))
   evals = pipeline.eval_dataset(test, EVAL_PP, global_batch_size=GLOBAL_BATCH, shard=ONE)
   correct = seen = 0
@@ -116,12 +119,18 @@ def test_batch_not_divisible_by_processes_is_a_clear_error(train):
 def test_global_batches_do_not_depend_on_the_process_count(train):
   """With num_shards=4, one process (4 shards) and two processes (2 shards each) build the same global batches,
   also when resuming at step 3 (start = 3 * 16 / 4 examples a shard)."""
+
   def global_batches(count, start=0):
-    streams = [pipeline.train_dataset(train, TRAIN_PP, global_batch_size=16, seed=3, start=start,
-                                      shard=pipeline.Shard(i, count), num_shards=4).as_numpy_iterator()
-               for i in range(count)]
-    return [{k: np.concatenate([next_[k] for next_ in parts]) for k in parts[0]}
-            for parts in (tuple(next(s) for s in streams) for _ in range(5))]
+    streams = [
+      pipeline.train_dataset(
+        train, TRAIN_PP, global_batch_size=16, seed=3, start=start, shard=pipeline.Shard(i, count), num_shards=4
+      ).as_numpy_iterator()
+      for i in range(count)
+    ]
+    return [
+      {k: np.concatenate([next_[k] for next_ in parts]) for k in parts[0]}
+      for parts in (tuple(next(s) for s in streams) for _ in range(5))
+    ]
 
   one, two = global_batches(1), global_batches(2)
   for a, b in zip(one, two):

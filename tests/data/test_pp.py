@@ -10,8 +10,7 @@ from lvm_jax.data import mix, ops, pp, randaugment
 def test_parses_the_issue_example_into_ops_in_order():
   spec = "decode|inception_crop(224)|flip_lr|randaugment(2, 9)|normalize('imagenet')|onehot(10, smoothing=0.1)"
   parsed = pp.parse(spec)
-  assert [op.pp_name for op in parsed] == ["decode", "inception_crop", "flip_lr", "randaugment", "normalize",
-                                           "onehot"]
+  assert [op.pp_name for op in parsed] == ["decode", "inception_crop", "flip_lr", "randaugment", "normalize", "onehot"]
   assert not any(pp.is_batch_op(op) for op in parsed)
 
 
@@ -39,8 +38,9 @@ def test_a_pipe_inside_a_string_argument_does_not_split():
 def test_batch_ops_are_marked():
   parsed = pp.parse("onehot(3)|mixup(0.2)|cutmix(1.0)|mixup_cutmix(0.8, 1.0, switch_prob=0.3)")
   assert [pp.is_batch_op(op) for op in parsed] == [False, True, True, True]
-  assert pp.BATCH_OPS == {name for name, factory in pp.OPS.items() if factory in (mix.mixup, mix.cutmix,
-                                                                                   mix.mixup_cutmix)}
+  assert pp.BATCH_OPS == {
+    name for name, factory in pp.OPS.items() if factory in (mix.mixup, mix.cutmix, mix.mixup_cutmix)
+  }
 
 
 def test_the_op_table_is_explicit_and_complete():
@@ -56,7 +56,9 @@ def test_unknown_op_names_close_matches():
     pp.parse("zzz")
 
 
-@pytest.mark.parametrize("spec,message", [
+@pytest.mark.parametrize(
+  "spec,message",
+  [
     ("resize(224, bogus=1)", r"resize.*unexpected keyword argument 'bogus'.*accepts resize\(size"),
     ("onehot()", r"onehot.*missing a required argument.*accepts onehot\(num_classes"),
     ("onehot(10, smoothing=1.5)", r"onehot.*smoothing must be in \[0, 1\)"),
@@ -66,7 +68,8 @@ def test_unknown_op_names_close_matches():
     ("os.system('true')", r"is not `name` or `name\(args\)`"),
     ("resize(224", r"is not `name` or `name\(args\)`"),
     ("resize(**{'size': 3})", r"\*\*kwargs are not allowed"),
-])
+  ],
+)
 def test_bad_arguments_name_the_op_and_what_it_accepts(spec, message):
   with pytest.raises(ValueError, match=message):
     pp.parse(spec)

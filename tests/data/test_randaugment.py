@@ -11,8 +11,11 @@ import tensorflow as tf
 from lvm_jax.data import ops
 from lvm_jax.data import randaugment as ra
 
-PHOTOS = {"chelsea": skimage.data.chelsea()[::5, ::5].copy(), "astronaut": skimage.data.astronaut()[::8, ::8].copy(),
-          "coffee": skimage.data.coffee()[::6, ::6].copy()}
+PHOTOS = {
+  "chelsea": skimage.data.chelsea()[::5, ::5].copy(),
+  "astronaut": skimage.data.astronaut()[::8, ::8].copy(),
+  "coffee": skimage.data.coffee()[::6, ::6].copy(),
+}
 CAT = PHOTOS["chelsea"]
 GEOMETRIC = ["Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"]
 
@@ -28,6 +31,7 @@ def _augment(image, seed=(1, 2), **kwargs):
 
 
 # -- pixel ops against PIL --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list(PHOTOS))
 def test_lookup_table_ops_equal_pil(name):
@@ -64,17 +68,23 @@ def test_posterize_zero_bits_is_black_and_solarize_add_definition():
 
 
 @pytest.mark.parametrize("factor", [0.1, 0.5, 1.0, 1.72])
-@pytest.mark.parametrize("ours,theirs", [(ra.brightness, PIL.ImageEnhance.Brightness),
-                                         (ra.contrast, PIL.ImageEnhance.Contrast),
-                                         (ra.color, PIL.ImageEnhance.Color),
-                                         (ra.sharpness, PIL.ImageEnhance.Sharpness)],
-                         ids=["Brightness", "Contrast", "Color", "Sharpness"])
+@pytest.mark.parametrize(
+  "ours,theirs",
+  [
+    (ra.brightness, PIL.ImageEnhance.Brightness),
+    (ra.contrast, PIL.ImageEnhance.Contrast),
+    (ra.color, PIL.ImageEnhance.Color),
+    (ra.sharpness, PIL.ImageEnhance.Sharpness),
+  ],
+  ids=["Brightness", "Contrast", "Color", "Sharpness"],
+)
 def test_enhance_ops_equal_pil(ours, theirs, factor):
   for image in PHOTOS.values():
     _same(ours(tf.constant(image), factor), theirs(PIL.Image.fromarray(image)).enhance(factor), tolerance=1)
 
 
 # -- geometric ops ----------------------------------------------------------------------------------------------
+
 
 def test_rotate_quarter_turn_is_exact_and_counter_clockwise():
   square = CAT[:40, :40]
@@ -96,11 +106,15 @@ def test_shear_and_rotate_follow_pil_affine_conventions():
   pil = PIL.Image.fromarray(CAT)
   fill = (124, 116, 104)
   pairs = [
-      (ra.shear_x(tf.constant(CAT), 0.3, fill), pil.transform(pil.size, PIL.Image.AFFINE, (1, 0.3, 0, 0, 1, 0),
-                                                               PIL.Image.BILINEAR, fillcolor=fill)),
-      (ra.shear_y(tf.constant(CAT), -0.2, fill), pil.transform(pil.size, PIL.Image.AFFINE, (1, 0, 0, -0.2, 1, 0),
-                                                                PIL.Image.BILINEAR, fillcolor=fill)),
-      (ra.rotate(tf.constant(CAT), 20.0, fill), pil.rotate(20, PIL.Image.BILINEAR, fillcolor=fill)),
+    (
+      ra.shear_x(tf.constant(CAT), 0.3, fill),
+      pil.transform(pil.size, PIL.Image.AFFINE, (1, 0.3, 0, 0, 1, 0), PIL.Image.BILINEAR, fillcolor=fill),
+    ),
+    (
+      ra.shear_y(tf.constant(CAT), -0.2, fill),
+      pil.transform(pil.size, PIL.Image.AFFINE, (1, 0, 0, -0.2, 1, 0), PIL.Image.BILINEAR, fillcolor=fill),
+    ),
+    (ra.rotate(tf.constant(CAT), 20.0, fill), pil.rotate(20, PIL.Image.BILINEAR, fillcolor=fill)),
   ]
   for ours, theirs in pairs:
     error = np.abs(ours.numpy().astype(int) - np.asarray(theirs).astype(int))
@@ -109,6 +123,7 @@ def test_shear_and_rotate_follow_pil_affine_conventions():
 
 
 # -- the randaugment op -----------------------------------------------------------------------------------------
+
 
 def test_magnitude_zero_is_identity_only_for_geometric_ops_and_solarize_add():
   same = _augment(CAT, num_layers=4, magnitude=0, prob=1.0, ops=GEOMETRIC + ["SolarizeAdd"])
@@ -122,6 +137,7 @@ def test_magnitude_zero_is_identity_only_for_geometric_ops_and_solarize_add():
 def test_magnitude_nine_uses_timms_arguments():
   def one(name, seed=(1, 2)):
     return _augment(CAT, seed, num_layers=1, magnitude=9, prob=1.0, ops=[name])
+
   _same(one("Posterize"), ra.posterize(tf.constant(CAT), 3))  # int(0.9 * 4) bits
   _same(one("Solarize"), ra.solarize(tf.constant(CAT), 230))  # int(0.9 * 256)
   _same(one("SolarizeAdd"), ra.solarize_add(tf.constant(CAT), 99))  # int(0.9 * 110)

@@ -17,20 +17,33 @@ class LvmJaxTinyPets(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "photo": tfds.features.Image(shape=(4, 4, 3), encoding_format="png"),
-        "mask": tfds.features.Image(shape=(4, 4, 1), encoding_format="png"),
-        "breed": tfds.features.ClassLabel(names=["abyssinian", "beagle", "boxer"]),
-        "species": tfds.features.ClassLabel(names=["cat", "dog"]),
-    }), disable_shuffling=True)
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "photo": tfds.features.Image(shape=(4, 4, 3), encoding_format="png"),
+          "mask": tfds.features.Image(shape=(4, 4, 1), encoding_format="png"),
+          "breed": tfds.features.ClassLabel(names=["abyssinian", "beagle", "boxer"]),
+          "species": tfds.features.ClassLabel(names=["cat", "dog"]),
+        }
+      ),
+      disable_shuffling=True,
+    )
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples(12)}
 
   def _generate_examples(self, n):
     for i in range(n):
-      yield i, {"photo": np.full((4, 4, 3), 10 * i, np.uint8), "mask": np.zeros((4, 4, 1), np.uint8),
-                "breed": i % 3, "species": int(i % 3 > 0)}
+      yield (
+        i,
+        {
+          "photo": np.full((4, 4, 3), 10 * i, np.uint8),
+          "mask": np.zeros((4, 4, 1), np.uint8),
+          "breed": i % 3,
+          "species": int(i % 3 > 0),
+        },
+      )
 
 
 def examples(ds):
@@ -56,8 +69,9 @@ def test_shards_are_disjoint_complete_and_sized(digits_dir, split, count):
 
 def test_slice_sizes(digits_dir):
   assert sources.make_source("digits", split="train[:98%]", data_dir=digits_dir).num_examples == 1408
-  assert sources.make_source("tfds", name="digits", split="train[1000:]+test", data_dir=digits_dir).num_examples \
-      == 437 + 360
+  assert (
+    sources.make_source("tfds", name="digits", split="train[1000:]+test", data_dir=digits_dir).num_examples == 437 + 360
+  )
 
 
 def test_examples_are_encoded_and_repeatable(digits_dir):
@@ -85,17 +99,31 @@ def test_tfds_kind_reads_digits_like_digits_kind(digits_dir):
 
 def test_unprepared_then_download_prepares(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"'lvm_jax_tiny_pets' is not prepared in .*download=True"):
-    sources.make_source("tfds", name="lvm_jax_tiny_pets", split="train", data_dir=str(tmp_path),
-                        image_key="photo", label_key="breed")
-  source = sources.make_source("tfds", name="lvm_jax_tiny_pets", split="train", data_dir=str(tmp_path),
-                               download=True, image_key="photo", label_key="breed")
+    sources.make_source(
+      "tfds", name="lvm_jax_tiny_pets", split="train", data_dir=str(tmp_path), image_key="photo", label_key="breed"
+    )
+  source = sources.make_source(
+    "tfds",
+    name="lvm_jax_tiny_pets",
+    split="train",
+    data_dir=str(tmp_path),
+    download=True,
+    image_key="photo",
+    label_key="breed",
+  )
   assert source.num_examples == 12
   assert (source.label_key, source.class_names) == ("breed", ["abyssinian", "beagle", "boxer"])
   got = [(tf.io.decode_png(image).numpy()[0, 0, 0], label) for image, label in examples(source.dataset())]
   assert got == [(10 * i, i % 3) for i in range(12)]
-  species = sources.make_source("tfds", name="lvm_jax_tiny_pets", split="train", data_dir=str(tmp_path),
-                                image_key="photo", label_key="species")
-  assert species.class_names == ["cat", "dog"] and [label for _, label in examples(species.dataset())][:4] == [0, 1, 1, 0]
+  species = sources.make_source(
+    "tfds", name="lvm_jax_tiny_pets", split="train", data_dir=str(tmp_path), image_key="photo", label_key="species"
+  )
+  assert species.class_names == ["cat", "dog"] and [label for _, label in examples(species.dataset())][:4] == [
+    0,
+    1,
+    1,
+    0,
+  ]
   with pytest.raises(ValueError, match="cannot tell which feature is the image.*image_key.*photo, mask"):
     sources.make_source("tfds", name="lvm_jax_tiny_pets", split="train", data_dir=str(tmp_path))
   with pytest.raises(ValueError, match="cannot tell which feature is the label.*label_key.*breed, species"):
@@ -105,10 +133,15 @@ def test_unprepared_then_download_prepares(tmp_path):
 
 
 def test_feature_defaults_prefer_image_and_label():
-  features = tfds.features.FeaturesDict({
-      "image": tfds.features.Image(shape=(None, None, 3)), "segmentation_mask": tfds.features.Image(shape=(None, None, 1)),
-      "label": tfds.features.ClassLabel(num_classes=37), "species": tfds.features.ClassLabel(num_classes=2),
-      "file_name": tfds.features.Text()})
+  features = tfds.features.FeaturesDict(
+    {
+      "image": tfds.features.Image(shape=(None, None, 3)),
+      "segmentation_mask": tfds.features.Image(shape=(None, None, 1)),
+      "label": tfds.features.ClassLabel(num_classes=37),
+      "species": tfds.features.ClassLabel(num_classes=2),
+      "file_name": tfds.features.Text(),
+    }
+  )
   assert sources._pick_feature("pets", features, None, "image", tfds.features.Image) == "image"
   assert sources._pick_feature("pets", features, None, "label", tfds.features.ClassLabel) == "label"
   with pytest.raises(ValueError, match="'file_name' \\(label_key\\) is of type Text, expected ClassLabel"):

@@ -26,10 +26,13 @@ def test_einsum_attention_is_jax_attention(dtype):
     def einsum(q, k, v):
       return kernels.einsum_attention(q, k, v, b, valid)
 
-    np.testing.assert_allclose(np.asarray(einsum(q, k, v), np.float32), np.asarray(expected(q, k, v), np.float32),
-                               **tol)
-    grads = [jax.grad(lambda *qkv: jnp.sum(f(*qkv).astype(jnp.float32) * v[:, :, :1]), argnums=(0, 1, 2))(q, k, v)
-             for f in (expected, einsum)]
+    np.testing.assert_allclose(
+      np.asarray(einsum(q, k, v), np.float32), np.asarray(expected(q, k, v), np.float32), **tol
+    )
+    grads = [
+      jax.grad(lambda *qkv: jnp.sum(f(*qkv).astype(jnp.float32) * v[:, :, :1]), argnums=(0, 1, 2))(q, k, v)
+      for f in (expected, einsum)
+    ]
     for a, e in zip(*grads):
       np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32), **tol)
   # Grouped bias (Swin's windows): example i takes bias[i % 3], here against the bias repeated by hand.
@@ -37,11 +40,13 @@ def test_einsum_attention_is_jax_attention(dtype):
   grouped = jnp.asarray(rng.standard_normal((3, 3, 9, 9)), dtype)
   repeated = jnp.tile(grouped, (2, 1, 1, 1))
   expected = jax.nn.dot_product_attention(q6, k6, v6, bias=repeated, implementation="xla")
-  np.testing.assert_allclose(np.asarray(kernels.einsum_attention(q6, k6, v6, grouped), np.float32),
-                             np.asarray(expected, np.float32), **tol)
+  np.testing.assert_allclose(
+    np.asarray(kernels.einsum_attention(q6, k6, v6, grouped), np.float32), np.asarray(expected, np.float32), **tol
+  )
   with kernels.use_cpu_kernels(False):  # the reference: jax's kernel, with the groups repeated
-    np.testing.assert_allclose(np.asarray(kernels.xla_attention(q6, k6, v6, grouped), np.float32),
-                               np.asarray(expected, np.float32), **tol)
+    np.testing.assert_allclose(
+      np.asarray(kernels.xla_attention(q6, k6, v6, grouped), np.float32), np.asarray(expected, np.float32), **tol
+    )
   with pytest.raises(ValueError, match=r"must divide the batch of 6"):
     kernels.einsum_attention(q6, k6, v6, grouped[:2].repeat(2, 0)[:4])
   for enabled in (True, False):  # the CPU kernels run the einsums for XLA's choice; off, jax's own
@@ -57,13 +62,21 @@ def test_einsum_attention_matches_jax_in_bfloat16_at_head_dim_32_and_with_a_trac
   q, k = (jnp.asarray(3 * rng.standard_normal((4, 50, 4, 32)), jnp.bfloat16) for _ in range(2))
   v = jnp.asarray(rng.standard_normal((4, 50, 4, 32)), jnp.bfloat16)
   expected = jax.nn.dot_product_attention(q, k, v, implementation="xla")
-  np.testing.assert_allclose(np.asarray(kernels.einsum_attention(q, k, v), np.float32),
-                             np.asarray(expected, np.float32), rtol=2e-2, atol=2e-2)
-  grads = [jax.grad(lambda q, f=f: jnp.sum(f(q).astype(jnp.float32) * v[..., :1]))(q)
-           for f in (lambda q: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
-                     lambda q: kernels.einsum_attention(q, k, v))]
-  np.testing.assert_allclose(np.asarray(grads[1], np.float32), np.asarray(grads[0], np.float32),
-                             rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(
+    np.asarray(kernels.einsum_attention(q, k, v), np.float32), np.asarray(expected, np.float32), rtol=2e-2, atol=2e-2
+  )
+  grads = [
+    jax.grad(lambda q, f=f: jnp.sum(f(q).astype(jnp.float32) * v[..., :1]))(q)
+    for f in (
+      lambda q: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
+      lambda q: kernels.einsum_attention(q, k, v),
+    )
+  ]
+  np.testing.assert_allclose(np.asarray(grads[1], np.float32), np.asarray(grads[0], np.float32), rtol=2e-2, atol=2e-2)
   traced = jax.jit(lambda n: kernels.einsum_attention(q, k, v, None, n))(7)
-  np.testing.assert_allclose(np.asarray(traced, np.float32),
-                             np.asarray(kernels.einsum_attention(q, k, v, None, 7), np.float32), rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(
+    np.asarray(traced, np.float32),
+    np.asarray(kernels.einsum_attention(q, k, v, None, 7), np.float32),
+    rtol=1e-2,
+    atol=1e-2,
+  )

@@ -25,8 +25,11 @@ def test_max_pool_gradient_on_cpu_is_select_and_scatters(shape, dtype):
   (ReLU outputs are full of tied zeros) and never into the padding (all-negative inputs)."""
   assert jax.default_backend() == "cpu"  # the custom gradient is the CPU path
   rng = np.random.default_rng(0)
-  for x in (np.maximum(rng.standard_normal(shape), 0), -np.abs(rng.standard_normal(shape)) - 1,
-            np.round(rng.standard_normal(shape))):
+  for x in (
+    np.maximum(rng.standard_normal(shape), 0),
+    -np.abs(rng.standard_normal(shape)) - 1,
+    np.round(rng.standard_normal(shape)),
+  ):
     x = jnp.asarray(x, dtype)
     program = str(jax.make_jaxpr(lambda x: kernels.max_pool_3x3s2(x))(x))
     assert "custom_vjp_call" in program  # really the hand-written gradient

@@ -70,10 +70,10 @@ def test_each_kernel_off_is_its_plain_reference_and_on_equals_it(name):
   rng = np.random.default_rng(0)
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
   fn, args = {
-      "matmul": (kernels.matmul, (normal(2, 5, 8), normal(8, 6))),
-      "conv": (lambda x, w: kernels.conv(x, w, (1, 1), ((1, 1), (1, 1))), (normal(2, 6, 7, 4), normal(3, 3, 4, 5))),
-      "max_pool": (kernels.max_pool_3x3s2, (normal(2, 9, 8, 3),)),
-      "attention": (kernels.xla_attention, (normal(2, 7, 3, 8), normal(2, 7, 3, 8), normal(2, 7, 3, 8))),
+    "matmul": (kernels.matmul, (normal(2, 5, 8), normal(8, 6))),
+    "conv": (lambda x, w: kernels.conv(x, w, (1, 1), ((1, 1), (1, 1))), (normal(2, 6, 7, 4), normal(3, 3, 4, 5))),
+    "max_pool": (kernels.max_pool_3x3s2, (normal(2, 9, 8, 3),)),
+    "attention": (kernels.xla_attention, (normal(2, 7, 3, 8), normal(2, 7, 3, 8), normal(2, 7, 3, 8))),
   }[name]
   loss = lambda *a: jnp.sum(jnp.sin(fn(*a)))
   with kernels.use_cpu_kernels(False):

@@ -51,14 +51,16 @@ def test_explicit_choice_is_kept_and_typos_are_named():
 def test_padding_for_cudnn_leaves_attention_unchanged(queries, keys, monkeypatch):
   """The odd-length padding of the cuDNN path, run through XLA's kernel (CPU): same outputs and gradients."""
   jnp_xla = jax.nn.dot_product_attention
-  monkeypatch.setattr(jax.nn, "dot_product_attention",
-                      lambda *a, implementation=None, **kw: jnp_xla(*a, implementation="xla", **kw))
+  monkeypatch.setattr(
+    jax.nn, "dot_product_attention", lambda *a, implementation=None, **kw: jnp_xla(*a, implementation="xla", **kw)
+  )
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.standard_normal((2, queries, 3, 16)), jnp.float32)
   k, v = (jnp.asarray(rng.standard_normal((2, keys, 3, 16)), jnp.float32) for _ in range(2))
   bias = jnp.asarray(rng.standard_normal((1, 3, queries, keys)), jnp.float32)
   with jax.default_matmul_precision("highest"):  # GPUs default to TF32 for float32
     for b in (None, bias):
+
       def expected(q, k, v):
         return jnp_xla(q, k, v, bias=b)
 
@@ -66,8 +68,9 @@ def test_padding_for_cudnn_leaves_attention_unchanged(queries, keys, monkeypatch
         return layers.dot_product_attention(q, k, v, b, "cudnn")
 
       np.testing.assert_allclose(padded(q, k, v), expected(q, k, v), rtol=1e-5, atol=1e-6)
-      grads = [jax.grad(lambda *qkv: jnp.sum(f(*qkv) * v[:, :1]), argnums=(0, 1, 2))(q, k, v)
-               for f in (expected, padded)]
+      grads = [
+        jax.grad(lambda *qkv: jnp.sum(f(*qkv) * v[:, :1]), argnums=(0, 1, 2))(q, k, v) for f in (expected, padded)
+      ]
       for a, e in zip(*grads):
         np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
 
@@ -81,8 +84,9 @@ def test_padding_tokens_never_reach_the_valid_outputs(dropout):
   outputs = []
   for garbage in (0.0, 100.0):
     padded = x.at[:, 5:].set(garbage)
-    outputs.append(attention.apply(variables, padded, train=True, valid_length=5,
-                                   rngs={"dropout": jax.random.key(1)})[:, :5])
+    outputs.append(
+      attention.apply(variables, padded, train=True, valid_length=5, rngs={"dropout": jax.random.key(1)})[:, :5]
+    )
   np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
   unmasked = attention.apply(variables, x.at[:, 5:].set(100.0), train=True, rngs={"dropout": jax.random.key(1)})
   assert np.abs(np.asarray(unmasked[:, :5] - outputs[0])).max() > 1e-2  # without the mask it would reach them
@@ -91,8 +95,9 @@ def test_padding_tokens_never_reach_the_valid_outputs(dropout):
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_vit_padded_encoder_gives_the_unpadded_outputs_and_gradients(scan_layers, monkeypatch):
   """What ViT does for cuDNN (one padding token through the encoder, masked as a key), checked with XLA's kernel."""
-  model = lvm_jax.create_model("vit_ti16", num_classes=5, image_size=64, depth=2, scan_layers=scan_layers,
-                               attention_impl="xla")  # 16 patches + class token: odd
+  model = lvm_jax.create_model(
+    "vit_ti16", num_classes=5, image_size=64, depth=2, scan_layers=scan_layers, attention_impl="xla"
+  )  # 16 patches + class token: odd
   images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
   params = nn.meta.unbox(model.init(jax.random.key(0), images))["params"]
   params["head"]["kernel"] = jax.random.normal(jax.random.key(2), params["head"]["kernel"].shape)
@@ -127,9 +132,11 @@ def test_cudnn_vit_matches_xla_vit_outputs_and_gradients():
     return jnp.mean(jax.nn.log_softmax(logits)[:, 0]), logits
 
   (l_xla, y_xla), g_xla = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
-      variables["params"], xla_model)
+    variables["params"], xla_model
+  )
   (l_cudnn, y_cudnn), g_cudnn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
-      variables["params"], cudnn_model)
+    variables["params"], cudnn_model
+  )
   hlo = jax.jit(lambda p: cudnn_model.apply({"params": p}, images)).lower(variables["params"]).compile().as_text()
   assert "cudnn" in hlo.lower()  # the fused kernel really runs
   # bfloat16 has 8 bits of mantissa: the two kernels sum in different orders.

@@ -15,10 +15,11 @@ from lvm_jax.models.vit import VisionTransformer
 # Small, but every kernel runs: dense layers and attention (ViT, Swin with a window bias and a patch merging),
 # 1x1, 3x3 stride-1 (Winograd) and strided convolutions and the stem's max pool (a bottleneck ResNet).
 MODELS = {
-    "vit": VisionTransformer(image_size=16, patch_size=4, width=32, depth=2, mlp_dim=64, num_heads=2, num_classes=5),
-    "swin": SwinTransformer(image_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 2),
-                            num_classes=5),
-    "resnet": ResNet(stage_sizes=(1, 1), block="bottleneck", width=8, stage_widths=(4, 8), num_classes=5),
+  "vit": VisionTransformer(image_size=16, patch_size=4, width=32, depth=2, mlp_dim=64, num_heads=2, num_classes=5),
+  "swin": SwinTransformer(
+    image_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 2), num_classes=5
+  ),
+  "resnet": ResNet(stage_sizes=(1, 1), block="bottleneck", width=8, stage_widths=(4, 8), num_classes=5),
 }
 
 

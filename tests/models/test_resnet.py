@@ -15,11 +15,11 @@ from lvm_jax.models.resnet import VARIANTS, Conv, ResNet
 # Exact variable counts at 1000 classes: params (the published counts of torchvision / timm) and the BatchNorm
 # running statistics (2 per BN channel) in batch_stats.
 COUNTS = {
-    "resnet18": (11_689_512, 9_600),
-    "resnet34": (21_797_672, 17_024),
-    "resnet50": (25_557_032, 53_120),
-    "resnet101": (44_549_160, 105_344),
-    "resnet152": (60_192_808, 151_424),
+  "resnet18": (11_689_512, 9_600),
+  "resnet34": (21_797_672, 17_024),
+  "resnet50": (25_557_032, 53_120),
+  "resnet101": (44_549_160, 105_344),
+  "resnet152": (60_192_808, 151_424),
 }
 BASIC = dict(stage_sizes=(1, 1, 1, 1), block="basic", width=8, num_classes=10)
 BOTTLENECK = dict(stage_sizes=(1, 2, 1, 1), block="bottleneck", width=8, stage_widths=(4, 8, 8, 16), num_classes=10)
@@ -47,7 +47,8 @@ def _active(variables, seed=0):
   makes them at init) and dropping or rounding a branch shows in the output."""
   rng = np.random.RandomState(seed)
   return jax.tree_util.tree_map_with_path(
-      lambda path, v: 1 + 0.2 * rng.randn(*v.shape).astype(np.float32) if path[-1].key == "scale" else v, variables)
+    lambda path, v: 1 + 0.2 * rng.randn(*v.shape).astype(np.float32) if path[-1].key == "scale" else v, variables
+  )
 
 
 def _count(variables, collection):
@@ -70,13 +71,19 @@ def test_variant_shapes_and_exact_sizes(name):
   def forward():
     variables = model.init(jax.random.key(0), x)
     return model.apply(variables, x), model.apply(variables, x, return_features=True), variables
+
   logits, features, variables = jax.eval_shape(forward)
   assert logits.shape == (2, 1000)
   variables = nn.meta.unbox(variables)
   assert (_count(variables, "params"), _count(variables, "batch_stats")) == COUNTS[name]
   out = 512 if VARIANTS[name]["block"] == "basic" else 2048
-  assert _shapes(features) == {"stride_4": (2, 56, 56, out // 8), "stride_8": (2, 28, 28, out // 4),
-                               "stride_16": (2, 14, 14, out // 2), "stride_32": (2, 7, 7, out), "pooled": (2, out)}
+  assert _shapes(features) == {
+    "stride_4": (2, 56, 56, out // 8),
+    "stride_8": (2, 28, 28, out // 4),
+    "stride_16": (2, 14, 14, out // 2),
+    "stride_32": (2, 7, 7, out),
+    "pooled": (2, out),
+  }
 
 
 def test_small_basic_forward_head_sees_pooled_last_stage(basic):
@@ -85,8 +92,13 @@ def test_small_basic_forward_head_sees_pooled_last_stage(basic):
   logits = model.apply(variables, x)
   assert logits.shape == (2, 10) and np.isfinite(logits).all()
   feats = model.apply(variables, x, return_features=True)
-  assert _shapes(feats) == {"stride_4": (2, 8, 8, 8), "stride_8": (2, 4, 4, 16), "stride_16": (2, 2, 2, 32),
-                            "stride_32": (2, 1, 1, 64), "pooled": (2, 64)}
+  assert _shapes(feats) == {
+    "stride_4": (2, 8, 8, 8),
+    "stride_8": (2, 4, 4, 16),
+    "stride_16": (2, 2, 2, 32),
+    "stride_32": (2, 1, 1, 64),
+    "pooled": (2, 64),
+  }
   np.testing.assert_allclose(feats["pooled"], feats["stride_32"].mean(axis=(1, 2)), atol=1e-6)
   head = variables["params"]["head"]
   np.testing.assert_allclose(logits, feats["pooled"] @ head["kernel"] + head["bias"], atol=1e-5)
@@ -96,8 +108,13 @@ def test_small_basic_forward_head_sees_pooled_last_stage(basic):
 def test_bottleneck_features_with_custom_stage_widths(bottleneck):
   x, variables = bottleneck
   feats = ResNet(**BOTTLENECK).apply(variables, x, return_features=True)
-  assert _shapes(feats) == {"stride_4": (2, 16, 16, 16), "stride_8": (2, 8, 8, 32), "stride_16": (2, 4, 4, 32),
-                            "stride_32": (2, 2, 2, 64), "pooled": (2, 64)}
+  assert _shapes(feats) == {
+    "stride_4": (2, 16, 16, 16),
+    "stride_8": (2, 8, 8, 32),
+    "stride_16": (2, 4, 4, 32),
+    "stride_32": (2, 2, 2, 64),
+    "pooled": (2, 64),
+  }
   params = variables["params"]
   # v1.5: the stride-2 block keeps its 1x1 at full resolution and downsamples in the 3x3.
   block = params["stage_1_block_0"]
@@ -113,10 +130,13 @@ def test_num_classes_zero_returns_pooled_features(basic):
   x, variables = basic
   model = ResNet(**{**BASIC, "num_classes": 0})
   assert "head" not in jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-  body = {"params": {k: v for k, v in variables["params"].items() if k != "head"},
-          "batch_stats": variables["batch_stats"]}
-  np.testing.assert_array_equal(model.apply(body, x),
-                                ResNet(**BASIC).apply(variables, x, return_features=True)["pooled"])
+  body = {
+    "params": {k: v for k, v in variables["params"].items() if k != "head"},
+    "batch_stats": variables["batch_stats"],
+  }
+  np.testing.assert_array_equal(
+    model.apply(body, x), ResNet(**BASIC).apply(variables, x, return_features=True)["pooled"]
+  )
 
 
 def test_two_stage_model_returns_two_feature_maps():
@@ -173,6 +193,7 @@ def test_stochastic_depth_changes_training_outputs_only(basic):
 
   def train(model, seed):
     return model.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(seed)})[0]
+
   reference = train(plain, 0)
   np.testing.assert_array_equal(train(plain, 1), reference)
   # each example keeps or drops each branch at random: a few keys give several different outputs
@@ -238,8 +259,12 @@ def test_conv_equals_flax_conv_with_torch_padding(size, strides, dtype):
     assert out.shape == expected.shape == (2, -(-7 // strides), -(-9 // strides), 5) and out.dtype == dtype
     fast = enabled and size > 1 and strides == 1 and dtype == jnp.float32 or enabled and size == 1
     assert ("conv_general_dilated" in program) != fast
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32),
-                               rtol=1e-5 if dtype == jnp.float32 else 2e-2, atol=1e-5 if dtype == jnp.float32 else 2e-2)
+    np.testing.assert_allclose(
+      np.asarray(out, np.float32),
+      np.asarray(expected, np.float32),
+      rtol=1e-5 if dtype == jnp.float32 else 2e-2,
+      atol=1e-5 if dtype == jnp.float32 else 2e-2,
+    )
 
 
 def test_conv_and_norm_are_arguments(basic):

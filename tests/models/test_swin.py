@@ -13,11 +13,11 @@ from lvm_jax.models import layers
 from lvm_jax.models.swin import SwinTransformer, relative_position_index, shifted_window_mask
 
 # Two stages with real shifted windows: 8x8 then 4x4 tokens, window 4.
-SMALL = dict(image_size=32, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
-             num_classes=10)
+SMALL = dict(image_size=32, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4), num_classes=10)
 # Four stages (16, 8, 4, 2 tokens a side) to see all the feature strides.
-FOUR_STAGES = dict(image_size=64, patch_size=4, window_size=2, embed_dim=16, depths=(1, 2, 2, 1),
-                   num_heads=(1, 2, 2, 4), num_classes=10)
+FOUR_STAGES = dict(
+  image_size=64, patch_size=4, window_size=2, embed_dim=16, depths=(1, 2, 2, 1), num_heads=(1, 2, 2, 4), num_classes=10
+)
 
 
 def _images(size=32, batch=2, width=None, seed=1):
@@ -65,9 +65,12 @@ def test_every_variant_gives_logits_and_features_of_the_right_shape(name):
   assert logits.shape == (2, 7)
   features = jax.eval_shape(lambda v: model.apply(v, x, return_features=True), variables)
   assert {k: v.shape for k, v in features.items()} == {
-      "stride_4": (2, size // 4, size // 4, width), "stride_8": (2, size // 8, size // 8, 2 * width),
-      "stride_16": (2, size // 16, size // 16, 4 * width), "stride_32": (2, size // 32, size // 32, 8 * width),
-      "pooled": (2, 8 * width)}
+    "stride_4": (2, size // 4, size // 4, width),
+    "stride_8": (2, size // 8, size // 8, 2 * width),
+    "stride_16": (2, size // 16, size // 16, 4 * width),
+    "stride_32": (2, size // 32, size // 32, 8 * width),
+    "pooled": (2, 8 * width),
+  }
   table = variables["params"]["stage_3_block_1"]["attn"]["relative_position_bias_table"]
   assert table.value.shape == ((2 * model.window_size - 1) ** 2, model.num_heads[3])
 
@@ -84,8 +87,17 @@ def test_small_forward_and_parameter_tree(small):
   model, x, variables = small
   assert set(variables) == {"params"}
   params = variables["params"]
-  assert sorted(params) == ["head", "merge_0", "norm", "patch_embed", "patch_norm", "stage_0_block_0",
-                            "stage_0_block_1", "stage_1_block_0", "stage_1_block_1"]
+  assert sorted(params) == [
+    "head",
+    "merge_0",
+    "norm",
+    "patch_embed",
+    "patch_norm",
+    "stage_0_block_0",
+    "stage_0_block_1",
+    "stage_1_block_0",
+    "stage_1_block_1",
+  ]
   attn = params["stage_1_block_1"]["attn"]
   assert sorted(attn) == ["key", "out", "query", "relative_position_bias_table", "value"]
   assert attn["relative_position_bias_table"].shape == (49, 4)
@@ -108,8 +120,12 @@ def test_features_are_stage_outputs_and_pooled_their_normalized_mean():
   x, variables = _images(64), _random_variables(model, 64)
   features = run(model, variables, x, return_features=True)
   assert {k: v.shape for k, v in features.items()} == {
-      "stride_4": (2, 16, 16, 16), "stride_8": (2, 8, 8, 32), "stride_16": (2, 4, 4, 64),
-      "stride_32": (2, 2, 2, 128), "pooled": (2, 128)}
+    "stride_4": (2, 16, 16, 16),
+    "stride_8": (2, 8, 8, 32),
+    "stride_16": (2, 4, 4, 64),
+    "stride_32": (2, 2, 2, 128),
+    "pooled": (2, 128),
+  }
   params = variables["params"]
   norm = nn.LayerNorm(epsilon=1e-5).apply({"params": params["norm"]}, features["stride_32"])
   np.testing.assert_allclose(features["pooled"], norm.mean(axis=(1, 2)), atol=1e-5)
@@ -144,8 +160,7 @@ def test_shifted_window_mask_separates_regions():
   # the bottom-right window holds four regions of one token each: every token sees itself only
   np.testing.assert_array_equal(mask[3], np.where(np.eye(4, dtype=bool), 0.0, -100.0))
   # top-right window: columns 2 and 3 are different regions, rows 0 and 1 the same
-  np.testing.assert_array_equal(mask[1] == 0, np.array([[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]],
-                                                       bool))
+  np.testing.assert_array_equal(mask[1] == 0, np.array([[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]], bool))
 
 
 def test_odd_blocks_shift_their_windows(small):
@@ -256,6 +271,7 @@ def test_depths_and_heads_of_different_length_is_a_clear_error():
 def test_stochastic_depth_grows_linearly_over_all_blocks_as_in_the_reference_code():
   import torch
   from lvm_jax.models import layers
+
   # Swin's and timm's code: [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))].
   np.testing.assert_allclose(layers.drop_path_rates(0.2, 12), torch.linspace(0, 0.2, 12).numpy(), atol=1e-7)
   assert layers.drop_path_rates(0.1, 1) == [0.0]

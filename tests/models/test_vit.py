@@ -40,8 +40,10 @@ def test_every_variant_gives_logits_of_the_right_shape(name):
   assert out.shape == (2, 7)
 
 
-@pytest.mark.parametrize("pooling,class_token,fc_norm", [("token", True, False), ("gap", False, False),
-                                                         ("gap", True, True), ("gap", False, True)])
+@pytest.mark.parametrize(
+  "pooling,class_token,fc_norm",
+  [("token", True, False), ("gap", False, False), ("gap", True, True), ("gap", False, True)],
+)
 def test_pooling_modes(pooling, class_token, fc_norm):
   model = VisionTransformer(**SMALL, pooling=pooling, class_token=class_token, fc_norm=fc_norm)
   x, variables = _init(model)

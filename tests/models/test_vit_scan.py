@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import lvm_jax
-from lvm_jax import parallel
+from lvm_jax import logical_axes, parallel
 from lvm_jax.models import vit
 from lvm_jax.models.vit import VisionTransformer, stack_blocks, unstack_blocks
 
@@ -50,8 +50,9 @@ def test_stack_unstack_round_trip(tiny):
   _, _, _, variables = tiny
   params = variables["params"]
   stacked = stack_blocks(params)
-  np.testing.assert_array_equal(stacked["blocks"]["attn"]["query"]["kernel"][2],
-                                params["block_2"]["attn"]["query"]["kernel"])
+  np.testing.assert_array_equal(
+    stacked["blocks"]["attn"]["query"]["kernel"][2], params["block_2"]["attn"]["query"]["kernel"]
+  )
   back = unstack_blocks(stacked)
   assert jax.tree.structure(back) == jax.tree.structure(params)
   jax.tree.map(np.testing.assert_array_equal, back, params)
@@ -122,8 +123,11 @@ def test_scanned_dropout_differs_between_layers(tiny):
 
   def record(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
-    if isinstance(context.module, nn.Dropout) and context.module.name == "Dropout_0" \
-        and context.module.parent.name == "blocks":
+    if (
+      isinstance(context.module, nn.Dropout)
+      and context.module.name == "Dropout_0"
+      and context.module.parent.name == "blocks"
+    ):
       jax.debug.callback(lambda m: masks.append(np.asarray(m)), out == 0, ordered=True)
     return out
 
@@ -142,15 +146,18 @@ def _mesh(shape):
   return parallel.create_mesh(shape)
 
 
-@pytest.mark.parametrize("strategy, mesh, fc1, query", [
+@pytest.mark.parametrize(
+  "strategy, mesh, fc1, query",
+  [
     ("dp", {"data": 8}, (None, None, None), (None, None, None, None)),
     ("fsdp", {"fsdp": 8}, (None, None, "fsdp"), (None, "fsdp", None, None)),
     ("tp", {"data": 4, "model": 2}, (None, None, "model"), (None, None, "model", None)),
-])
+  ],
+)
 def test_variable_specs_of_a_scanned_model(strategy, mesh, fc1, query):
   mesh = _mesh(mesh)
   boxed = jax.eval_shape(lambda: SHARDED.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
-  assert boxed["params"]["blocks"]["mlp"]["fc1"]["kernel"].names == (vit.LAYER_AXIS, "embed", "mlp")
+  assert boxed["params"]["blocks"]["mlp"]["fc1"]["kernel"].names == (logical_axes.LAYERS, "embed", "mlp")
   specs = parallel.variable_specs(boxed, mesh, parallel.get_strategy(strategy, fsdp_min_size=1))["params"]
   # The layer axis (8, which would divide the mesh) stays whole: each scan step slices one whole layer.
   for spec in jax.tree.leaves(specs["blocks"], is_leaf=lambda s: isinstance(s, P)):
@@ -191,8 +198,7 @@ def test_a_scanned_model_retargets_and_saves_per_layer(tmp_path):
   lvm_jax.save_pretrained(model, variables, tmp_path / "out")
   reloaded, reloaded_vars = lvm_jax.from_pretrained(tmp_path / "out")
   assert not reloaded.scan_layers and "block_0" in reloaded_vars["params"]
-  np.testing.assert_allclose(reloaded.apply(reloaded_vars, x, return_features=True)["pooled"], features,
-                             atol=1e-5)
+  np.testing.assert_allclose(reloaded.apply(reloaded_vars, x, return_features=True)["pooled"], features, atol=1e-5)
 
 
 def test_scan_layers_on_a_model_without_it_is_a_clear_error():

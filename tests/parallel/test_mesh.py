@@ -8,14 +8,17 @@ from jax.sharding import AxisType, PartitionSpec as P
 from lvm_jax import parallel
 
 
-@pytest.mark.parametrize("config, want", [
+@pytest.mark.parametrize(
+  "config, want",
+  [
     (None, (8, 1, 1)),
     ({"data": -1}, (8, 1, 1)),
     ({"fsdp": -1}, (1, 8, 1)),
     ({"data": -1, "model": 2}, (4, 1, 2)),
     ({"data": 2, "fsdp": -1, "model": 2}, (2, 2, 2)),
     ({"data": 2, "fsdp": 2, "model": 2}, (2, 2, 2)),
-])
+  ],
+)
 def test_mesh_from_config(config, want):
   mesh = parallel.create_mesh(config)
   assert mesh.axis_names == ("data", "fsdp", "model")
@@ -29,14 +32,17 @@ def test_mesh_over_given_devices():
   assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "model": 2}
 
 
-@pytest.mark.parametrize("config, match", [
+@pytest.mark.parametrize(
+  "config, match",
+  [
     ({"data": 3}, r"needs 3 devices but 8 are available"),
     ({"data": 2, "fsdp": 2, "model": 4}, r"needs 16 devices but 8"),
     ({"data": -1, "model": 3}, r"use 3 devices, which does not divide the 8 .* -1 for 'data' cannot fill"),
     ({"data": -1, "fsdp": -1}, r"at most one may be -1"),
     ({"data": 0, "fsdp": -1}, r"positive integer"),
     ({"pipeline": 2}, r"Unknown mesh axes \['pipeline'\]"),
-])
+  ],
+)
 def test_bad_mesh_is_a_clear_error(config, match):
   with pytest.raises(ValueError, match=match):
     parallel.create_mesh(config)
@@ -53,8 +59,9 @@ def test_batch_sharding_splits_over_data_and_fsdp():
   assert len({s.index[0].start for s in batch.addressable_shards}) == 4
 
 
-@pytest.mark.parametrize("config, batch, n", [
-    ({"data": 8}, 12, 8), ({"data": 2, "fsdp": 2, "model": 2}, 10, 4), ({"fsdp": -1}, 4, 8)])
+@pytest.mark.parametrize(
+  "config, batch, n", [({"data": 8}, 12, 8), ({"data": 2, "fsdp": 2, "model": 2}, 10, 4), ({"fsdp": -1}, 4, 8)]
+)
 def test_batch_not_divisible_is_a_clear_error(config, batch, n):
   mesh = parallel.create_mesh(config)
   with pytest.raises(ValueError, match=rf"Global batch size {batch} is not divisible by the {n} data-parallel"):

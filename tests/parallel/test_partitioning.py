@@ -27,20 +27,26 @@ def abstract(model, shape):
   return jax.eval_shape(lambda key: model.init(key, jnp.zeros(shape)), jax.random.key(0))
 
 
-@pytest.mark.parametrize("strategy, mesh, want", [
+@pytest.mark.parametrize(
+  "strategy, mesh, want",
+  [
     ("dp", {"data": 8}, P(None, None)),
-    ("fsdp", {"fsdp": 8}, P(None, "fsdp")),        # mlp (256) is the larger dimension
+    ("fsdp", {"fsdp": 8}, P(None, "fsdp")),  # mlp (256) is the larger dimension
     ("tp", {"data": 4, "model": 2}, P(None, "model")),
     ("fsdp_tp", {"data": 2, "fsdp": 2, "model": 2}, P("fsdp", "model")),  # mlp taken by TP: fsdp gets embed
-    ("fsdp_tp", {"fsdp": 8}, P(None, "fsdp")),     # model axis of size 1 leaves mlp free for fsdp
-])
+    ("fsdp_tp", {"fsdp": 8}, P(None, "fsdp")),  # model axis of size 1 leaves mlp free for fsdp
+  ],
+)
 def test_presets_place_an_mlp_kernel(strategy, mesh, want):
-  spec = parallel.partition_spec((64, 256), ("embed", "mlp"), parallel.create_mesh(mesh),
-                                 parallel.get_strategy(strategy, fsdp_min_size=1))
+  spec = parallel.partition_spec(
+    (64, 256), ("embed", "mlp"), parallel.create_mesh(mesh), parallel.get_strategy(strategy, fsdp_min_size=1)
+  )
   assert spec == want
 
 
-@pytest.mark.parametrize("shape, want, why", [
+@pytest.mark.parametrize(
+  "shape, want, why",
+  [
     ((3, 3, 64, 128), P(None, None, None, "fsdp"), "largest dimension"),
     ((3, 3, 100, 64), P(None, None, None, "fsdp"), "100 does not divide by 8: the next largest"),
     ((1, 197, 768), P(None, None, "fsdp"), "ViT-B/16 position embedding: 197 tokens do not divide, the width"),
@@ -48,7 +54,8 @@ def test_presets_place_an_mlp_kernel(strategy, mesh, want):
     ((3, 5, 7, 313), P(None, None, None, None), "no dimension divides by 8 (32,865 elements): replicated"),
     ((8, 2047), P(None, None), "16,376 elements, below 2**14: replicated"),
     ((8, 2048), P(None, "fsdp"), "16,384 elements, at the threshold"),
-])
+  ],
+)
 def test_fsdp_shards_unnamed_tensors_along_their_largest_divisible_dimension(shape, want, why):
   mesh = parallel.create_mesh({"fsdp": 8})
   assert parallel.partition_spec(shape, None, mesh, parallel.get_strategy("fsdp")) == want, why
@@ -69,7 +76,7 @@ def test_fsdp_over_8_devices_holds_one_eighth_of_every_big_tensor():
   mesh = parallel.create_mesh({"fsdp": 8})
   variables = parallel.init_sharded(VIT, 0, VIT_INPUT, mesh, "fsdp")
   fractions = {path: shard_fraction(x) for path, x in paths(variables).items()}
-  big = {path for path, x in paths(variables).items() if x.size >= 2 ** 14}
+  big = {path for path, x in paths(variables).items() if x.size >= 2**14}
   assert big == {f"['params']['block_{i}']['mlp']['{fc}']['kernel']" for i in range(2) for fc in ("fc1", "fc2")}
   for path, fraction in fractions.items():
     assert fraction == (1 / 8 if path in big else 1.0), path
@@ -82,30 +89,40 @@ def test_fsdp_over_8_devices_holds_one_eighth_of_every_big_tensor():
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), variables, plain)
 
 
-@pytest.mark.parametrize("strategy, mesh", [("tp", {"data": 4, "model": 2}),
-                                            ("fsdp_tp", {"data": 2, "fsdp": 2, "model": 2})])
+@pytest.mark.parametrize(
+  "strategy, mesh", [("tp", {"data": 4, "model": 2}), ("fsdp_tp", {"data": 2, "fsdp": 2, "model": 2})]
+)
 def test_tensor_parallel_splits_heads_and_mlp(strategy, mesh):
   mesh = parallel.create_mesh(mesh)
   variables = parallel.init_sharded(VIT, 0, VIT_INPUT, mesh, strategy)
-  boxed = jax.tree_util.tree_flatten_with_path(abstract(VIT, VIT_INPUT),
-                                               is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+  boxed = jax.tree_util.tree_flatten_with_path(
+    abstract(VIT, VIT_INPUT), is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+  )[0]
   names = {jax.tree_util.keystr(path): x.names for path, x in boxed}
   for path, x in paths(variables).items():
     tp = 0.5 if {"heads", "mlp"} & set(names[path]) else 1.0
-    fsdp = 0.5 if strategy == "fsdp_tp" and x.size >= 2 ** 14 else 1.0
+    fsdp = 0.5 if strategy == "fsdp_tp" and x.size >= 2**14 else 1.0
     assert shard_fraction(x) == tp * fsdp, (path, names[path])
-  assert shard_fraction(variables["params"]["block_0"]["mlp"]["fc1"]["kernel"]) == (0.25 if strategy == "fsdp_tp"
-                                                                                  else 0.5)
+  assert shard_fraction(variables["params"]["block_0"]["mlp"]["fc1"]["kernel"]) == (
+    0.25 if strategy == "fsdp_tp" else 0.5
+  )
 
 
-@pytest.mark.parametrize("model, shape", [
-    (SwinTransformer(num_classes=10, image_size=16, patch_size=2, embed_dim=16, depths=(2, 1), num_heads=(2, 4),
-                     window_size=4), (1, 16, 16, 3)),
+@pytest.mark.parametrize(
+  "model, shape",
+  [
+    (
+      SwinTransformer(
+        num_classes=10, image_size=16, patch_size=2, embed_dim=16, depths=(2, 1), num_heads=(2, 4), window_size=4
+      ),
+      (1, 16, 16, 3),
+    ),
     (ResNet(num_classes=10, stage_sizes=(1, 1), block="basic", width=8), (1, 32, 32, 3)),
-])
+  ],
+)
 def test_init_sharded_swin_and_resnet(model, shape):
   mesh = parallel.create_mesh({"data": 2, "fsdp": 2, "model": 2})
-  strategy = parallel.get_strategy("fsdp_tp", fsdp_min_size=2 ** 8)
+  strategy = parallel.get_strategy("fsdp_tp", fsdp_min_size=2**8)
   variables = parallel.init_sharded(model, 0, shape, mesh, strategy)
   want = parallel.variable_shardings(abstract(model, shape), mesh, strategy)
   assert jax.tree.map(lambda x: x.sharding.spec, variables) == jax.tree.map(lambda s: s.spec, want)
@@ -116,7 +133,7 @@ def test_init_sharded_swin_and_resnet(model, shape):
 
 def test_optimizer_state_mirrors_the_parameters():
   mesh = parallel.create_mesh({"data": 2, "fsdp": 2, "model": 2})
-  strategy = parallel.get_strategy("fsdp_tp", fsdp_min_size=2 ** 10)
+  strategy = parallel.get_strategy("fsdp_tp", fsdp_min_size=2**10)
   boxed = abstract(VIT, VIT_INPUT)["params"]
   param_specs = jax.tree.map(lambda s: s.spec, parallel.variable_shardings(boxed, mesh, strategy))
   # optax keeps flax's boxes, so eval_shape of init on the boxed params names every moment.
@@ -147,33 +164,45 @@ def test_activation_constraints_bind_while_traced():
   bound = jax.jit(jax.grad(parallel.with_sharding_rules(vit_loss, mesh, "tp"))).lower(params, images).as_text()
   plain = jax.jit(jax.grad(vit_loss)).lower(params, images).as_text()
   # ("batch", "length", "heads", "kv") -> batch over data/fsdp, heads over model; none without the rules.
-  assert 'sdy.sharding_constraint' in bound and '{"data", "fsdp"}, {}, {"model"}' in bound
-  assert 'sharding_constraint' not in plain
+  assert "sdy.sharding_constraint" in bound and '{"data", "fsdp"}, {}, {"model"}' in bound
+  assert "sharding_constraint" not in plain
   with parallel.sharding_rules(mesh, "tp"):
     assert nn.get_logical_axis_rules() == parallel.PRESETS["tp"].rules
 
 
 def test_custom_rules_from_a_config():
-  config = ml_collections.ConfigDict({"preset": "fsdp", "rules": [["batch", ["data", "fsdp"]], ["embed", "model"]],
-                                      "fsdp_min_size": 2 ** 10})
+  config = ml_collections.ConfigDict(
+    {"preset": "fsdp", "rules": [["batch", ["data", "fsdp"]], ["embed", "model"]], "fsdp_min_size": 2**10}
+  )
   strategy = parallel.get_strategy(config)
   assert strategy.rules == (("batch", ("data", "fsdp")), ("embed", "model"))
-  assert (strategy.fsdp_axis, strategy.fsdp_min_size) == ("fsdp", 2 ** 10)
+  assert (strategy.fsdp_axis, strategy.fsdp_min_size) == ("fsdp", 2**10)
   mesh = parallel.create_mesh({"fsdp": 4, "model": 2})
   assert parallel.partition_spec((64, 256), ("embed", "mlp"), mesh, strategy) == P("model", "fsdp")
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("fdsp", r"Unknown sharding strategy 'fdsp'; the presets are \['dp', 'fsdp', 'fsdp_tp', 'tp'\]\. "
-             r"Did you mean 'fsdp'\?"),
+@pytest.mark.parametrize(
+  "spec, match",
+  [
+    (
+      "fdsp",
+      r"Unknown sharding strategy 'fdsp'; the presets are \['dp', 'fsdp', 'fsdp_tp', 'tp'\]\. "
+      r"Did you mean 'fsdp'\?",
+    ),
     ({"preset": "tp", "axes": []}, r"Unknown sharding strategy keys \['axes'\]"),
     ({"rules": [("mlp",)]}, r"must be a \(logical name, mesh axes\) pair"),
     # A typo would match no tensor and silently replicate what it meant to shard.
-    ({"rules": [["embd", "model"]]}, r"Sharding rule \('embd', 'model'\) names the unknown logical axis 'embd'\. "
-                                     r"Did you mean 'embed'\? The logical axes are batch, length, .*, layers"),
-    (parallel.Strategy(rules=(("batch", "data"), ("attention", "model"))),
-     r"Sharding rule \('attention', 'model'\) names the unknown logical axis 'attention'\. The logical"),
-])
+    (
+      {"rules": [["embd", "model"]]},
+      r"Sharding rule \('embd', 'model'\) names the unknown logical axis 'embd'\. "
+      r"Did you mean 'embed'\? The logical axes are batch, length, .*, layers",
+    ),
+    (
+      parallel.Strategy(rules=(("batch", "data"), ("attention", "model"))),
+      r"Sharding rule \('attention', 'model'\) names the unknown logical axis 'attention'\. The logical",
+    ),
+  ],
+)
 def test_bad_strategy_is_a_clear_error(spec, match):
   with pytest.raises(ValueError, match=match):
     parallel.get_strategy(spec)
@@ -210,8 +239,11 @@ def logical_names_used(model, monkeypatch) -> tuple[set, set]:
   monkeypatch.setattr(nn, "with_logical_constraint", record)
   size = getattr(model, "image_size", 224)
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
-  partitioned = [x for x in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-                 if isinstance(x, nn.LogicallyPartitioned)]
+  partitioned = [
+    x
+    for x in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    if isinstance(x, nn.LogicallyPartitioned)
+  ]
   assert partitioned, "the model tags no parameter with logical names"
   return {n for x in partitioned for n in x.names} - {None}, constrained - {None}
 

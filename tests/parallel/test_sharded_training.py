@@ -16,21 +16,27 @@ from lvm_jax import parallel
 
 BATCH, STEPS, LR, RTOL = 8, 3, 0.1, 1e-5
 # Low enough that most tensors of these tiny models are FSDP-sharded (the default 2**14 would shard none).
-FSDP_MIN = 2 ** 8
+FSDP_MIN = 2**8
 MODELS = {
-    "vit": (VisionTransformer(num_classes=10, image_size=16, patch_size=4, width=32, depth=2, mlp_dim=64,
-                              num_heads=4), 16),
-    # Stage 0: 8x8 tokens, 4x4 windows, the second block shifted (masked); stage 1 after a patch merging.
-    "swin": (SwinTransformer(num_classes=10, image_size=16, patch_size=2, embed_dim=16, depths=(2, 1),
-                             num_heads=(2, 4), window_size=4), 16),
-    "resnet": (ResNet(num_classes=10, stage_sizes=(1, 1), block="basic", width=8, zero_init_last=False), 32),
+  "vit": (
+    VisionTransformer(num_classes=10, image_size=16, patch_size=4, width=32, depth=2, mlp_dim=64, num_heads=4),
+    16,
+  ),
+  # Stage 0: 8x8 tokens, 4x4 windows, the second block shifted (masked); stage 1 after a patch merging.
+  "swin": (
+    SwinTransformer(
+      num_classes=10, image_size=16, patch_size=2, embed_dim=16, depths=(2, 1), num_heads=(2, 4), window_size=4
+    ),
+    16,
+  ),
+  "resnet": (ResNet(num_classes=10, stage_sizes=(1, 1), block="basic", width=8, zero_init_last=False), 32),
 }
 # strategy -> mesh: DP 8, FSDP 8, TP model=2 x data=4, DP x FSDP x TP 2x2x2.
 SETUPS = {
-    "dp": {"data": 8},
-    "fsdp": {"fsdp": 8},
-    "tp": {"data": 4, "model": 2},
-    "fsdp_tp": {"data": 2, "fsdp": 2, "model": 2},
+  "dp": {"data": 8},
+  "fsdp": {"fsdp": 8},
+  "tp": {"data": 4, "model": 2},
+  "fsdp_tp": {"data": 2, "fsdp": 2, "model": 2},
 }
 
 
@@ -103,8 +109,11 @@ def test_sharded_sgd_matches_one_device(model_name, strategy_name):
     assert sharded, "the strategy sharded no tensor: the test would only check data parallelism"
 
   batch = parallel.batch_sharding(mesh, BATCH)
-  step = jax.jit(parallel.with_sharding_rules(functools.partial(sgd_step, model), mesh, strategy),
-                 in_shardings=(shardings, batch, batch), out_shardings=(shardings, NamedSharding(mesh, P())))
+  step = jax.jit(
+    parallel.with_sharding_rules(functools.partial(sgd_step, model), mesh, strategy),
+    in_shardings=(shardings, batch, batch),
+    out_shardings=(shardings, NamedSharding(mesh, P())),
+  )
   images, labels = data(size)
   images, labels = jax.device_put(images, batch), jax.device_put(labels, batch)
   for i in range(STEPS):

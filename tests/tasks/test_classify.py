@@ -15,8 +15,16 @@ import pytest
 import skimage.color
 import skimage.data
 import torch
-from transformers import (AutoImageProcessor, ResNetConfig, ResNetForImageClassification, SwinConfig,
-                          SwinForImageClassification, ViTConfig, ViTForImageClassification, pipeline)
+from transformers import (
+  AutoImageProcessor,
+  ResNetConfig,
+  ResNetForImageClassification,
+  SwinConfig,
+  SwinForImageClassification,
+  ViTConfig,
+  ViTForImageClassification,
+  pipeline,
+)
 
 import lvm_jax
 from lvm_jax.models.vit import VisionTransformer
@@ -27,22 +35,32 @@ from tests import torch_reference as ref
 
 TIMM_FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "timm" / "vit_token"
 LABELS = ["tabby", "tiger cat", "lynx", "cougar", "lion", "cheetah", "snow leopard", "jaguar", "leopard", "ocelot"]
-TINY_VIT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=64,
-                patch_size=16)
+TINY_VIT = dict(
+  hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=64, patch_size=16
+)
 TINY_RESNET = dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="bottleneck")
 TINY_SWIN = dict(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4)
 # One preprocessor_config.json per transformers processor our checkpoints use, all producing 64x64 inputs from
 # the 451x300 photo in different ways (straight resize, shortest edge + crop_pct, shortest edge + crop, resize +
 # crop, legacy int sizes).
 PROCESSORS = {
-    "vit": {"image_processor_type": "ViTImageProcessor", "size": {"height": 64, "width": 64}},
-    "vit_legacy": {"feature_extractor_type": "ViTFeatureExtractor", "size": 64, "resample": 3,
-                   "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]},
-    "convnext": {"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": 64}, "crop_pct": 0.875},
-    "convnext_legacy": {"feature_extractor_type": "ConvNextFeatureExtractor", "size": 64, "crop_pct": 0.9},
-    "bit": {"image_processor_type": "BitImageProcessor", "size": {"shortest_edge": 73}, "crop_size": 64},
-    "deit": {"image_processor_type": "DeiTImageProcessor", "size": {"height": 75, "width": 75},
-             "crop_size": {"height": 64, "width": 64}, "resample": 1},
+  "vit": {"image_processor_type": "ViTImageProcessor", "size": {"height": 64, "width": 64}},
+  "vit_legacy": {
+    "feature_extractor_type": "ViTFeatureExtractor",
+    "size": 64,
+    "resample": 3,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+  },
+  "convnext": {"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": 64}, "crop_pct": 0.875},
+  "convnext_legacy": {"feature_extractor_type": "ConvNextFeatureExtractor", "size": 64, "crop_pct": 0.9},
+  "bit": {"image_processor_type": "BitImageProcessor", "size": {"shortest_edge": 73}, "crop_size": 64},
+  "deit": {
+    "image_processor_type": "DeiTImageProcessor",
+    "size": {"height": 75, "width": 75},
+    "crop_size": {"height": 64, "width": 64},
+    "resample": 1,
+  },
 }
 
 
@@ -125,8 +143,14 @@ def test_swin_top5_equals_the_transformers_pipeline(photos, tmp_path):
 
 def test_resnet_top5_equals_the_transformers_pipeline(photos, tmp_path):
   # microsoft/resnet-50's preprocessor config: the legacy ConvNext feature extractor, shorter side / crop_pct.
-  processor = {"feature_extractor_type": "ConvNextFeatureExtractor", "size": 64, "crop_pct": 0.875, "resample": 3,
-               "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+  processor = {
+    "feature_extractor_type": "ConvNextFeatureExtractor",
+    "size": 64,
+    "crop_pct": 0.875,
+    "resample": 3,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+  }
   folder = _save_tiny(tmp_path, ResNetConfig(**TINY_RESNET), ResNetForImageClassification, processor, 4)
   classifier = Classifier(folder)
   assert type(classifier.checkpoint.model).__name__ == "ResNet"
@@ -162,11 +186,12 @@ def mode_files(tmp_path_factory):
   gray = (skimage.color.rgb2gray(cat) * 255).round().astype(np.uint8)
   alpha = np.tile(np.linspace(0, 255, cat.shape[1]).astype(np.uint8), (cat.shape[0], 1))
   files = {
-      "gray.jpg": PIL.Image.fromarray(gray), "gray.png": PIL.Image.fromarray(gray),
-      "palette.png": PIL.Image.fromarray(cat).quantize(colors=64),
-      "rgba.png": PIL.Image.fromarray(np.dstack([cat, alpha])),
-      "cmyk.jpg": PIL.Image.fromarray(cat).convert("CMYK"),
-      "gray16.png": PIL.Image.fromarray(gray.astype(np.uint16) * 257),
+    "gray.jpg": PIL.Image.fromarray(gray),
+    "gray.png": PIL.Image.fromarray(gray),
+    "palette.png": PIL.Image.fromarray(cat).quantize(colors=64),
+    "rgba.png": PIL.Image.fromarray(np.dstack([cat, alpha])),
+    "cmyk.jpg": PIL.Image.fromarray(cat).convert("CMYK"),
+    "gray16.png": PIL.Image.fromarray(gray.astype(np.uint16) * 257),
   }
   for name, image in files.items():
     image.save(folder / name)
@@ -202,8 +227,13 @@ def test_paths_pil_images_and_arrays_give_the_same_predictions(weights_folder, p
 
 def test_classifier_compiles_once_per_batch_bucket(weights_folder):
   classifier = Classifier(weights_folder, batch_size=4)
-  cats = [skimage.data.chelsea(), skimage.data.chelsea()[:, ::-1], skimage.data.astronaut(), skimage.data.coffee(),
-          skimage.data.rocket()]
+  cats = [
+    skimage.data.chelsea(),
+    skimage.data.chelsea()[:, ::-1],
+    skimage.data.astronaut(),
+    skimage.data.coffee(),
+    skimage.data.rocket(),
+  ]
   single = [classifier(image)[0] for image in cats]
   assert classifier._traces == 1  # five calls, one compilation
   assert_same_predictions(classifier(cats[:3]), single[:3])  # 3 images: padded to the bucket of 4
@@ -227,8 +257,9 @@ def test_top_k_is_clamped_sorted_and_probabilities_sum_to_one(weights_folder, ph
 
 def _checkpoint(num_classes, labels=None, seed=0):
   """A tiny lvm_jax ViT with random weights (numpy: quicker than a first eager init), wrapped as a Checkpoint."""
-  model = VisionTransformer(num_classes=num_classes, image_size=32, patch_size=16, width=32, depth=1, mlp_dim=64,
-                            num_heads=2)
+  model = VisionTransformer(
+    num_classes=num_classes, image_size=32, patch_size=16, width=32, depth=1, mlp_dim=64, num_heads=2
+  )
   shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
   rng = np.random.RandomState(seed)
   variables = jax.tree.map(lambda s: rng.normal(0, 0.5, s.shape).astype(np.float32), shapes)
@@ -260,8 +291,9 @@ def test_a_model_without_head_is_refused():
 
 def test_timm_checkpoint_classifies_with_its_pretrained_cfg():
   ckpt = lvm_jax.load_checkpoint(TIMM_FIXTURE)
-  assert ckpt.preprocessing == Preprocessing(size=(32, 32), resize_shorter=35, interpolation="bicubic",
-                                             crop_rounding="round")  # floor(32 / 0.9) = 35
+  assert ckpt.preprocessing == Preprocessing(
+    size=(32, 32), resize_shorter=35, interpolation="bicubic", crop_rounding="round"
+  )  # floor(32 / 0.9) = 35
   # The classifier's logits for a real photo are the model's on the pixels of timm's own eval transform
   # (stored by tests/fixtures/timm/make_timm_fixtures.py): preprocessing and forward pass end to end.
   manifest = json.loads((TIMM_FIXTURE.parent / "MANIFEST.json").read_text())["preprocessing"]
@@ -279,10 +311,13 @@ def test_timm_checkpoint_classifies_with_its_pretrained_cfg():
 def test_prediction_formatting():
   predictions = [Prediction("tabby, tabby cat", 281, 0.625), Prediction("lynx", 287, 0.0625)]
   assert json.loads(classify.format_predictions(predictions, as_json=True)) == [
-      {"label": "tabby, tabby cat", "index": 281, "probability": 0.625},
-      {"label": "lynx", "index": 287, "probability": 0.0625}]
+    {"label": "tabby, tabby cat", "index": 281, "probability": 0.625},
+    {"label": "lynx", "index": 287, "probability": 0.0625},
+  ]
   assert classify.format_predictions(predictions).splitlines() == [
-      "  62.50%  tabby, tabby cat  [281]", "   6.25%  lynx  [287]"]
+    "  62.50%  tabby, tabby cat  [281]",
+    "   6.25%  lynx  [287]",
+  ]
 
 
 def test_compute_dtype_override(weights_folder, photos):
@@ -297,17 +332,21 @@ def test_compute_dtype_override(weights_folder, photos):
 
 # ---- Preprocessing: configs, defaults, timm's crop and the round trip through transformers ----
 
+
 def test_missing_preprocessor_config_uses_transformers_defaults_at_the_model_size(tmp_path):
   model = VisionTransformer(image_size=64)
   assert Preprocessing.from_hf(tmp_path / "preprocessor_config.json", model) == Preprocessing(size=(64, 64))
 
 
-@pytest.mark.parametrize("config,message", [
+@pytest.mark.parametrize(
+  "config,message",
+  [
     ({"image_processor_type": "SamImageProcessor"}, "image processor 'SamImageProcessor' is not supported"),
     ({"image_processor_type": "ViTImageProcessor", "do_resize": False}, "do_resize=false"),
     ({"image_processor_type": "ViTImageProcessor", "size": {"shortest_edge": 64}}, "without a center crop"),
     ({"image_processor_type": "ViTImageProcessor", "resample": 7}, "resample 7 is not a PIL resampling code"),
-])
+  ],
+)
 def test_unsupported_preprocessor_configs_are_clear_errors(tmp_path, config, message):
   (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match=message):
@@ -328,21 +367,38 @@ def test_timm_center_crop_rounds_the_margin_like_torchvision():
 
 def test_timm_defaults_and_squash_mode():
   assert Preprocessing.from_timm({"pretrained_cfg": {}}) == Preprocessing(
-      size=(224, 224), resize_shorter=256, interpolation="bicubic", mean=(0.485, 0.456, 0.406),
-      std=(0.229, 0.224, 0.225), crop_rounding="round")
-  squash = Preprocessing.from_timm({"pretrained_cfg": {"input_size": [3, 384, 384], "crop_pct": 1.0,
-                                                       "crop_mode": "squash", "interpolation": "bilinear"}})
+    size=(224, 224),
+    resize_shorter=256,
+    interpolation="bicubic",
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    crop_rounding="round",
+  )
+  squash = Preprocessing.from_timm(
+    {
+      "pretrained_cfg": {
+        "input_size": [3, 384, 384],
+        "crop_pct": 1.0,
+        "crop_mode": "squash",
+        "interpolation": "bilinear",
+      }
+    }
+  )
   assert (squash.size, squash.resize_size, squash.resize_shorter) == ((384, 384), (384, 384), None)
   with pytest.raises(ValueError, match="crop_mode 'border'"):
     Preprocessing.from_timm({"pretrained_cfg": {"crop_mode": "border"}})
 
 
-@pytest.mark.parametrize("preprocessing", [
+@pytest.mark.parametrize(
+  "preprocessing",
+  [
     Preprocessing(size=(64, 64)),
     Preprocessing(size=(64, 48), resize_size=(80, 70), interpolation="bicubic", mean=(0.4, 0.5, 0.6)),
     Preprocessing(size=(64, 64), resize_shorter=73, interpolation="lanczos", std=(0.2, 0.3, 0.4)),
     Preprocessing(size=(64, 64), rescale=1.0, mean=(100, 110, 120), std=(50, 60, 70)),
-], ids=["straight", "resize_then_crop", "shorter_then_crop", "no_rescale"])
+  ],
+  ids=["straight", "resize_then_crop", "shorter_then_crop", "no_rescale"],
+)
 def test_to_hf_is_read_back_by_transformers_and_by_from_hf(tmp_path, preprocessing, photos):
   (tmp_path / "preprocessor_config.json").write_text(json.dumps(preprocessing.to_hf()))
   assert Preprocessing.from_hf(tmp_path / "preprocessor_config.json", VisionTransformer()) == preprocessing
@@ -354,9 +410,9 @@ def test_to_hf_is_read_back_by_transformers_and_by_from_hf(tmp_path, preprocessi
 
 def test_save_pretrained_writes_a_preprocessor_config_the_pipeline_uses(weights_folder, photos, tmp_path):
   ckpt = lvm_jax.load_checkpoint(with_processor(weights_folder, tmp_path, "convnext"))
-  lvm_jax.save_pretrained(ckpt.model, ckpt.variables, tmp_path / "saved", labels=ckpt.labels,
-                          preprocessing=ckpt.preprocessing)
+  lvm_jax.save_pretrained(
+    ckpt.model, ckpt.variables, tmp_path / "saved", labels=ckpt.labels, preprocessing=ckpt.preprocessing
+  )
   assert lvm_jax.load_checkpoint(tmp_path / "saved").preprocessing == ckpt.preprocessing
   expected = pipeline_top_k(tmp_path / "saved", photos["jpeg"])
   assert_matches_pipeline(classify.classify(ckpt, photos["jpeg"])[0], expected)
-

@@ -11,7 +11,7 @@ import skimage.data
 from lvm_jax.tasks import images
 
 CHELSEA = skimage.data.chelsea()  # 300 x 451 x 3 uint8
-CAMERA = skimage.data.camera()    # 512 x 512 uint8 grayscale
+CAMERA = skimage.data.camera()  # 512 x 512 uint8 grayscale
 
 
 def _save(tmp_path, name, image, **kwargs):
@@ -29,8 +29,9 @@ def _write_png16_rgb(path, array):
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
   header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-  path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-                   + chunk(b"IEND", b""))
+  path.write_bytes(
+    b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+  )
   return path
 
 
@@ -129,7 +130,7 @@ def test_non_image_file_is_a_clear_error(tmp_path, content):
 def test_truncated_file_is_a_clear_error(tmp_path, ext, fmt):
   whole = _save(tmp_path, f"whole.{ext}", PIL.Image.fromarray(CHELSEA)).read_bytes()
   path = tmp_path / f"cut.{ext}"
-  path.write_bytes(whole[:len(whole) // 2])
+  path.write_bytes(whole[: len(whole) // 2])
   with pytest.raises(ValueError, match=rf"cut\.{ext} is a truncated or corrupt {fmt} file"):
     images.read_image(path)
 

@@ -26,6 +26,7 @@ def global_value():
 def main(process_id: int, port: int, directory: str, out: str) -> None:
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
   import jax
+
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
   from jax.sharding import NamedSharding, PartitionSpec as P

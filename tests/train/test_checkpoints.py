@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # FSDP-sharded.
 VIT = VisionTransformer(num_classes=10, image_size=16, patch_size=4, width=32, depth=2, mlp_dim=128, num_heads=4)
 INPUT = (1, 16, 16, 3)
-STRATEGY = parallel.get_strategy("fsdp", fsdp_min_size=2 ** 10)
+STRATEGY = parallel.get_strategy("fsdp", fsdp_min_size=2**10)
 TX = optax.adamw(1e-2, weight_decay=0.1)
 
 
@@ -48,8 +48,13 @@ def train_state(mesh, model=VIT, steps=2):
     return params, opt_state
 
   params, opt_state = jax.jit(train, out_shardings=(param_sh, opt_sh))(params)
-  return {"params": params, "opt_state": opt_state, "step": 12,
-          "rng": np.asarray(jax.random.key_data(jax.random.key(7))), "data": {"epoch": 1, "position": 96}}
+  return {
+    "params": params,
+    "opt_state": opt_state,
+    "step": 12,
+    "rng": np.asarray(jax.random.key_data(jax.random.key(7))),
+    "data": {"epoch": 1, "position": 96},
+  }
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +70,13 @@ def abstract_state(mesh, like):
   param_sh = parallel.variable_shardings(boxed, mesh, STRATEGY)
   opt_sh = parallel.state_shardings(jax.eval_shape(TX.init, params), boxed, mesh, STRATEGY)
   sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-  return {"params": jax.tree.map(sds, params, param_sh), "opt_state": jax.tree.map(sds, like["opt_state"], opt_sh),
-          "step": 0, "rng": np.zeros(2, np.uint32), "data": {"epoch": 0, "position": 0}}
+  return {
+    "params": jax.tree.map(sds, params, param_sh),
+    "opt_state": jax.tree.map(sds, like["opt_state"], opt_sh),
+    "step": 0,
+    "rng": np.zeros(2, np.uint32),
+    "data": {"epoch": 0, "position": 0},
+  }
 
 
 def assert_bit_identical(got, want):
@@ -87,8 +97,7 @@ def test_round_trip_is_bit_identical(tmp_path, state8):
   restored = ckpt.restore(state)  # concrete arrays as the target: their shardings are used
   assert_bit_identical(restored, state)
   assert type(restored["step"]) is int and restored["rng"].dtype == np.uint32
-  assert jax.tree.map(lambda x: x.sharding, restored["params"]) == jax.tree.map(lambda x: x.sharding,
-                                                                                state["params"])
+  assert jax.tree.map(lambda x: x.sharding, restored["params"]) == jax.tree.map(lambda x: x.sharding, state["params"])
   assert ckpt.restore_meta() == {"examples_seen": 1536, "config": "vit_tiny"}
   ckpt.close()
 
@@ -146,11 +155,14 @@ def test_saving_an_existing_step_again_is_a_no_op(tmp_path):
   ckpt.close()
 
 
-@pytest.mark.parametrize("mode, values, best", [
+@pytest.mark.parametrize(
+  "mode, values, best",
+  [
     ("max", [0.3, 0.9, 0.5, 0.4, 0.6], 2),
     ("min", [2.0, 0.7, 1.5, 0.8, 1.1], 2),
     ("max", [0.5, 0.8, 0.8, float("nan"), 0.1], 3),  # ties: the newer; NaN (diverged) ranks worst
-])
+  ],
+)
 def test_keep_the_last_two_and_the_best(tmp_path, mode, values, best):
   ckpt = CheckpointManager(str(tmp_path), keep=2, best_metric="acc", best_mode=mode)
   for step, value in enumerate(values, start=1):
@@ -202,16 +214,17 @@ def test_a_changed_model_is_a_clear_error(tmp_path, state8):
   with CheckpointManager(str(tmp_path)) as ckpt:
     ckpt.save(1, {"params": state8["params"]})
   ckpt = CheckpointManager(str(tmp_path))
-  deeper = VisionTransformer(num_classes=10, image_size=16, patch_size=4, width=32, depth=3, mlp_dim=128,
-                             num_heads=4)
+  deeper = VisionTransformer(num_classes=10, image_size=16, patch_size=4, width=32, depth=3, mlp_dim=128, num_heads=4)
   target = {"params": nn.meta.unbox(boxed_params(deeper))}
   with pytest.raises(ValueError, match=r"target has 16 entries the checkpoint lacks, first \['params/block_2/"):
     ckpt.restore(target)
-  wider = VisionTransformer(num_classes=10, image_size=16, patch_size=4, width=32, depth=2, mlp_dim=256,
-                            num_heads=4)
+  wider = VisionTransformer(num_classes=10, image_size=16, patch_size=4, width=32, depth=2, mlp_dim=256, num_heads=4)
   target = {"params": nn.meta.unbox(boxed_params(wider))}
-  with pytest.raises(ValueError, match=r"shapes differ, first params/block_0/mlp/fc1/bias: checkpoint \(128,\) "
-                                       r"vs target \(256,\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"shapes differ, first params/block_0/mlp/fc1/bias: checkpoint \(128,\) "
+    r"vs target \(256,\)",
+  ):
     ckpt.restore(target)
   with pytest.raises(ValueError, match=r"checkpoint has 1 entries the target lacks, first \['params/head/bias'\]"):
     params = nn.meta.unbox(boxed_params())
@@ -243,9 +256,14 @@ def test_a_save_killed_midway_is_never_picked_up(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PYTHONPATH"] = ROOT
   with open(tmp_path / "worker.log", "w") as log:
-    proc = subprocess.Popen([sys.executable, "-m", "tests.train.checkpoint_worker", "killed_save",
-                             str(tmp_path / "ckpt")], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log,
-                            text=True)
+    proc = subprocess.Popen(
+      [sys.executable, "-m", "tests.train.checkpoint_worker", "killed_save", str(tmp_path / "ckpt")],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=log,
+      text=True,
+    )
     line = proc.stdout.readline()
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
@@ -267,6 +285,5 @@ def test_a_save_killed_midway_is_never_picked_up(tmp_path):
   assert ckpt.all_steps() == [1, 3, 4]
   assert sorted(os.listdir(tmp_path / "ckpt")) == ["1", "3", "4"]
   for step in (3, 4):
-    assert_bit_identical(ckpt.restore(checkpoint_worker.small_state(0), step=step),
-                         checkpoint_worker.small_state(step))
+    assert_bit_identical(ckpt.restore(checkpoint_worker.small_state(0), step=step), checkpoint_worker.small_state(step))
   ckpt.close()

@@ -19,28 +19,47 @@ def _expected(**changes):
 
 # ------------------------------------------------------------------------------------------------ defaults
 
+
 def test_validate_fills_every_default():
   full = config_lib.validate({"num_steps": 100})
   assert isinstance(full, ml_collections.ConfigDict)
   assert full.to_dict() == _expected(num_steps=100)
   # Spot checks, so a defaults() that lost its values cannot make the comparison above pass trivially.
-  assert (full.seed, full.model, full.dtype, full.data.batch_size, full.num_epochs) == (0, "vit_ti16", "float32",
-                                                                                       128, 0.0)
+  assert (full.seed, full.model, full.dtype, full.data.batch_size, full.num_epochs) == (
+    0,
+    "vit_ti16",
+    "float32",
+    128,
+    0.0,
+  )
   # Every optimizer key is present (so each can be set from the command line), at the optimizer's defaults.
   from lvm_jax.train import optimizer as optimizer_lib
-  assert full.optimizer.to_dict() == {**optimizer_lib.DEFAULTS, "lr": 1e-3, "weight_decay": 0.05,
-                                      "schedule": optimizer_lib.SCHEDULE_DEFAULTS}
+
+  assert full.optimizer.to_dict() == {
+    **optimizer_lib.DEFAULTS,
+    "lr": 1e-3,
+    "weight_decay": 0.05,
+    "schedule": optimizer_lib.SCHEDULE_DEFAULTS,
+  }
   assert full.data.train.to_dict() == {"kind": "digits", "split": "train"}
   assert full.mesh.to_dict() == {"data": -1} and full.sharding.to_dict() == {"preset": "dp"}
 
 
 def test_validate_keeps_given_values_and_is_idempotent():
-  given = ml_collections.ConfigDict({"num_epochs": 2.5, "seed": 7, "data": {"batch_size": 32, "prefetch": 0},
-                                     "label_smoothing": 0.1, "dtype": "bfloat16"})
+  given = ml_collections.ConfigDict(
+    {
+      "num_epochs": 2.5,
+      "seed": 7,
+      "data": {"batch_size": 32, "prefetch": 0},
+      "label_smoothing": 0.1,
+      "dtype": "bfloat16",
+    }
+  )
   before = copy.deepcopy(given.to_dict())
   full = config_lib.validate(given)
-  assert full.to_dict() == _expected(num_epochs=2.5, seed=7, label_smoothing=0.1, dtype="bfloat16",
-                                     **{"data.batch_size": 32, "data.prefetch": 0})
+  assert full.to_dict() == _expected(
+    num_epochs=2.5, seed=7, label_smoothing=0.1, dtype="bfloat16", **{"data.batch_size": 32, "data.prefetch": 0}
+  )
   assert given.to_dict() == before  # the input is not modified
   assert config_lib.validate(full).to_dict() == full.to_dict()
   # A recipe's usual shape: defaults() with a few fields set.
@@ -49,8 +68,9 @@ def test_validate_keeps_given_values_and_is_idempotent():
   recipe.data.pp_train = "decode|resize(32)"
   recipe.optimizer.lr = 3e-3  # edits inside a free-form block keep the block's other keys
   assert config_lib.validate(recipe).to_dict() == _expected(
-      num_steps=500, **{"data.pp_train": "decode|resize(32)",
-                        "optimizer": {**config_lib.defaults().optimizer.to_dict(), "lr": 3e-3}})
+    num_steps=500,
+    **{"data.pp_train": "decode|resize(32)", "optimizer": {**config_lib.defaults().optimizer.to_dict(), "lr": 3e-3}},
+  )
 
 
 def test_an_int_is_accepted_where_a_float_is_expected():
@@ -60,13 +80,17 @@ def test_an_int_is_accepted_where_a_float_is_expected():
 
 # ------------------------------------------------------------------------------------------------ unknown keys
 
-@pytest.mark.parametrize("given, message", [
+
+@pytest.mark.parametrize(
+  "given, message",
+  [
     ({"optimzer": {"name": "sgd", "lr": 0.1}}, r"unknown key 'optimzer' \(did you mean 'optimizer'\?\)"),
     ({"optimzer": "sgd"}, r"unknown key 'optimzer' \(did you mean 'optimizer'\?\)"),
     ({"data": {"batch_sze": 32}}, r"unknown key 'data\.batch_sze' \(did you mean 'data\.batch_size'\?\)"),
     ({"num_step": 10}, r"unknown key 'num_step' \(did you mean 'num_steps'\?\)"),
     ({"model_arg": {"drop_path": 0.1}}, r"unknown key 'model_arg' \(did you mean 'model_args'\?\)"),
-])
+  ],
+)
 def test_unknown_key_is_named_with_a_close_match(given, message):
   with pytest.raises(ValueError, match=message):
     config_lib.validate({"num_steps": 10, **given})
@@ -93,7 +117,10 @@ def test_unknown_key_holding_an_empty_block_is_an_error():
 
 # ------------------------------------------------------------------------------------------------- types
 
-@pytest.mark.parametrize("given, message", [
+
+@pytest.mark.parametrize(
+  "given, message",
+  [
     ({"num_steps": "10"}, r"num_steps='10' should be of type int"),
     ({"num_steps": 10.0}, r"num_steps=10\.0 should be of type int"),
     ({"num_steps": True}, r"num_steps=True should be of type int"),
@@ -101,18 +128,22 @@ def test_unknown_key_holding_an_empty_block_is_an_error():
     ({"num_steps": 1, "label_smoothing": "0.1"}, r"label_smoothing='0\.1' should be of type float"),
     ({"num_steps": 1, "model": 3}, r"model=3 should be of type str"),
     ({"num_steps": 1, "data": {"train": "digits"}}, r"data\.train='digits' should be of type ConfigDict"),
-])
+  ],
+)
 def test_wrong_type_names_key_and_type(given, message):
   with pytest.raises(ValueError, match=message):
     config_lib.validate(given)
 
 
-@pytest.mark.parametrize("given, key", [
+@pytest.mark.parametrize(
+  "given, key",
+  [
     ({"num_steps": 10, "log_every_steps": None}, "log_every_steps"),
     ({"num_steps": 10, "data": {"batch_size": None}}, "data.batch_size"),
     ({"num_steps": None, "num_epochs": 1.0}, "num_steps"),
     ({"num_steps": 10, "seed": None}, "seed"),
-])
+  ],
+)
 def test_none_for_a_required_setting_is_a_value_error(given, key):
   """None for a setting that needs a value is a ValueError naming the key: not a TypeError from a range check,
   nor (seed) a value that passes validation and fails later. None is accepted only where it is documented
@@ -122,14 +153,23 @@ def test_none_for_a_required_setting_is_a_value_error(given, key):
 
 
 def test_documented_none_settings_are_accepted():
-  full = config_lib.validate({"num_steps": 10, "pretrained": "hf:google/vit-base-patch16-224", "num_classes": None,
-                              "image_size": None, "best_metric": None, "data": {"eval": None, "normalize": None}})
+  full = config_lib.validate(
+    {
+      "num_steps": 10,
+      "pretrained": "hf:google/vit-base-patch16-224",
+      "num_classes": None,
+      "image_size": None,
+      "best_metric": None,
+      "data": {"eval": None, "normalize": None},
+    }
+  )
   assert full.data.eval is None and full.data.normalize is None and full.best_metric is None
   assert full.pretrained == "hf:google/vit-base-patch16-224"
   assert config_lib.validate({"num_steps": 10, "num_classes": 10, "image_size": 384}).image_size == 384
 
 
 # ------------------------------------------------------------------------------------------------- values
+
 
 def test_exactly_one_of_num_steps_and_num_epochs():
   with pytest.raises(ValueError, match=r"exactly one of num_steps .* got num_steps=5, num_epochs=1\.0"):
@@ -141,7 +181,9 @@ def test_exactly_one_of_num_steps_and_num_epochs():
   assert config_lib.validate({"num_epochs": 0.5}).num_epochs == 0.5
 
 
-@pytest.mark.parametrize("given, message", [
+@pytest.mark.parametrize(
+  "given, message",
+  [
     ({"dtype": "float8"}, r"dtype='float8' is not one of \('float32', 'bfloat16', 'float16'\)"),
     ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\), got 1\.0"),
     ({"label_smoothing": -0.1}, r"label_smoothing must be in \[0, 1\), got -0\.1"),
@@ -152,7 +194,8 @@ def test_exactly_one_of_num_steps_and_num_epochs():
     ({"data": {"batch_size": 0}}, r"data\.batch_size must be >= 1"),
     ({"data": {"eval_batch_size": -1}}, r"data\.eval_batch_size >= 0"),
     ({"data": {"normalize": None}}, r"data\.normalize=None means the pretrained checkpoint's mean/std"),
-])
+  ],
+)
 def test_bad_values(given, message):
   with pytest.raises(ValueError, match=message):
     config_lib.validate({"num_steps": 10, **given})
@@ -160,13 +203,14 @@ def test_bad_values(given, message):
 
 # --------------------------------------------------------------------------------------------- free-form
 
+
 def test_free_form_blocks_are_replaced_whole():
   blocks = {
-      "model_args": {"drop_path": 0.1, "image_size": 32},
-      "optimizer": {"name": "sgd", "lr": 0.1},  # no weight_decay=0.05 from the default block
-      "mesh": {"fsdp": -1},                      # no data=-1
-      "sharding": {"rules": [["mlp", "model"]]},
-      "data": {"train": {"kind": "folder", "path": "/images"}},  # no split="train"
+    "model_args": {"drop_path": 0.1, "image_size": 32},
+    "optimizer": {"name": "sgd", "lr": 0.1},  # no weight_decay=0.05 from the default block
+    "mesh": {"fsdp": -1},  # no data=-1
+    "sharding": {"rules": [["mlp", "model"]]},
+    "data": {"train": {"kind": "folder", "path": "/images"}},  # no split="train"
   }
   full = config_lib.validate({"num_steps": 10, **blocks})
   assert full.model_args.to_dict() == {"drop_path": 0.1, "image_size": 32}
@@ -188,16 +232,22 @@ def recipe_assigning(path: str, block):
   return c
 
 
-@pytest.mark.parametrize("path, block, lost", [
+@pytest.mark.parametrize(
+  "path, block, lost",
+  [
     ("optimizer", {"name": "sgd", "lr": 0.1, "schedule": {"warmup_steps": 5}}, "'accumulate_steps', 'b1'"),
     ("optimizer", ml_collections.ConfigDict({"name": "lamb", "lr": 2e-3}), "'accumulate_steps', 'b1'"),
     ("optimizer.schedule", {"warmup_steps": 5}, "'decay', 'end_lr_fraction', 'total_steps'"),
-])
+  ],
+)
 def test_a_recipe_that_assigns_a_new_optimizer_block_is_an_error(path, block, lost):
   # --config.optimizer.KEY can only set keys the recipe's config holds: the dropped ones would be out of reach.
-  with pytest.raises(ValueError, match=rf"{path} was assigned a new block that lacks {lost}.*so "
-                                       rf"--config\.{path}\.KEY cannot set them: set fields of the default block "
-                                       rf"instead \(c\.{path}\.KEY = VALUE, or c\.{path}\.update\(KEY=VALUE"):
+  with pytest.raises(
+    ValueError,
+    match=rf"{path} was assigned a new block that lacks {lost}.*so "
+    rf"--config\.{path}\.KEY cannot set them: set fields of the default block "
+    rf"instead \(c\.{path}\.KEY = VALUE, or c\.{path}\.update\(KEY=VALUE",
+  ):
     config_lib.validate(recipe_assigning(path, block))
 
 
@@ -214,28 +264,32 @@ def test_a_recipe_that_edits_the_optimizer_block_in_place_is_fine():
 
 # ------------------------------------------------------------------------------------------------ parse_arg
 
+
 def test_parse_arg_sets_fields_over_defaults():
   args = config_lib.parse_arg("model=vit,runlocal", model="resnet", runlocal=False)
   assert isinstance(args, ml_collections.ConfigDict)
   assert args.to_dict() == {"model": "vit", "runlocal": True}
-  assert config_lib.parse_arg(None, model="resnet", runlocal=False).to_dict() == {"model": "resnet",
-                                                                                  "runlocal": False}
+  assert config_lib.parse_arg(None, model="resnet", runlocal=False).to_dict() == {"model": "resnet", "runlocal": False}
   assert config_lib.parse_arg("", runlocal=True).runlocal is True
-  typed = config_lib.parse_arg(" batch=64 , lr=1e-3,steps=10,runlocal=false,variant=B/16 ", batch=32, lr=0.1,
-                               steps=0, runlocal=True, variant=None)
+  typed = config_lib.parse_arg(
+    " batch=64 , lr=1e-3,steps=10,runlocal=false,variant=B/16 ", batch=32, lr=0.1, steps=0, runlocal=True, variant=None
+  )
   assert typed.to_dict() == {"batch": 64, "lr": 1e-3, "steps": 10, "runlocal": False, "variant": "B/16"}
   assert type(typed.batch) is int and type(typed.lr) is float
   for text, value in (("TRUE", True), ("1", True), ("0", False), ("False", False)):
     assert config_lib.parse_arg(f"runlocal={text}", runlocal=False).runlocal is value
 
 
-@pytest.mark.parametrize("arg, message", [
+@pytest.mark.parametrize(
+  "arg, message",
+  [
     ("modle=vit", r"Unknown config argument 'modle' in 'modle=vit'; accepted: model, runlocal, batch"),
     ("runlocal=maybe", r"runlocal='maybe' should be true or false"),
     ("batch=big", r"batch='big' should be a int"),
     ("batch=1.5", r"batch='1\.5' should be a int"),
     ("model", r"Config argument 'model' needs a value \(model=\.\.\.\)"),
-])
+  ],
+)
 def test_parse_arg_errors(arg, message):
   with pytest.raises(ValueError, match=message):
     config_lib.parse_arg(arg, model="resnet", runlocal=False, batch=32)

@@ -19,8 +19,12 @@ KILLS, STEPS = 5, 15
 
 def test_a_run_killed_5_times_ends_bit_identical_to_an_uninterrupted_one(digits_dir, tmp_path, monkeypatch):
   # The runs are main.py as a user starts it: one CPU device (not the suite's 8), their own compilation cache.
-  for name in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):
+  for name in (
+    "XLA_FLAGS",
+    "JAX_COMPILATION_CACHE_DIR",
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES",
+  ):
     monkeypatch.delenv(name, raising=False)
   report = fault_injection.inject(kills=KILLS, seed=0, steps=STEPS, workdir=str(tmp_path), data_dir=digits_dir)
   text = fault_injection.format_report(report)

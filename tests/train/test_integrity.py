@@ -16,8 +16,7 @@ from lvm_jax.train.checkpoints import CheckpointSaveError, CheckpointManager, Co
 
 def state(step: int) -> dict:
   rng = np.random.default_rng(step)
-  return {"w": rng.standard_normal((256, 64), dtype=np.float32), "b": np.full((64,), step, np.float32),
-          "step": step}
+  return {"w": rng.standard_normal((256, 64), dtype=np.float32), "b": np.full((64,), step, np.float32), "step": step}
 
 
 def target() -> dict:
@@ -54,14 +53,24 @@ def empty_folder(step_dir: pathlib.Path) -> None:
 
 
 DAMAGE = {
-    "flipped_bytes": (lambda d: flip_bytes(largest_data_file(d)), r"state/\S+/d/\w+ differs from what was written \(its SHA-256"),
-    "truncated": (lambda d: truncate(largest_data_file(d)), r"state/\S+/d/\w+ has \d+ bytes, \d+ were written \(truncated"),
-    "missing_metadata": (lambda d: (d / "state" / "_METADATA").unlink(),
-                         r"1 file\(s\) are missing, first state/_METADATA"),
-    "extra_file": (lambda d: (d / "state" / "stray.bin").write_bytes(b"x"),
-                   r"1 file\(s\) were not part of the save, first state/stray.bin"),
-    "emptied_folder": (empty_folder, r"it has no integrity.json"),
-    "record_deleted": (lambda d: (d / integrity.RECORD_FILE).unlink(), r"it has no integrity.json"),
+  "flipped_bytes": (
+    lambda d: flip_bytes(largest_data_file(d)),
+    r"state/\S+/d/\w+ differs from what was written \(its SHA-256",
+  ),
+  "truncated": (
+    lambda d: truncate(largest_data_file(d)),
+    r"state/\S+/d/\w+ has \d+ bytes, \d+ were written \(truncated",
+  ),
+  "missing_metadata": (
+    lambda d: (d / "state" / "_METADATA").unlink(),
+    r"1 file\(s\) are missing, first state/_METADATA",
+  ),
+  "extra_file": (
+    lambda d: (d / "state" / "stray.bin").write_bytes(b"x"),
+    r"1 file\(s\) were not part of the save, first state/stray.bin",
+  ),
+  "emptied_folder": (empty_folder, r"it has no integrity.json"),
+  "record_deleted": (lambda d: (d / integrity.RECORD_FILE).unlink(), r"it has no integrity.json"),
 }
 
 
@@ -122,6 +131,7 @@ def test_no_intact_step_is_an_error_naming_them(tmp_path):
 def test_a_failed_background_save_is_raised_with_its_step(tmp_path, monkeypatch):
   def disk_full(directory):
     raise OSError(28, "No space left on device")
+
   monkeypatch.setattr(integrity, "write_record", disk_full)
   ckpt = CheckpointManager(str(tmp_path / "checkpoints"))
   ckpt.save(5, jax.device_put(state(5)))

@@ -45,9 +45,17 @@ class Clock:
 
 def _watch(store, process_id, num_processes, clock=None, **kwargs):
   said, stopped = [], []
-  watch = PeerWatch(store, process_id, num_processes, timeout_s=kwargs.pop("timeout_s", 20.0),
-                    interval_s=kwargs.pop("interval_s", 0.001), say=said.append, stop=lambda: stopped.append(1),
-                    clock=clock or time.monotonic, **kwargs)
+  watch = PeerWatch(
+    store,
+    process_id,
+    num_processes,
+    timeout_s=kwargs.pop("timeout_s", 20.0),
+    interval_s=kwargs.pop("interval_s", 0.001),
+    say=said.append,
+    stop=lambda: stopped.append(1),
+    clock=clock or time.monotonic,
+    **kwargs,
+  )
   return watch, said, stopped
 
 
@@ -62,11 +70,16 @@ def test_process_0_names_the_process_whose_beats_stop_and_tells_the_others():
   clock.now = 24
   store.values[f"{PROCESS_DIR}1"] = "24"
   assert not watch.beat()
-  assert said == ["process 2 of 3 stopped responding (no heartbeat for 24 s); this process (0) stops too. Restart "
-                  "all processes with the same command: training resumes from the last checkpoint."]
+  assert said == [
+    "process 2 of 3 stopped responding (no heartbeat for 24 s); this process (0) stops too. Restart "
+    "all processes with the same command: training resumes from the last checkpoint."
+  ]
   assert stopped == [1] and watch.lost == 2
   assert store.values[COORDINATOR_KEY].split("\n") == [  # the verdict the other survivors relay
-      "verdict 2", "process 2 of 3 stopped responding (no heartbeat for 24 s)", distributed.RESTART_HINT]
+    "verdict 2",
+    "process 2 of 3 stopped responding (no heartbeat for 24 s)",
+    distributed.RESTART_HINT,
+  ]
 
 
 def test_the_other_processes_relay_process_0s_verdict():
@@ -78,8 +91,15 @@ def test_the_other_processes_relay_process_0s_verdict():
   store.values[COORDINATOR_KEY] = f"verdict 2\nprocess 2 of 3 stopped responding (no heartbeat for 24 s)\n{HINT}"
   clock.now = 4
   assert not watch.beat()
-  assert said == [f"process 0 reports: process 2 of 3 stopped responding (no heartbeat for 24 s); this process (1) "
-                  f"stops too. {HINT}"] and stopped == [1] and watch.lost == 2
+  assert (
+    said
+    == [
+      f"process 0 reports: process 2 of 3 stopped responding (no heartbeat for 24 s); this process (1) "
+      f"stops too. {HINT}"
+    ]
+    and stopped == [1]
+    and watch.lost == 2
+  )
 
 
 def test_a_process_ending_with_an_exception_tells_the_others_at_once_and_exits_once_they_stop():
@@ -94,9 +114,11 @@ def test_a_process_ending_with_an_exception_tells_the_others_at_once_and_exits_o
   assert failing.beat() and not stopped  # process 0 has not answered yet
   survivor, survivor_said, survivor_stopped = _watch(store, 0, 2, clock)
   assert not survivor.beat() and survivor_stopped == [1] and survivor.lost == 1
-  assert survivor_said == ["process 1 of 2 failed (ValueError; its log has the error); this process (0) stops too. "
-                           "Fix what its log shows, then restart all processes with the same command: training "
-                           "resumes from the last checkpoint."]
+  assert survivor_said == [
+    "process 1 of 2 failed (ValueError; its log has the error); this process (0) stops too. "
+    "Fix what its log shows, then restart all processes with the same command: training "
+    "resumes from the last checkpoint."
+  ]
   clock.now = 2
   assert not failing.beat() and stopped == [1] and not said  # process 0 stops: so can it (its traceback is out)
 
@@ -150,8 +172,10 @@ def test_an_unreachable_coordinator_stops_the_watch_after_the_timeout_unless_jax
   assert watch.beat() and not said  # a transient error within the timeout is retried
   clock.now = 21
   assert not watch.beat()
-  assert said[0].startswith("process 0 of 2 (the coordinator) did not answer for 21 s (UNAVAILABLE: Failed to send "
-                            "RPC to coordination service); this process (1) stops too.")
+  assert said[0].startswith(
+    "process 0 of 2 (the coordinator) did not answer for 21 s (UNAVAILABLE: Failed to send "
+    "RPC to coordination service); this process (1) stops too."
+  )
   # At exit jax.distributed.shutdown closes the client: the watch ends quietly.
   shut_down = Store()
   shut_down.error = RuntimeError("client is shut down")
@@ -177,8 +201,9 @@ def test_a_coordinator_that_never_answers_is_judged_in_time_by_the_thread():
     store.frozen.clear()
   assert stopped == [1], said
   assert 0.4 < time.monotonic() - started < 2
-  assert said[0].startswith("process 0 of 2 (the coordinator) did not answer for 0 s (no answer from the "
-                            "coordination service within")
+  assert said[0].startswith(
+    "process 0 of 2 (the coordinator) did not answer for 0 s (no answer from the coordination service within"
+  )
   watch.stop()
 
 

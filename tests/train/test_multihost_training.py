@@ -67,22 +67,38 @@ def _free_port() -> int:
 
 
 def _env(devices: int, compile_cache: str | None = None) -> dict:
-  env = {k: v for k, v in os.environ.items()
-         if k != "XLA_FLAGS" and not k.startswith(("JAX_COORDINATOR", "JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE",
-                                                   "LVM_JAX_HEARTBEAT"))
-         and k not in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if k != "XLA_FLAGS"
+    and not k.startswith(("JAX_COORDINATOR", "JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "LVM_JAX_HEARTBEAT"))
+    and k not in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+  }
+  env.update(
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=ROOT,
+    TF_CPP_MIN_LOG_LEVEL="2",
+  )
   if compile_cache:
-    env.update(JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=compile_cache,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
   return env
 
 
 def _cli(workdir: str, data_dir: str) -> list[str]:
-  return [sys.executable, "main.py", "--config=configs/digits.py:runlocal", f"--workdir={workdir}",
-          f"--config.data.train.data_dir={data_dir}", f"--config.data.eval.data_dir={data_dir}",
-          "--config.log_every_steps=1"]
+  return [
+    sys.executable,
+    "main.py",
+    "--config=configs/digits.py:runlocal",
+    f"--workdir={workdir}",
+    f"--config.data.train.data_dir={data_dir}",
+    f"--config.data.eval.data_dir={data_dir}",
+    "--config.log_every_steps=1",
+  ]
 
 
 def _tail(path: str, chars: int = 3000) -> str:
@@ -111,15 +127,17 @@ def _run_all(jobs: dict) -> dict:
         p.wait()
   bad = {n: p.returncode for n, p in procs.items() if p.returncode != 0}
   if bad:
-    tails = "\n".join(f"--- {n} (exit {rc}; negative: killed after the first failure or the {TIMEOUT_S} s "
-                      f"deadline) ---\n{_tail(jobs[n][2])}" for n, rc in bad.items())
+    tails = "\n".join(
+      f"--- {n} (exit {rc}; negative: killed after the first failure or the {TIMEOUT_S} s "
+      f"deadline) ---\n{_tail(jobs[n][2])}"
+      for n, rc in bad.items()
+    )
     pytest.fail(f"main.py failed: {bad}\n{tails}")
   return {name: _tail(log, chars=10**7) for name, (_, _, log) in jobs.items()}
 
 
 def _distributed(port: int, process_id: int) -> list[str]:
-  return ["--distributed", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-          f"--process_id={process_id}"]
+  return ["--distributed", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={process_id}"]
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +154,11 @@ def runs(digits_dir, tmp_path_factory, compile_cache):
   port = _free_port()
   jobs = {"1x4": (_cli(one, digits_dir), _env(4), str(base / "1x4.log"))}
   for i in range(2):
-    jobs[f"2x2 process {i}"] = (_cli(two, digits_dir) + _distributed(port, i), _env(2, compile_cache),
-                                str(base / f"2x2_{i}.log"))
+    jobs[f"2x2 process {i}"] = (
+      _cli(two, digits_dir) + _distributed(port, i),
+      _env(2, compile_cache),
+      str(base / f"2x2_{i}.log"),
+    )
   start = time.monotonic()
   logs = _run_all(jobs)
   print(f"1x4 and 2x2 runs together: {time.monotonic() - start:.0f} s")
@@ -146,6 +167,7 @@ def runs(digits_dir, tmp_path_factory, compile_cache):
 
 def _metrics(workdir: str) -> list[dict]:
   from lvm_jax.train import reporting
+
   with open(os.path.join(workdir, reporting.METRICS_FILE)) as f:
     return [json.loads(line) for line in f]
 
@@ -185,6 +207,7 @@ def test_only_process_0_logs_and_every_process_writes_checkpoints(runs):
   assert "[train]" not in console[1] and "[eval]" not in console[1]
 
   from lvm_jax.train.checkpoints import CheckpointManager
+
   ckpt = CheckpointManager(os.path.join(runs["two"], "checkpoints"))
   assert ckpt.all_steps() == [3, 6]  # runlocal: checkpoint_every_steps=3, and the last step
   ckpt.close()
@@ -224,12 +247,13 @@ def test_processes_read_different_examples_that_make_the_same_global_batch(digit
 
 def _flat(tree) -> dict:
   import jax
-  return {jax.tree_util.keystr(path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def test_two_processes_end_with_the_same_parameters_as_one(runs):
   from lvm_jax.train.checkpoints import CheckpointManager
+
   saved = {}
   for name in ("one", "two"):
     ckpt = CheckpointManager(os.path.join(runs[name], "checkpoints"))
@@ -275,9 +299,15 @@ class _Launch:
     self.procs = []
     for i in range(2):
       with open(self.logs[i], "w") as out:
-        self.procs.append(subprocess.Popen(
-            _cli(workdir, data_dir) + ["--config.checkpoint_every_steps=1"] + _distributed(port, i), cwd=ROOT,
-            env=env, stdout=out, stderr=subprocess.STDOUT))
+        self.procs.append(
+          subprocess.Popen(
+            _cli(workdir, data_dir) + ["--config.checkpoint_every_steps=1"] + _distributed(port, i),
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+          )
+        )
 
   def output(self, i: int) -> str:
     return _tail(self.logs[i], chars=10**7)
@@ -301,8 +331,10 @@ class _Launch:
     try:
       status = self.procs[1 - victim].wait(timeout=LOST_PROCESS_DEADLINE_S)
     except subprocess.TimeoutExpired:
-      pytest.fail(f"process {1 - victim} still runs {LOST_PROCESS_DEADLINE_S} s after process {victim} was "
-                  f"killed\n{self.describe()}")
+      pytest.fail(
+        f"process {1 - victim} still runs {LOST_PROCESS_DEADLINE_S} s after process {victim} was "
+        f"killed\n{self.describe()}"
+      )
     return status, time.monotonic() - killed
 
   def close(self) -> None:
@@ -312,8 +344,9 @@ class _Launch:
       p.wait()
 
 
-def test_a_lost_process_stops_the_other_within_40_s_and_the_same_command_resumes(runs, digits_dir, compile_cache,
-                                                                                 tmp_path):
+def test_a_lost_process_stops_the_other_within_40_s_and_the_same_command_resumes(
+  runs, digits_dir, compile_cache, tmp_path
+):
   workdir, port, env = str(tmp_path / "run"), _free_port(), _env(2, compile_cache)
   launches = []
 
@@ -334,8 +367,7 @@ def test_a_lost_process_stops_the_other_within_40_s_and_the_same_command_resumes
     # 2. The same command resumes; this time process 0, and with it the coordination service, is lost once a
     #    newer checkpoint is written. jax aborts process 1 at once, with its own message.
     second = launch("second")
-    second.wait_until(lambda: _committed_checkpoints(workdir)[-1:] > second.checkpoints_before[-1:],
-                      "newer checkpoint")
+    second.wait_until(lambda: _committed_checkpoints(workdir)[-1:] > second.checkpoints_before[-1:], "newer checkpoint")
     status, seconds = second.kill_and_time_the_other(victim=0)
     print(f"process 0 killed: process 1 exited {status} after {seconds:.1f} s")
     assert status not in (0, None), second.describe()
@@ -343,8 +375,7 @@ def test_a_lost_process_stops_the_other_within_40_s_and_the_same_command_resumes
 
     # 3. The same command again finishes the run.
     third = launch("third")
-    third.wait_until(lambda: all(p.poll() is not None for p in third.procs), "end of the run",
-                     while_running=False)
+    third.wait_until(lambda: all(p.poll() is not None for p in third.procs), "end of the run", while_running=False)
     assert [p.returncode for p in third.procs] == [0, 0], third.describe()
   finally:
     for each in launches:
@@ -352,10 +383,12 @@ def test_a_lost_process_stops_the_other_within_40_s_and_the_same_command_resumes
 
   lines = _metrics_lines(workdir)
   bounds = [each.metrics_before for each in launches] + [len(lines)]
-  steps = [[line["step"] for line in lines[start:end] if line["split"] == "train"]
-           for start, end in zip(bounds, bounds[1:])]
-  print("train steps logged by each launch:", steps, "checkpoints at each start:",
-        [a.checkpoints_before for a in launches])
+  steps = [
+    [line["step"] for line in lines[start:end] if line["split"] == "train"] for start, end in zip(bounds, bounds[1:])
+  ]
+  print(
+    "train steps logged by each launch:", steps, "checkpoints at each start:", [a.checkpoints_before for a in launches]
+  )
   for launch_, logged in zip(launches[1:], steps[1:]):
     # A restart resumes from the newest checkpoint there was: its first step is the one after it, not step 1.
     assert launch_.checkpoints_before and logged[:1] in ([], [launch_.checkpoints_before[-1] + 1]), steps
@@ -367,5 +400,5 @@ def test_a_lost_process_stops_the_other_within_40_s_and_the_same_command_resumes
   uninterrupted = _metrics(runs["two"])
   for split in ("train", "eval"):
     expected = _by_step(uninterrupted, split)
-    for step, line in _by_step(lines[bounds[-2]:], split).items():
+    for step, line in _by_step(lines[bounds[-2] :], split).items():
       assert {k: line[k] for k in ("loss", "top1")} == {k: expected[step][k] for k in ("loss", "top1")}, (split, step)

@@ -47,6 +47,7 @@ def _flat(tree):
 
 # ------------------------------------------------------------------------------------------------- schedules
 
+
 def test_schedule_values_at_key_steps():
   kw = dict(warmup_steps=10, total_steps=110, end_lr_fraction=0.1)
   cos = schedules.warmup_then_decay(2.0, decay="cosine", **kw)
@@ -55,8 +56,9 @@ def test_schedule_values_at_key_steps():
   for f in (cos, lin, const):  # shared linear warmup: 0 at step 0, the peak at warmup end
     np.testing.assert_allclose([f(0), f(5), f(10)], [0.0, 1.0, 2.0], rtol=1e-6)
   # A quarter of the way through the decay, halfway, the end, and held after the end.
-  np.testing.assert_allclose([cos(35), cos(60), cos(110), cos(500)],
-                             [0.2 + 1.8 * 0.5 * (1 + math.cos(math.pi / 4)), 1.1, 0.2, 0.2], rtol=1e-6)
+  np.testing.assert_allclose(
+    [cos(35), cos(60), cos(110), cos(500)], [0.2 + 1.8 * 0.5 * (1 + math.cos(math.pi / 4)), 1.1, 0.2, 0.2], rtol=1e-6
+  )
   np.testing.assert_allclose([lin(35), lin(60), lin(110), lin(500)], [1.55, 1.1, 0.2, 0.2], rtol=1e-6)
   np.testing.assert_allclose([const(35), const(110), const(10_000)], [2.0, 2.0, 2.0])
   # make_optimizer hands back the same schedule.
@@ -73,6 +75,7 @@ def test_schedule_errors():
 
 # ------------------------------------------------------------------------------------------ weight-decay masks
 
+
 def _decayed(params, no_decay=None, model=None):
   return {p for p, d in _flat(opt.weight_decay_mask(params, no_decay, model)).items() if d}
 
@@ -88,8 +91,11 @@ def test_decay_mask_vit_is_kernels_only():
 def test_decay_mask_swin_is_kernels_only():
   model, params = _model_and_params("swin_t", **SWIN)
   block = {f"attn/{n}/kernel" for n in ("query", "key", "value", "out")} | {"mlp/fc1/kernel", "mlp/fc2/kernel"}
-  expected = ({f"stage_{s}_block_{i}/{k}" for s in range(2) for i in range(2) for k in block}
-              | {"patch_embed/kernel", "merge_0/reduction/kernel", "head/kernel"})
+  expected = {f"stage_{s}_block_{i}/{k}" for s in range(2) for i in range(2) for k in block} | {
+    "patch_embed/kernel",
+    "merge_0/reduction/kernel",
+    "head/kernel",
+  }
   assert _decayed(params, model=model) == expected
   assert len(expected) == 27  # relative_position_bias_table excluded
 
@@ -97,9 +103,14 @@ def test_decay_mask_swin_is_kernels_only():
 def test_decay_mask_resnet_is_kernels_only():
   model, params = _model_and_params("resnet18", **RESNET)
   assert _decayed(params, model=model) == {
-      "stem_conv/kernel", "stage_0_block_0/conv1/kernel", "stage_0_block_0/conv2/kernel",
-      "stage_1_block_0/conv1/kernel", "stage_1_block_0/conv2/kernel", "stage_1_block_0/shortcut_conv/kernel",
-      "head/kernel"}  # BatchNorm scales and biases excluded
+    "stem_conv/kernel",
+    "stage_0_block_0/conv1/kernel",
+    "stage_0_block_0/conv2/kernel",
+    "stage_1_block_0/conv1/kernel",
+    "stage_1_block_0/conv2/kernel",
+    "stage_1_block_0/shortcut_conv/kernel",
+    "head/kernel",
+  }  # BatchNorm scales and biases excluded
 
 
 def test_user_no_decay_replaces_defaults_and_typos_fail():
@@ -113,7 +124,10 @@ def test_user_no_decay_replaces_defaults_and_typos_fail():
 
 # --------------------------------------------------------------------------------------------- config errors
 
-@pytest.mark.parametrize("block, message", [
+
+@pytest.mark.parametrize(
+  "block, message",
+  [
     (dict(nmae="adamw"), r"Unknown key optimizer.nmae. Did you mean 'name'\?"),
     (dict(name="adam"), r"optimizer.name='adam' is not one of \('adamw', 'sgd', 'lamb'\)"),
     (dict(schedule=dict(warmup=5)), r"Unknown key optimizer.schedule.warmup. Did you mean 'warmup_steps'\?"),
@@ -123,7 +137,8 @@ def test_user_no_decay_replaces_defaults_and_typos_fail():
     (dict(frozen="head"), r"optimizer.frozen must be a list of regexes"),
     (dict(frozen=["^haed/"]), r"frozen: regex '\^haed/' matches no parameter"),
     (dict(frozen=[".*"]), r"freezes every parameter"),
-])
+  ],
+)
 def test_config_errors_name_the_key(block, message):
   params = {"head": {"kernel": jnp.zeros((2, 2)), "bias": jnp.zeros(2)}, "stem_conv": {"kernel": jnp.zeros(3)}}
   with pytest.raises(ValueError, match=message):
@@ -132,13 +147,13 @@ def test_config_errors_name_the_key(block, message):
 
 # ------------------------------------------------------------------------------------------- one-step numerics
 
+
 def _tiny():
-  params = {"dense": {"kernel": jnp.array([[0.5, -1.0], [2.0, 0.25], [-0.75, 1.5]]),
-                      "bias": jnp.array([0.1, -0.2])}}
-  grads = [{"dense": {"kernel": jnp.array([[0.3, -0.1], [0.2, 0.4], [-0.5, 0.05]]),
-                      "bias": jnp.array([0.7, -0.3])}},
-           {"dense": {"kernel": jnp.array([[-0.2, 0.6], [0.1, -0.3], [0.4, 0.2]]),
-                      "bias": jnp.array([-0.1, 0.5])}}]
+  params = {"dense": {"kernel": jnp.array([[0.5, -1.0], [2.0, 0.25], [-0.75, 1.5]]), "bias": jnp.array([0.1, -0.2])}}
+  grads = [
+    {"dense": {"kernel": jnp.array([[0.3, -0.1], [0.2, 0.4], [-0.5, 0.05]]), "bias": jnp.array([0.7, -0.3])}},
+    {"dense": {"kernel": jnp.array([[-0.2, 0.6], [0.1, -0.3], [0.4, 0.2]]), "bias": jnp.array([-0.1, 0.5])}},
+  ]
   return params, grads
 
 
@@ -207,6 +222,7 @@ def test_lamb_matches_numpy_two_steps():
 
 # ----------------------------------------------------------------------------------------------------- clipping
 
+
 def test_clipping_caps_the_global_norm():
   params, _ = _tiny()
   tx, _ = opt.make_optimizer(_constant(name="sgd", lr=1.0, momentum=0.0, clip_norm=1.0), params)
@@ -221,12 +237,16 @@ def test_clipping_caps_the_global_norm():
 
 # ---------------------------------------------------------------------------------------------- frozen groups
 
+
 def test_frozen_params_do_not_move_and_have_no_state():
   model, params = _model_and_params("vit_ti16", **VIT)
   params = _random_like(params, 0)
   frozen = [r"^patch_embed/", r"^block_0/", r"^(pos_embed|cls_token)$"]
-  tx, _ = opt.make_optimizer(_config(name="adamw", lr=0.01, weight_decay=0.05, frozen=frozen,
-                                     schedule=dict(warmup_steps=1, total_steps=10)), params, model)
+  tx, _ = opt.make_optimizer(
+    _config(name="adamw", lr=0.01, weight_decay=0.05, frozen=frozen, schedule=dict(warmup_steps=1, total_steps=10)),
+    params,
+    model,
+  )
   state = tx.init(params)
   is_frozen = _flat(opt.frozen_mask(params, frozen))
   n_frozen = sum(x.size for k, x in _flat(params).items() if is_frozen[k])
@@ -248,11 +268,20 @@ def test_frozen_params_do_not_move_and_have_no_state():
 
 # ------------------------------------------------------------------------------------------ layer-wise lr decay
 
+
 def test_layer_decay_multipliers_for_a_four_block_vit():
   model, params = _model_and_params("vit_ti16", **VIT)
   mult = _flat(opt.layer_decay_multipliers(params, 0.5, model))
-  expected = {"patch_embed/kernel": 1 / 32, "patch_embed/bias": 1 / 32, "pos_embed": 1 / 32, "cls_token": 1 / 32,
-              "norm/scale": 1.0, "norm/bias": 1.0, "head/kernel": 1.0, "head/bias": 1.0}
+  expected = {
+    "patch_embed/kernel": 1 / 32,
+    "patch_embed/bias": 1 / 32,
+    "pos_embed": 1 / 32,
+    "cls_token": 1 / 32,
+    "norm/scale": 1.0,
+    "norm/bias": 1.0,
+    "head/kernel": 1.0,
+    "head/bias": 1.0,
+  }
   for i in range(4):  # block_i has id i+1 of 0..5: multiplier 0.5 ** (5 - (i + 1))
     expected |= {k: 0.5 ** (4 - i) for k in mult if k.startswith(f"block_{i}/")}
   assert mult == expected
@@ -268,14 +297,26 @@ def test_layer_decay_multipliers_for_a_four_block_vit():
 def test_layer_ids_for_swin_and_resnet():
   swin, n = opt.layer_ids(*reversed(_model_and_params("swin_t", **SWIN)))
   assert n == 6
-  assert (swin["patch_embed/kernel"], swin["patch_norm/scale"], swin["stage_0_block_0/attn/query/kernel"],
-          swin["stage_0_block_1/mlp/fc1/bias"], swin["merge_0/reduction/kernel"],
-          swin["stage_1_block_0/norm1/scale"], swin["stage_1_block_1/attn/relative_position_bias_table"],
-          swin["norm/scale"], swin["head/kernel"]) == (0, 0, 1, 2, 2, 3, 4, 5, 5)
+  assert (
+    swin["patch_embed/kernel"],
+    swin["patch_norm/scale"],
+    swin["stage_0_block_0/attn/query/kernel"],
+    swin["stage_0_block_1/mlp/fc1/bias"],
+    swin["merge_0/reduction/kernel"],
+    swin["stage_1_block_0/norm1/scale"],
+    swin["stage_1_block_1/attn/relative_position_bias_table"],
+    swin["norm/scale"],
+    swin["head/kernel"],
+  ) == (0, 0, 1, 2, 2, 3, 4, 5, 5)
   resnet, n = opt.layer_ids(*reversed(_model_and_params("resnet18", **RESNET)))
   assert n == 4
-  assert (resnet["stem_conv/kernel"], resnet["stem_bn/scale"], resnet["stage_0_block_0/conv2/kernel"],
-          resnet["stage_1_block_0/shortcut_bn/bias"], resnet["head/kernel"]) == (0, 0, 1, 2, 3)
+  assert (
+    resnet["stem_conv/kernel"],
+    resnet["stem_bn/scale"],
+    resnet["stage_0_block_0/conv2/kernel"],
+    resnet["stage_1_block_0/shortcut_bn/bias"],
+    resnet["head/kernel"],
+  ) == (0, 0, 1, 2, 3)
   with pytest.raises(ValueError, match="layer_decay needs the model's layer ids"):
     opt.layer_ids({"encoder": {"kernel": jnp.zeros(2)}}, None)
   with pytest.raises(ValueError, match=r"ResNet.layer_id gives no id for parameters \['encoder/kernel'\]"):
@@ -284,12 +325,16 @@ def test_layer_ids_for_swin_and_resnet():
 
 # --------------------------------------------------------------------------------------------- accumulation
 
-@pytest.mark.parametrize("block", [
+
+@pytest.mark.parametrize(
+  "block",
+  [
     # Clipping sees the whole batch's gradient. eps is raised because attention key biases have a true gradient
     # of 0 (softmax ignores a shift): with eps=1e-8 Adam turns ~1e-9 float noise into +-lr steps in either run.
     dict(name="adamw", lr=1e-3, eps=1e-4, weight_decay=0.05, clip_norm=0.5),
     dict(name="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),  # sgd: a summed gradient would show
-])
+  ],
+)
 def test_accumulation_equals_the_big_batch(block):
   model = lvm_jax.create_model("vit_ti16", **{**VIT, "depth": 2})
   images = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
@@ -301,8 +346,9 @@ def test_accumulation_equals_the_big_batch(block):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   def train(k):
-    tx, _ = opt.make_optimizer(_config(accumulate_steps=k, schedule=dict(warmup_steps=0, total_steps=4), **block),
-                               params, model)
+    tx, _ = opt.make_optimizer(
+      _config(accumulate_steps=k, schedule=dict(warmup_steps=0, total_steps=4), **block), params, model
+    )
 
     @jax.jit
     def step(p, s, x, y):
@@ -311,10 +357,10 @@ def test_accumulation_equals_the_big_batch(block):
 
     p, s = params, tx.init(params)
     for batch in range(2):  # two optimizer updates of 8 examples each
-      x, y = images[8 * batch:8 * batch + 8], labels[8 * batch:8 * batch + 8]
+      x, y = images[8 * batch : 8 * batch + 8], labels[8 * batch : 8 * batch + 8]
       for micro in range(k):
         before = p
-        p, s = step(p, s, x[micro * 8 // k:(micro + 1) * 8 // k], y[micro * 8 // k:(micro + 1) * 8 // k])
+        p, s = step(p, s, x[micro * 8 // k : (micro + 1) * 8 // k], y[micro * 8 // k : (micro + 1) * 8 // k])
         if micro < k - 1:  # nothing moves until the k-th micro-batch
           assert all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(before)))
     return p
@@ -327,6 +373,7 @@ def test_accumulation_equals_the_big_batch(block):
 
 
 # ------------------------------------------------------------------------------------------- mixed precision
+
 
 @pytest.mark.parametrize("name", ["adamw", "sgd", "lamb"])
 def test_state_stays_float32_with_bf16_grads(name):
@@ -347,13 +394,14 @@ def test_bf16_grads_are_accumulated_in_float32():
   params = {"w": jnp.zeros(3)}
   tx, _ = opt.make_optimizer(_constant(name="sgd", lr=1.0, momentum=0.0, accumulate_steps=2), params)
   state = tx.init(params)
-  for g in (1.0, 1.0 + 2 ** -7):
+  for g in (1.0, 1.0 + 2**-7):
     updates, state = tx.update({"w": jnp.full(3, g, jnp.bfloat16)}, state, params)
   assert updates["w"].dtype == jnp.float32
-  np.testing.assert_array_equal(updates["w"], -(1.0 + 2 ** -8))
+  np.testing.assert_array_equal(updates["w"], -(1.0 + 2**-8))
 
 
 # ------------------------------------------------------------------------------------------------------- EMA
+
 
 def test_ema_update():
   ema = {"w": jnp.array([1.0, -2.0]), "b": jnp.array([0.0], jnp.bfloat16)}
@@ -366,7 +414,7 @@ def test_ema_update():
   e = ema
   for _ in range(10):
     e = step(e, params, jnp.float32(0.8))
-  np.testing.assert_allclose(e["w"], np.array([3.0, 2.0]) + np.array([-2.0, -4.0]) * 0.8 ** 10, rtol=1e-5)
+  np.testing.assert_allclose(e["w"], np.array([3.0, 2.0]) + np.array([-2.0, -4.0]) * 0.8**10, rtol=1e-5)
 
 
 def test_layer_decay_on_a_scanned_vit_says_what_to_do():
@@ -377,9 +425,11 @@ def test_layer_decay_on_a_scanned_vit_says_what_to_do():
 
 # ----------------------------------------------------------------------------------- models that wrap others
 
+
 class _TinyDetector(nn.Module):
   """A backbone under "backbone", a neck and a head, describing its parameters through the backbone's
   description (models/param_groups.py): how a detector plugs into the optimizer without editing it."""
+
   backbone: nn.Module
 
   @nn.compact
@@ -412,5 +462,7 @@ def test_a_wrapper_delegates_to_its_backbones_description():
   assert ids["neck/kernel"] == ids["box_head/bias"] == ids["neck_norm/scale"] == 5
   decayed = _decayed(params, model=detector)
   assert decayed == {f"backbone/{p}" for p in _decayed(params["backbone"], model=backbone)} | {
-      "neck/kernel", "box_head/kernel"}
+    "neck/kernel",
+    "box_head/kernel",
+  }
   assert "backbone/stage_0_block_0/attn/relative_position_bias_table" not in decayed

@@ -56,9 +56,14 @@ def test_sync_every_must_be_a_positive_int(bad):
 
 
 def test_a_preempted_run_saves_its_current_step_and_exits_cleanly(tmp_path):
-  proc = subprocess.Popen([sys.executable, "-m", "tests.train.checkpoint_worker", "preempted_loop",
-                           str(tmp_path)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "tests.train.checkpoint_worker", "preempted_loop", str(tmp_path)],
+    cwd=ROOT,
+    env=_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.DEVNULL,
+    text=True,
+  )
   for line in proc.stdout:  # let it run a few steps, then preempt it from outside
     if line.strip() == "STEP 20":
       proc.send_signal(signal.SIGTERM)
@@ -86,9 +91,24 @@ def _free_port() -> int:
 
 def test_two_processes_stop_at_the_same_step_when_only_one_is_signalled(tmp_path):
   port = _free_port()
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.train.preemption_worker", str(i), str(port),
-                             str(tmp_path / "ckpt"), str(tmp_path / f"p{i}.npz")], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "tests.train.preemption_worker",
+        str(i),
+        str(port),
+        str(tmp_path / "ckpt"),
+        str(tmp_path / f"p{i}.npz"),
+      ],
+      cwd=ROOT,
+      env=_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+    )
+    for i in range(2)
+  ]
   for p in procs:
     out, _ = p.communicate(timeout=120)  # a disagreement shows as a hang
     assert p.returncode == 0, out.decode()[-3000:]
@@ -108,10 +128,13 @@ def test_two_processes_stop_at_the_same_step_when_only_one_is_signalled(tmp_path
   # The 2-process (4-device) checkpoint restores in one process onto 8 devices, whole.
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
+
   mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
   ckpt = CheckpointManager(str(tmp_path / "ckpt"))
-  target = {"w": jax.ShapeDtypeStruct(preemption_worker.GLOBAL_SHAPE, np.float32,
-                                      sharding=NamedSharding(mesh, P("fsdp"))), "step": 0}
+  target = {
+    "w": jax.ShapeDtypeStruct(preemption_worker.GLOBAL_SHAPE, np.float32, sharding=NamedSharding(mesh, P("fsdp"))),
+    "step": 0,
+  }
   restored = ckpt.restore(target)
   np.testing.assert_array_equal(np.asarray(restored["w"]), preemption_worker.global_value())
   assert len(restored["w"].addressable_shards) == 8 and ckpt.restore_meta() == {"stopped_at": 1008}

@@ -16,8 +16,14 @@ VIT = dict(image_size=16, patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=
 def _one_step(**optimizer):
   model = lvm_jax.create_model("vit_ti16", **VIT)
   block = {"name": "adamw", "lr": 0.1, "schedule": {"decay": "constant"}, **optimizer}
-  program = TrainProgram.create(task=Classification(4), model=model, optimizer=block, mesh=parallel.create_mesh(
-      devices=jax.devices()[:1]), strategy=parallel.get_strategy("dp"), input_shape=(1, 16, 16, 3))
+  program = TrainProgram.create(
+    task=Classification(4),
+    model=model,
+    optimizer=block,
+    mesh=parallel.create_mesh(devices=jax.devices()[:1]),
+    strategy=parallel.get_strategy("dp"),
+    input_shape=(1, 16, 16, 3),
+  )
   batch = {"image": jax.random.uniform(jax.random.key(1), (2, 16, 16, 3)) * 255, "label": jnp.array([0, 3])}
   before = jax.device_get(program.new_state().params)
   state, _ = program.train_step()(program.new_state(), batch)

@@ -14,19 +14,28 @@ import pytest
 
 from lvm_jax.train import reporting
 
-TRAIN = {"loss": np.float32(0.5), "lr": jnp.asarray(1e-3), "img_per_sec": 1950.4, "mfu": None,
-         "grad_norm": math.nan, "overflow": math.inf, "underflow": -math.inf}
+TRAIN = {
+  "loss": np.float32(0.5),
+  "lr": jnp.asarray(1e-3),
+  "img_per_sec": 1950.4,
+  "mfu": None,
+  "grad_norm": math.nan,
+  "overflow": math.inf,
+  "underflow": -math.inf,
+}
 
 
 def _strict_json(line):
   def reject(constant):
     raise AssertionError(f"non-standard JSON constant {constant} in {line!r}")
+
   return json.loads(line, parse_constant=reject)
 
 
 def _tensorboard_scalars(workdir):
   """{(tag, step): value} and {tag: plugin names} from every event file under WORKDIR/tensorboard."""
   import tensorflow as tf
+
   values, plugins = {}, {}
   for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))):
     for event in tf.compat.v1.train.summary_iterator(path):
@@ -47,8 +56,16 @@ def test_jsonl_tensorboard_and_console_hold_the_same_values(tmp_path):
     assert len(lines) == 1
   first = _strict_json(lines[0])
   assert before <= first.pop("time") <= time.time()
-  assert first == {"step": 10, "split": "train", "loss": 0.5, "lr": float(np.float32(1e-3)), "img_per_sec": 1950.4,
-                   "grad_norm": "NaN", "overflow": "Infinity", "underflow": "-Infinity"}  # None (mfu) left out
+  assert first == {
+    "step": 10,
+    "split": "train",
+    "loss": 0.5,
+    "lr": float(np.float32(1e-3)),
+    "img_per_sec": 1950.4,
+    "grad_norm": "NaN",
+    "overflow": "Infinity",
+    "underflow": "-Infinity",
+  }  # None (mfu) left out
 
   # A resumed run appends to the same files.
   with reporting.MetricLogger(workdir, total_steps=100, progress_bar=False, stream=console) as log:
@@ -61,34 +78,48 @@ def test_jsonl_tensorboard_and_console_hold_the_same_values(tmp_path):
 
   scalars, plugins = _tensorboard_scalars(workdir)
   assert scalars == {
-      ("train/loss", 10): 0.5, ("train/lr", 10): float(np.float32(1e-3)),
-      ("train/img_per_sec", 10): float(np.float32(1950.4)), ("train/overflow", 10): math.inf,
-      ("train/underflow", 10): -math.inf, ("train/grad_norm", 10): scalars[("train/grad_norm", 10)],
-      ("eval/top1", 100): float(np.float32(0.98333)), ("eval/top5", 100): 1.0,
-      ("eval/loss", 100): float(np.float32(0.0612))}
+    ("train/loss", 10): 0.5,
+    ("train/lr", 10): float(np.float32(1e-3)),
+    ("train/img_per_sec", 10): float(np.float32(1950.4)),
+    ("train/overflow", 10): math.inf,
+    ("train/underflow", 10): -math.inf,
+    ("train/grad_norm", 10): scalars[("train/grad_norm", 10)],
+    ("eval/top1", 100): float(np.float32(0.98333)),
+    ("eval/top5", 100): 1.0,
+    ("eval/loss", 100): float(np.float32(0.0612)),
+  }
   assert math.isnan(scalars[("train/grad_norm", 10)])
   assert set(plugins) == {tag for tag, _ in scalars} and all(p == {"scalars"} for p in plugins.values())
 
   assert console.getvalue().splitlines() == [
-      "[train] step 10/100  loss 0.5000  lr 1.00e-03  grad_norm nan  overflow inf  underflow -inf  1,950 img/s",
-      "[eval]  step 100/100  top1 0.9833  top5 1.0000  loss 0.0612"]
+    "[train] step 10/100  loss 0.5000  lr 1.00e-03  grad_norm nan  overflow inf  underflow -inf  1,950 img/s",
+    "[eval]  step 100/100  top1 0.9833  top5 1.0000  loss 0.0612",
+  ]
 
 
 def test_console_line_format():
-  line = reporting.format_line(120, 1000, "train", {"eta_seconds": 190.0, "mfu": 0.1234, "img_per_sec": 1950.4,
-                                                    "loss": 0.53214, "lr": 1.2e-3, "epoch_frac": 2.5e-5})
-  assert line == "[train] step 120/1000  loss 0.5321  lr 1.20e-03  epoch_frac 2.500e-05  1,950 img/s  MFU 12.3%  ETA 3m10s"
+  line = reporting.format_line(
+    120,
+    1000,
+    "train",
+    {"eta_seconds": 190.0, "mfu": 0.1234, "img_per_sec": 1950.4, "loss": 0.53214, "lr": 1.2e-3, "epoch_frac": 2.5e-5},
+  )
+  assert (
+    line == "[train] step 120/1000  loss 0.5321  lr 1.20e-03  epoch_frac 2.500e-05  1,950 img/s  MFU 12.3%  ETA 3m10s"
+  )
 
 
-@pytest.mark.parametrize("seconds, text", [(0.4, "0s"), (45, "45s"), (190, "3m10s"), (7500, "2h05m"),
-                                           (97200 + 60, "1d03h"), (math.inf, "?")])
+@pytest.mark.parametrize(
+  "seconds, text", [(0.4, "0s"), (45, "45s"), (190, "3m10s"), (7500, "2h05m"), (97200 + 60, "1d03h"), (math.inf, "?")]
+)
 def test_format_duration(seconds, text):
   assert reporting.format_duration(seconds) == text
 
 
 def test_bad_metrics_are_clear_errors(tmp_path):
-  with reporting.MetricLogger(str(tmp_path), total_steps=10, progress_bar=False, stream=io.StringIO(),
-                              tensorboard=False) as log:
+  with reporting.MetricLogger(
+    str(tmp_path), total_steps=10, progress_bar=False, stream=io.StringIO(), tensorboard=False
+  ) as log:
     with pytest.raises(TypeError, match="'hist'.*scalar"):
       log.write(1, "train", {"hist": np.zeros(3)})
     with pytest.raises(ValueError, match="reserved"):
@@ -123,7 +154,7 @@ def _screen(text):
       col = 0
     else:
       line = lines[-1]
-      line[col:col + 1] = [ch]
+      line[col : col + 1] = [ch]
       col += 1
   return ["".join(line).rstrip() for line in lines]
 
@@ -138,16 +169,18 @@ def test_progress_bar_on_a_tty_keeps_console_lines_whole(tmp_path, monkeypatch):
       log.progress(step)
     log.write(50, "train", {"loss": 0.25, "img_per_sec": 1950.0, "eta_seconds": 100.0})
     assert _screen(tty.getvalue()) == [
-        "[train] step 50/100  loss 0.2500  1,950 img/s  ETA 1m40s",
-        " 50/100  50% [###############...............]  1,950 img/s  ETA 1m40s"]
+      "[train] step 50/100  loss 0.2500  1,950 img/s  ETA 1m40s",
+      " 50/100  50% [###############...............]  1,950 img/s  ETA 1m40s",
+    ]
     for step in range(51, 101):
       log.progress(step)  # the last step always draws; the ETA scales with the steps left
     log.info("saved checkpoint 100")
   assert _screen(tty.getvalue()) == [
-      "[train] step 50/100  loss 0.2500  1,950 img/s  ETA 1m40s",
-      "saved checkpoint 100",
-      "100/100 100% [##############################]  1,950 img/s  ETA 0s",
-      ""]
+    "[train] step 50/100  loss 0.2500  1,950 img/s  ETA 1m40s",
+    "saved checkpoint 100",
+    "100/100 100% [##############################]  1,950 img/s  ETA 0s",
+    "",
+  ]
 
 
 def test_progress_bar_is_off_without_a_tty(tmp_path):
@@ -159,10 +192,18 @@ def test_progress_bar_is_off_without_a_tty(tmp_path):
 
 
 def test_config_round_trip(tmp_path):
-  config = ml_collections.ConfigDict({
+  config = ml_collections.ConfigDict(
+    {
       "model": {"name": "vit_ti16", "num_classes": 10, "drop_path": 0.1, "dtype": "bfloat16", "pretrained": None},
       "optimizer": {"lr": 1e-3, "eps": 1e-12, "schedule": {"warmup_steps": 0, "total_steps": 1000}},
-      "mesh": (("data", -1), ("model", 2)), "seed": 0, "half": 0.5, "one": 1.0, "flip": True, "title": "café"})
+      "mesh": (("data", -1), ("model", 2)),
+      "seed": 0,
+      "half": 0.5,
+      "one": 1.0,
+      "flip": True,
+      "title": "café",
+    }
+  )
   workdir = str(tmp_path / "run")
   reporting.save_config(workdir, config)
   reporting.save_config(workdir, config)  # overwrites

@@ -17,15 +17,22 @@ from tests.train.trainer_cases import DIGITS_RECIPE, shared_compile_cache
 
 @pytest.fixture(scope="module", autouse=True)
 def compile_cache(tmp_path_factory):
-  with pytest.MonkeyPatch.context() as monkeypatch, \
-       shared_compile_cache(str(tmp_path_factory.mktemp("jax_cache")), monkeypatch):
+  with (
+    pytest.MonkeyPatch.context() as monkeypatch,
+    shared_compile_cache(str(tmp_path_factory.mktemp("jax_cache")), monkeypatch),
+  ):
     yield
 
 
 def flags_for(workdir, digits_dir, steps=4):
-  return [f"--config={DIGITS_RECIPE}:runlocal", f"--workdir={workdir}", f"--config.num_steps={steps}",
-          f"--config.data.train.data_dir={digits_dir}", f"--config.data.eval.data_dir={digits_dir}",
-          "--config.progress_bar=False"]
+  return [
+    f"--config={DIGITS_RECIPE}:runlocal",
+    f"--workdir={workdir}",
+    f"--config.num_steps={steps}",
+    f"--config.data.train.data_dir={digits_dir}",
+    f"--config.data.eval.data_dir={digits_dir}",
+    "--config.progress_bar=False",
+  ]
 
 
 def error_of(run, *args) -> str:
@@ -38,6 +45,7 @@ def error_of(run, *args) -> str:
 def trained(digits_dir, tmp_path_factory):
   """A 4-step run's workdir (checkpoints 3 and 4): 3 steps with a relative --workdir, then resumed to step 4."""
   from tests.main_runner import run_main_in_process
+
   root = tmp_path_factory.mktemp("relative")
   here = os.getcwd()
   os.chdir(root)
@@ -94,8 +102,11 @@ def test_training_resumes_from_the_newest_intact_step(corrupted, digits_dir, run
     out = run_main(*flags_for(corrupted, digits_dir, steps=6))
   assert f"resumed from step 3 of 6 ({corrupted})" in out.splitlines()
   moved = os.listdir(f"{corrupted}/checkpoints-quarantine")
-  assert len(moved) == 1 and moved[0].startswith("4-") and f"moved to {corrupted}/checkpoints-quarantine/4-" in \
-      skipped(caplog, 4)[0]
+  assert (
+    len(moved) == 1
+    and moved[0].startswith("4-")
+    and f"moved to {corrupted}/checkpoints-quarantine/4-" in skipped(caplog, 4)[0]
+  )
   assert sorted(os.listdir(corrupted / "checkpoints")) == ["3", "6"]
 
 
@@ -108,8 +119,7 @@ def test_a_second_training_on_a_workdir_fails_at_once(trained, digits_dir, tmp_p
   assert not (workdir / "metrics.jsonl").exists() and not (workdir / "checkpoints").exists()
 
 
-def test_eval_on_a_workdir_that_cannot_be_written_prints_its_metrics(trained, digits_dir, tmp_path, run_main,
-                                                                     caplog):
+def test_eval_on_a_workdir_that_cannot_be_written_prints_its_metrics(trained, digits_dir, tmp_path, run_main, caplog):
   workdir = tmp_path / "run"
   shutil.copytree(trained["workdir"], workdir)
   # Root ignores permission bits, so the logs are blocked the other way: a file where a folder must go.
@@ -124,10 +134,13 @@ def test_eval_on_a_workdir_that_cannot_be_written_prints_its_metrics(trained, di
 def test_a_failing_save_stops_the_run_at_its_first_checkpoint(digits_dir, tmp_path, run_main, monkeypatch):
   def disk_full(directory):
     raise OSError(28, "No space left on device")
+
   monkeypatch.setattr(integrity, "write_record", disk_full)
   workdir = tmp_path / "run"
   message = error_of(run_main, *flags_for(workdir, digits_dir, steps=6))
-  assert message == (f"error: Saving the checkpoint of step 3 in {workdir}/checkpoints failed: OSError: [Errno 28] "
-                     "No space left on device")
+  assert message == (
+    f"error: Saving the checkpoint of step 3 in {workdir}/checkpoints failed: OSError: [Errno 28] "
+    "No space left on device"
+  )
   assert max(e["step"] for e in reporting.read_metrics(str(workdir))) < 6
   assert not [d for d in os.listdir(workdir / "checkpoints") if d.isdigit()]

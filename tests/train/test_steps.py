@@ -34,6 +34,7 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 # ----------------------------------------------------------------------------------------------------- helpers
 
+
 def _vit(**kw):
   return lvm_jax.create_model("vit_ti16", **{**VIT, **kw})
 
@@ -99,8 +100,10 @@ def _assert_trees(actual, expected, rtol, atol=0.0):
 
 
 def _max_diff(a, b):
-  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+    float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def _np_log_softmax(logits):
@@ -123,9 +126,11 @@ def _batch(seed, n=8):
 
 def _grad_fn(model):
   """jax.grad of the mean softmax cross-entropy of int labels, written independently of steps.py."""
+
   def loss_fn(params, images, labels):
     logits = model.apply({"params": params}, images, train=True)
     return -jnp.mean(jnp.sum(jax.nn.one_hot(labels, NUM_CLASSES) * jax.nn.log_softmax(logits), -1))
+
   return jax.jit(jax.value_and_grad(loss_fn))
 
 
@@ -145,6 +150,7 @@ def sgd_run(vit):
 
 
 # ---------------------------------------------------------------------------------------- targets and the loss
+
 
 def test_targets_and_cross_entropy_match_numpy_float64():
   rng = np.random.default_rng(0)
@@ -169,8 +175,9 @@ def test_targets_and_cross_entropy_match_numpy_float64():
   out = classification.targets(jnp.asarray(given, jnp.bfloat16), NUM_CLASSES, 0.3)
   assert out.dtype == jnp.float32
   np.testing.assert_array_equal(out, np.asarray(jnp.asarray(given, jnp.bfloat16), np.float32))
-  np.testing.assert_array_equal(classification.targets(jnp.asarray(given, jnp.float32), NUM_CLASSES, 0.3),
-                                given.astype(np.float32))
+  np.testing.assert_array_equal(
+    classification.targets(jnp.asarray(given, jnp.float32), NUM_CLASSES, 0.3), given.astype(np.float32)
+  )
 
 
 def test_cross_entropy_of_bf16_logits_is_float32():
@@ -186,6 +193,7 @@ def test_cross_entropy_of_bf16_logits_is_float32():
 
 
 # -------------------------------------------------------------------------------------------- the train step
+
 
 def test_sgd_step_is_params_minus_lr_grad_and_metrics_are_exact(sgd_run):
   model, _, step, state, grad_fn = sgd_run
@@ -280,15 +288,15 @@ def test_resnet_batch_stats_update_in_train_and_are_used_by_eval():
   # of the stem conv output, computed here with numpy from the conv's kernel (no bias: BatchNorm follows).
   kernel = np.asarray(variables["params"]["stem_conv"]["kernel"], np.float64)  # [7, 7, 3, 8], stride 2, pad 3
   padded = np.pad(images.astype(np.float64), ((0, 0), (3, 3), (3, 3), (0, 0)))
-  patches = np.stack([padded[:, i:i + 32:2, j:j + 32:2, :] for i in range(7) for j in range(7)], axis=3)
+  patches = np.stack([padded[:, i : i + 32 : 2, j : j + 32 : 2, :] for i in range(7) for j in range(7)], axis=3)
   conv = np.einsum("nhwkc,kcd->nhwd", patches, kernel.reshape(49, 3, 8))
   assert conv.shape == (8, 16, 16, 8)
   old_mean = np.asarray(variables["batch_stats"]["stem_bn"]["mean"], np.float64)
   old_var = np.asarray(variables["batch_stats"]["stem_bn"]["var"], np.float64)
-  np.testing.assert_allclose(new.batch_stats["stem_bn"]["mean"], 0.9 * old_mean + 0.1 * conv.mean((0, 1, 2)),
-                             rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(new.batch_stats["stem_bn"]["var"], 0.9 * old_var + 0.1 * conv.var((0, 1, 2)),
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+    new.batch_stats["stem_bn"]["mean"], 0.9 * old_mean + 0.1 * conv.mean((0, 1, 2)), rtol=1e-4, atol=1e-6
+  )
+  np.testing.assert_allclose(new.batch_stats["stem_bn"]["var"], 0.9 * old_var + 0.1 * conv.var((0, 1, 2)), rtol=1e-4)
   for name, stats in new.batch_stats.items():  # every BatchNorm moved
     assert _max_diff(stats, state.batch_stats[name]) > 1e-4, name
 
@@ -315,8 +323,9 @@ def test_uint8_normalized_on_device_equals_prenormalized_floats(sgd_run):
   b, mb = on_host_step(state, {"image": floats, "label": labels})
   np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
   _assert_trees(a.params, b.params, rtol=1e-5, atol=1e-6)
-  sums = jax.jit(steps.make_eval_step(TASK, model, on_device))(state.variables,
-                                                         {"image": uint8, "label": labels, "mask": np.ones(8)})
+  sums = jax.jit(steps.make_eval_step(TASK, model, on_device))(
+    state.variables, {"image": uint8, "label": labels, "mask": np.ones(8)}
+  )
   np.testing.assert_allclose(sums["loss"], 8 * _np_loss(_logits(model, state.variables, floats), labels), rtol=1e-5)
   # The same uint8 batch unnormalized is another input: the comparisons above can fail.
   c, _ = on_host_step(state, {"image": uint8.astype(np.float32), "label": labels})
@@ -324,6 +333,7 @@ def test_uint8_normalized_on_device_equals_prenormalized_floats(sgd_run):
 
 
 # ----------------------------------------------------------------------------------- accumulation and the EMA
+
 
 @pytest.fixture(scope="module")
 def accumulation(vit):
@@ -333,8 +343,7 @@ def accumulation(vit):
   batches = [_batch(10), _batch(11)]
   block = dict(name="adamw", lr=1e-2, schedule={"decay": "linear", "total_steps": 4})
   tx2, sched2 = _tx(variables["params"], accumulate_steps=2, **block)
-  step2 = jax.jit(steps.make_train_step(TASK, model, tx2, sched2, steps.StepConfig(
-      ema_decay=0.5, accumulate_steps=2)))
+  step2 = jax.jit(steps.make_train_step(TASK, model, tx2, sched2, steps.StepConfig(ema_decay=0.5, accumulate_steps=2)))
   micro = [_state(model, tx2, VIT_SHAPE, variables=variables, use_ema=True)]
   lrs = []
   for batch in batches:
@@ -373,7 +382,9 @@ def test_accumulated_half_batches_equal_one_whole_batch(accumulation):
   _assert_trees(micro[3].params, micro[2].params, rtol=0)
   n = sum(x.size for x in _without_key_bias(micro[0].params).values())
   assert n == 23_621
-  _assert_adam_close(micro[2].params, whole[1].params, max_off=5)    # measured: 1 of 23,621 (3.7e-4; 5.5e-4 with erf GELU)
+  _assert_adam_close(
+    micro[2].params, whole[1].params, max_off=5
+  )  # measured: 1 of 23,621 (3.7e-4; 5.5e-4 with erf GELU)
   _assert_adam_close(micro[4].params, whole[2].params, max_off=200)  # measured: 55 (all but that one < 2e-5)
   assert _max_diff(micro[2].params, micro[0].params) > 5e-3  # Adam's first step moves every weight by ~lr
   assert [int(s.step) for s in micro] == [0, 1, 2, 3, 4]
@@ -388,8 +399,7 @@ def test_accumulated_sgd_uses_the_mean_gradient(sgd_run):
   # Adam cannot tell a mean from a sum of micro-batch gradients (it is scale-invariant); plain SGD can.
   model, _, step1, state, _ = sgd_run
   tx2, schedule = _sgd(state.params, lr=0.5, accumulate_steps=2)
-  step2 = jax.jit(steps.make_train_step(TASK, model, tx2, schedule, steps.StepConfig(
-      accumulate_steps=2)))
+  step2 = jax.jit(steps.make_train_step(TASK, model, tx2, schedule, steps.StepConfig(accumulate_steps=2)))
   batch = _batch(30)
   micro = _state(model, tx2, VIT_SHAPE, variables=state.variables)
   for half in (slice(0, 4), slice(4, 8)):
@@ -403,18 +413,23 @@ def test_ema_moves_only_when_params_do_and_follows_the_formula(accumulation):
   micro, _, _ = accumulation
   ema = [jax.tree.map(lambda x: np.asarray(x, np.float64), s.ema_params) for s in micro]
   params = [jax.tree.map(lambda x: np.asarray(x, np.float64), s.params) for s in micro]
-  _assert_trees(ema[0], params[0], rtol=0)             # starts as a copy of the params
-  _assert_trees(ema[1], ema[0], rtol=0)                # micro-step 0: params did not move, nor does the EMA
+  _assert_trees(ema[0], params[0], rtol=0)  # starts as a copy of the params
+  _assert_trees(ema[1], ema[0], rtol=0)  # micro-step 0: params did not move, nor does the EMA
   _assert_trees(ema[2], jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, ema[1], params[2]), rtol=1e-6, atol=1e-8)
   _assert_trees(ema[3], ema[2], rtol=0)
   _assert_trees(ema[4], jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, ema[3], params[4]), rtol=1e-6, atol=1e-8)
   # = 0.25 p0 + 0.25 p2 + 0.5 p4 (an EMA that also moved on the micro-steps would weigh p0 by 1/16).
-  _assert_trees(ema[4], jax.tree.map(lambda a, b, c: 0.25 * a + 0.25 * b + 0.5 * c, params[0], params[2],
-                                     params[4]), rtol=1e-6, atol=1e-8)
+  _assert_trees(
+    ema[4],
+    jax.tree.map(lambda a, b, c: 0.25 * a + 0.25 * b + 0.5 * c, params[0], params[2], params[4]),
+    rtol=1e-6,
+    atol=1e-8,
+  )
   assert _max_diff(ema[4], params[4]) > 2e-3
 
 
 # --------------------------------------------------------------------------------------------------- NaN / Inf
+
 
 def test_nonfinite_step_records_the_first_bad_step(sgd_run):
   _, _, step, state, _ = sgd_run
@@ -429,6 +444,7 @@ def test_nonfinite_step_records_the_first_bad_step(sgd_run):
 
 
 # ----------------------------------------------------------------------------------------------------- eval
+
 
 def test_eval_sums_over_the_mask_match_numpy_and_summarize_gives_means():
   model = _vit(num_classes=10)  # 10 classes so top-5 is not always right
@@ -460,14 +476,18 @@ def test_eval_sums_over_the_mask_match_numpy_and_summarize_gives_means():
   np.testing.assert_allclose([total[k] for k in expected], [expected[k] for k in expected], rtol=1e-5)
   summary = task.summarize_eval(sums)
   assert set(summary) == {"top1", "top5", "loss"}
-  np.testing.assert_allclose([summary["top1"], summary["top5"], summary["loss"]],
-                             [expected["top1"] / 10, expected["top5"] / 10, expected["loss"] / 10], rtol=1e-5)
+  np.testing.assert_allclose(
+    [summary["top1"], summary["top5"], summary["loss"]],
+    [expected["top1"] / 10, expected["top5"] / 10, expected["loss"] / 10],
+    rtol=1e-5,
+  )
   # Soft labels in eval count against their argmax.
   soft = dict(batches[0], label=np.eye(10, dtype=np.float32)[batches[0]["label"]] * 0.7 + 0.03)
   _assert_trees(eval_step(variables, soft), sums[0], rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ mixed precision
+
 
 def test_bf16_model_trains_with_float32_params_opt_state_and_ema(vit):
   f32_model, variables = vit
@@ -478,8 +498,9 @@ def test_bf16_model_trains_with_float32_params_opt_state_and_ema(vit):
   batch = _batch(8)
   new, metrics = jax.jit(steps.make_train_step(TASK, model, tx, schedule, config))(state, batch)
 
-  floats = [x for x in jax.tree.leaves((new.params, new.opt_state, new.ema_params))
-            if jnp.issubdtype(x.dtype, jnp.floating)]
+  floats = [
+    x for x in jax.tree.leaves((new.params, new.opt_state, new.ema_params)) if jnp.issubdtype(x.dtype, jnp.floating)
+  ]
   assert len(floats) == 4 * len(jax.tree.leaves(new.params))  # params, EMA, Adam mu and nu
   assert {x.dtype for x in floats} == {jnp.dtype(jnp.float32)}
   assert metrics["loss"].dtype == jnp.float32 and metrics["grad_norm"].dtype == jnp.float32
@@ -493,13 +514,13 @@ def test_bf16_model_trains_with_float32_params_opt_state_and_ema(vit):
 
 # ----------------------------------------------------------------------------------------------------- state
 
+
 def test_create_from_scratch_is_model_init_with_the_documented_key_split():
   model = _vit(depth=1)  # model.init compiles every initializer: one block is enough here
   tx, _ = _tx(lvm_jax.abstract_variables(model)["params"], name="adamw", lr=1e-3)
   state = _state(model, tx, VIT_SHAPE, use_ema=True, seed=3)
   init_key, state_key = jax.random.split(jax.random.key(3))
-  expected = jax.jit(lambda k: nn.meta.unbox(model.init(k, jnp.zeros(VIT_SHAPE, jnp.float32), train=False)))(
-      init_key)
+  expected = jax.jit(lambda k: nn.meta.unbox(model.init(k, jnp.zeros(VIT_SHAPE, jnp.float32), train=False)))(init_key)
   _assert_trees(state.params, expected["params"], rtol=1e-6, atol=1e-7)
   _assert_trees(state.ema_params, state.params, rtol=0)
   _assert_trees(state.opt_state, tx.init(state.params), rtol=0)  # Adam moments zero, count 0
@@ -540,8 +561,11 @@ def fsdp_setup():
 
 
 def _adam_state(opt_state):
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-           if isinstance(x, optax.ScaleByAdamState)]
+  found = [
+    x
+    for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+    if isinstance(x, optax.ScaleByAdamState)
+  ]
   assert len(found) == 1
   return found[0]
 
@@ -552,7 +576,7 @@ def test_fsdp_shardings_shard_big_kernels_and_their_adam_moments_alike(fsdp_setu
   param_specs = _specs(sh.params)
   shapes = {k: v.shape for k, v in _flat(params).items()}
   assert param_specs.keys() == shapes.keys()
-  big = {p for p, s in shapes.items() if np.prod(s) >= 2 ** 14}
+  big = {p for p, s in shapes.items() if np.prod(s) >= 2**14}
   # 2 blocks x (q, k, v, out: 128*128 = 16384; fc1, fc2: 32768) + patch_embed (8*8*3*128 = 24576).
   assert len(big) == 13
   for path, spec in param_specs.items():

@@ -42,11 +42,11 @@ class Brightness(Task):
 
   def loss(self, outputs, batch):
     error = self._errors(outputs, batch)
-    return jnp.mean(error ** 2), {"abs_error": jnp.mean(jnp.abs(error))}
+    return jnp.mean(error**2), {"abs_error": jnp.mean(jnp.abs(error))}
 
   def eval_batch(self, outputs, batch):
     error, mask = self._errors(outputs, batch), batch["mask"].astype(jnp.float32)
-    return {"count": jnp.sum(mask), "abs_error": jnp.sum(mask * jnp.abs(error)), "loss": jnp.sum(mask * error ** 2)}
+    return {"count": jnp.sum(mask), "abs_error": jnp.sum(mask * jnp.abs(error)), "loss": jnp.sum(mask * error**2)}
 
   def summarize_eval(self, per_batch):
     total = {k: sum(float(b[k]) for b in per_batch) for k in per_batch[0]}
@@ -71,8 +71,15 @@ def brightness(monkeypatch, tmp_path_factory):
 
 def _config(digits_dir, **overrides):
   # Device normalization is the recipe's; the loss reads the raw uint8 batch, so both sides see what they expect.
-  settings = dict(task="brightness", best_metric="abs_error", num_steps=8, checkpoint_every_steps=2,
-                  eval_every_steps=2, log_every_steps=2, keep_checkpoints=1)
+  settings = dict(
+    task="brightness",
+    best_metric="abs_error",
+    num_steps=8,
+    checkpoint_every_steps=2,
+    eval_every_steps=2,
+    log_every_steps=2,
+    keep_checkpoints=1,
+  )
   return recipe(digits_dir, **{**settings, **overrides})
 
 
@@ -89,8 +96,9 @@ def test_a_new_task_trains_evaluates_and_keeps_its_best_by_its_own_metric(bright
   assert "top1" not in train[0]
   # keep_checkpoints=1 keeps the newest; the best by abs_error (lower is better) is kept beside it.
   best = min(evals, key=lambda s: (evals[s], -s))
-  with checkpoints_lib.CheckpointManager(os.path.join(workdir, workdir_checkpoint.CHECKPOINT_DIR),
-                                   read_only=True) as checkpoints:
+  with checkpoints_lib.CheckpointManager(
+    os.path.join(workdir, workdir_checkpoint.CHECKPOINT_DIR), read_only=True
+  ) as checkpoints:
     assert set(checkpoints.all_steps()) == {best, 8}
   assert json.load(open(os.path.join(workdir, "brightness.json"))) == {"scale": 255}
   assert json.load(open(os.path.join(workdir, "config.json")))["task"] == "brightness"
@@ -102,8 +110,11 @@ def test_a_new_task_trains_evaluates_and_keeps_its_best_by_its_own_metric(bright
 
 
 def test_best_metric_must_be_one_of_the_tasks_eval_metrics(brightness, digits_dir):
-  with pytest.raises(ValueError, match=r"best_metric='top1' is not an eval metric of task 'brightness': one of "
-                                       r"\['abs_error', 'loss'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"best_metric='top1' is not an eval metric of task 'brightness': one of "
+    r"\['abs_error', 'loss'\]",
+  ):
     setup.build(_config(digits_dir, best_metric="top1"))
 
 

@@ -22,19 +22,19 @@ class FakeClock:
 def test_img_per_sec_and_eta_exclude_compilation_and_pauses():
   clock = FakeClock()
   meter = tp.Throughput(total_steps=1000, global_batch_size=256, start_step=0, clock=clock)
-  clock.now = 100.0                     # 10 steps, 100 s: compilation -- starts the clock, reports nothing
+  clock.now = 100.0  # 10 steps, 100 s: compilation -- starts the clock, reports nothing
   assert meter.update(10) == {}
-  clock.now = 110.0                     # 50 steps in 10 s
+  clock.now = 110.0  # 50 steps in 10 s
   assert meter.update(60) == {"img_per_sec": 1280.0, "steps_per_sec": 5.0, "eta_seconds": 940 * 0.2}
   clock.now = 115.0
-  with meter.paused():                  # a 30 s eval
+  with meter.paused():  # a 30 s eval
     clock.now = 145.0
-  clock.now = 160.0                     # 50 steps in 50 s wall, 20 s of training
+  clock.now = 160.0  # 50 steps in 50 s wall, 20 s of training
   out = meter.update(110)
   assert out["steps_per_sec"] == 2.5 and out["img_per_sec"] == 640.0
   # ETA: 890 steps left at the mean wall time a step took since the clock started, eval included (60 s / 100).
   assert out["eta_seconds"] == pytest.approx(890 * 0.6, rel=1e-12)
-  assert meter.update(110) == {}        # no new steps: nothing to measure
+  assert meter.update(110) == {}  # no new steps: nothing to measure
   clock.now = 170.0
   assert meter.update(1000)["eta_seconds"] == 0.0
 
@@ -77,12 +77,15 @@ def test_compiled_flops_sums_the_per_device_programs():
   assert tp.compiled_flops(both.lower(*args).compile()) == 8 * 2 * M * K * N
 
 
-@pytest.mark.parametrize("analysis, expected", [
-    ([{"flops": 10.0}], 10.0),   # older jax: a list with one dict per program
+@pytest.mark.parametrize(
+  "analysis, expected",
+  [
+    ([{"flops": 10.0}], 10.0),  # older jax: a list with one dict per program
     ({"bytes accessed": 4.0}, None),
     (None, None),
     ({"flops": -1.0}, None),
-])
+  ],
+)
 def test_compiled_flops_without_a_usable_cost_analysis(analysis, expected):
   assert tp.compiled_flops(types.SimpleNamespace(cost_analysis=lambda: analysis)) == expected
 
@@ -90,27 +93,31 @@ def test_compiled_flops_without_a_usable_cost_analysis(analysis, expected):
 def test_compiled_flops_when_the_backend_raises():
   def unsupported():
     raise NotImplementedError("no cost model")
+
   assert tp.compiled_flops(types.SimpleNamespace(cost_analysis=unsupported)) is None
 
 
-@pytest.mark.parametrize("kind, dtype, expected", [
+@pytest.mark.parametrize(
+  "kind, dtype, expected",
+  [
     ("TPU v4", "bfloat16", 275e12),
-    ("TPU v4", jnp.float32, 275e12),          # default precision: bf16 MXU passes
-    ("TPU v3", "bfloat16", 61.5e12),          # per TensorCore (a JAX device), 123e12 a chip
+    ("TPU v4", jnp.float32, 275e12),  # default precision: bf16 MXU passes
+    ("TPU v3", "bfloat16", 61.5e12),  # per TensorCore (a JAX device), 123e12 a chip
     ("TPU v5 lite", "bfloat16", 197e12),
-    ("TPU v5", "bfloat16", 459e12),           # v5p
+    ("TPU v5", "bfloat16", 459e12),  # v5p
     ("TPU v6 lite", "bfloat16", 918e12),
     ("TPU v4", "float16", None),
     ("NVIDIA H100 80GB HBM3", "bfloat16", 989.5e12),
-    ("NVIDIA H100 80GB HBM3", "float32", 494.5e12),   # TF32
+    ("NVIDIA H100 80GB HBM3", "float32", 494.5e12),  # TF32
     ("NVIDIA H100 80GB HBM3", "float16", 989.5e12),
     ("NVIDIA H100 PCIe", "bfloat16", 756.5e12),
     ("NVIDIA H200", "bfloat16", 989.5e12),
     ("NVIDIA A100-SXM4-40GB", "float32", 156e12),
     ("NVIDIA L4", "bfloat16", 121e12),
-    ("NVIDIA L40S", "bfloat16", None),        # unknown: None, not a wrong guess from "L4"
+    ("NVIDIA L40S", "bfloat16", None),  # unknown: None, not a wrong guess from "L4"
     ("NVIDIA H100 80GB HBM3", "int8", None),
-])
+  ],
+)
 def test_peak_flops_per_device(kind, dtype, expected):
   assert tp.peak_flops_per_device(types.SimpleNamespace(device_kind=kind), dtype) == expected
 
@@ -152,8 +159,9 @@ def test_measured_peak_and_mfu_of_the_same_matmul_agree(monkeypatch):
   clock = MatmulClock()
   monkeypatch.setattr(tp, "time", types.SimpleNamespace(perf_counter=clock))
   fori_loop = jax.lax.fori_loop
-  monkeypatch.setattr(jax.lax, "fori_loop", lambda lo, hi, body, init: fori_loop(
-      lo, hi, lambda i, y: (clock.tick(), body(i, y))[1], init))
+  monkeypatch.setattr(
+    jax.lax, "fori_loop", lambda lo, hi, body, init: fori_loop(lo, hi, lambda i, y: (clock.tick(), body(i, y))[1], init)
+  )
   peak = tp.measured_matmul_peak("float32", size=SIZE, seconds=0.3)
   assert peak == pytest.approx(2 * SIZE**3 / SECONDS_PER_MATMUL, rel=1e-9)
   # It aims at `seconds`: 1 matmul to compile, 1 to time, then 30 (0.3 s); no runaway loop.
@@ -162,6 +170,7 @@ def test_measured_peak_and_mfu_of_the_same_matmul_agree(monkeypatch):
   def matmul_step(a):
     clock.tick()
     return a @ a * 1e-3
+
   x = jnp.asarray(np.random.default_rng(0).standard_normal((SIZE, SIZE)), jnp.float32)
   step = jax.jit(matmul_step).lower(x).compile()
   flops = tp.compiled_flops(step)

@@ -22,21 +22,29 @@ from tests.train.trainer_cases import DIGITS_RECIPE, flat, recipe, shared_compil
 
 NUM_STEPS = 8
 BATCH = 16
-NUM_TEST = 360        # digits test split
+NUM_TEST = 360  # digits test split
 CLASSES = [str(i) for i in range(10)]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def compile_cache(tmp_path_factory):
-  with pytest.MonkeyPatch.context() as monkeypatch, \
-       shared_compile_cache(str(tmp_path_factory.mktemp("jax_cache")), monkeypatch):
+  with (
+    pytest.MonkeyPatch.context() as monkeypatch,
+    shared_compile_cache(str(tmp_path_factory.mktemp("jax_cache")), monkeypatch),
+  ):
     yield
 
 
 def resnet_config(data_dir):
   """ResNet (it has BatchNorm statistics) with EMA: everything a resume must carry."""
-  return recipe(data_dir, num_steps=NUM_STEPS, checkpoint_every_steps=2, log_every_steps=1, keep_checkpoints=2,
-                optimizer__ema_decay=0.9)
+  return recipe(
+    data_dir,
+    num_steps=NUM_STEPS,
+    checkpoint_every_steps=2,
+    log_every_steps=1,
+    keep_checkpoints=2,
+    optimizer__ema_decay=0.9,
+  )
 
 
 def checkpoint_dir(workdir):
@@ -64,10 +72,18 @@ def finished(digits_dir, tmp_path_factory):
 
 # ---------------------------------------------------------------------------------------------------- 1. workdir
 
+
 def test_a_run_writes_metrics_tensorboard_config_and_checkpoints(finished, digits_dir):
   workdir, lines = finished["workdir"], finished["lines"]
-  assert sorted(os.listdir(workdir)) == ["checkpoints", "class_names.json", "config.json", "metrics.jsonl",
-                                         "model.json", "run.lock", "tensorboard"]
+  assert sorted(os.listdir(workdir)) == [
+    "checkpoints",
+    "class_names.json",
+    "config.json",
+    "metrics.jsonl",
+    "model.json",
+    "run.lock",
+    "tensorboard",
+  ]
   assert open(os.path.join(workdir, "run.lock")).read() == ""  # released
 
   train = [e for e in lines if e["split"] == "train"]
@@ -107,8 +123,12 @@ def test_a_run_writes_metrics_tensorboard_config_and_checkpoints(finished, digit
   validated = config_lib.validate(finished["config"])
   saved = reporting.load_config(workdir)
   assert saved.to_dict() == json.loads(validated.to_json())
-  assert (saved.num_steps, saved.data.batch_size, saved.optimizer.ema_decay, saved.keep_checkpoints) == \
-      (NUM_STEPS, BATCH, 0.9, 2)
+  assert (saved.num_steps, saved.data.batch_size, saved.optimizer.ema_decay, saved.keep_checkpoints) == (
+    NUM_STEPS,
+    BATCH,
+    0.9,
+    2,
+  )
   assert saved.data.train.data_dir == digits_dir and saved.sharding.preset == "dp" and saved.seed == 0
 
   with open(os.path.join(workdir, "class_names.json")) as f:
@@ -129,6 +149,7 @@ def test_a_run_writes_metrics_tensorboard_config_and_checkpoints(finished, digit
 
 # ----------------------------------------------------------------------------------------------- 2. exact resume
 
+
 def test_a_run_stopped_by_sigterm_resumes_bit_for_bit(finished, digits_dir, tmp_path):
   workdir = str(tmp_path / "run")
   config = resnet_config(digits_dir)
@@ -146,11 +167,12 @@ def test_a_run_stopped_by_sigterm_resumes_bit_for_bit(finished, digits_dir, tmp_
 
   resumed = trainer.train_and_evaluate(config, workdir)
   assert resumed == finished["result"]  # the same final eval, to the last bit
-  after = reporting.read_metrics(workdir)[len(lines):]
+  after = reporting.read_metrics(workdir)[len(lines) :]
   assert [e["step"] for e in after if e["split"] == "train"] == list(range(stopped["step"] + 1, NUM_STEPS + 1))
   final_losses = {e["step"]: e["loss"] for e in finished["lines"] if e["split"] == "train"}
-  assert {e["step"]: e["loss"] for e in after if e["split"] == "train"} == \
-      {s: final_losses[s] for s in range(stopped["step"] + 1, NUM_STEPS + 1)}
+  assert {e["step"]: e["loss"] for e in after if e["split"] == "train"} == {
+    s: final_losses[s] for s in range(stopped["step"] + 1, NUM_STEPS + 1)
+  }
 
   want, got = flat(saved_state(finished["workdir"])), flat(saved_state(workdir))
   assert sorted(got) == sorted(want)
@@ -168,8 +190,15 @@ MESHES = {"fsdp": {"fsdp": -1}, "dp": {"data": -1}, "tp": {"data": 4, "model": 2
 def vit_config(data_dir, preset, num_steps=NUM_STEPS, **overrides):
   # 4 heads (not the recipe's 3) so that "tp" splits the heads over model=2 as well as the MLP. The schedule's
   # length is fixed, so a run of 4 steps trains exactly the first 4 steps of the run of 8.
-  settings = dict(num_steps=num_steps, checkpoint_every_steps=2, log_every_steps=2, model_args__num_heads=4,
-                  optimizer__schedule__total_steps=NUM_STEPS, mesh=MESHES[preset], sharding={"preset": preset})
+  settings = dict(
+    num_steps=num_steps,
+    checkpoint_every_steps=2,
+    log_every_steps=2,
+    model_args__num_heads=4,
+    optimizer__schedule__total_steps=NUM_STEPS,
+    mesh=MESHES[preset],
+    sharding={"preset": preset},
+  )
   return recipe(data_dir, "runlocal,model=vit", **{**settings, **overrides})
 
 
@@ -221,6 +250,7 @@ def test_a_run_resumes_onto_another_mesh_and_strategy(vit_fsdp, digits_dir, tmp_
 
 # ------------------------------------------------------------------------------------------------------ 4. NaN
 
+
 def test_a_diverging_run_raises_naming_the_step_and_keeps_only_good_checkpoints(digits_dir, tmp_path):
   workdir = str(tmp_path / "run")
   config = vit_config(digits_dir, "fsdp", checkpoint_every_steps=1, log_every_steps=1, optimizer__lr=1e12)
@@ -230,8 +260,9 @@ def test_a_diverging_run_raises_naming_the_step_and_keeps_only_good_checkpoints(
   # Right away, with nothing more waited for: every save the run started is finished, and the message names
   # the newest of them.
   on_disk = sorted(os.listdir(checkpoint_dir(workdir)))
-  assert not [name for name in on_disk if "tmp" in name], \
-      f"a checkpoint was still being written when NonFiniteLossError was raised: {on_disk}; {error.value}"
+  assert not [name for name in on_disk if "tmp" in name], (
+    f"a checkpoint was still being written when NonFiniteLossError was raised: {on_disk}; {error.value}"
+  )
   steps = saved_steps(workdir)
   assert bad == 3 and steps == [1, 2]  # lr 0 at step 1 (warmup), 5e11 at step 2: the loss of step 3 is NaN
   assert f"the last good checkpoint is step {steps[-1]}" in str(error.value)
@@ -245,14 +276,16 @@ def test_a_diverging_run_raises_naming_the_step_and_keeps_only_good_checkpoints(
 
 # ------------------------------------------------------------------------------------------- 5. eval and predict
 
+
 def test_eval_mode_reproduces_the_final_eval_line(finished):
   metrics = trainer.evaluate(finished["config"], finished["workdir"])
   final = {e["split"]: e for e in finished["lines"] if e["split"] in ("eval", "eval_ema")}
   for split in ("eval", "eval_ema"):
     assert metrics[split] == {k: final[split][k] for k in ("top1", "top5", "loss")}
-  logged = reporting.read_metrics(finished["workdir"])[len(finished["lines"]):]
-  assert [(e["step"], e["split"], e["top1"], e["loss"]) for e in logged] == \
-      [(NUM_STEPS, s, metrics[s]["top1"], metrics[s]["loss"]) for s in ("eval", "eval_ema")]
+  logged = reporting.read_metrics(finished["workdir"])[len(finished["lines"]) :]
+  assert [(e["step"], e["split"], e["top1"], e["loss"]) for e in logged] == [
+    (NUM_STEPS, s, metrics[s]["top1"], metrics[s]["loss"]) for s in ("eval", "eval_ema")
+  ]
 
 
 def test_predict_from_a_workdir_matches_the_eval_logits(finished, digits_dir, tmp_path, run_main):
@@ -261,10 +294,13 @@ def test_predict_from_a_workdir_matches_the_eval_logits(finished, digits_dir, tm
   batch = next(run.eval_dataset().as_numpy_iterator())
   variables = saved_state(workdir)
   variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-  logits = np.asarray(run.model.apply(variables, device_batches.normalize(batch["image"], *run.step_config.normalize),
-                                      train=False), np.float64)
-  test_split = list(sources.make_source("digits", split="test", data_dir=digits_dir).dataset()
-                    .take(len(logits)).as_numpy_iterator())
+  logits = np.asarray(
+    run.model.apply(variables, device_batches.normalize(batch["image"], *run.step_config.normalize), train=False),
+    np.float64,
+  )
+  test_split = list(
+    sources.make_source("digits", split="test", data_dir=digits_dir).dataset().take(len(logits)).as_numpy_iterator()
+  )
   assert [int(e["label"]) for e in test_split] == batch["label"].tolist()  # the eval batch is the split's start
 
   top2 = np.sort(logits, axis=-1)[:, -2:]
@@ -298,6 +334,7 @@ def test_a_workdir_without_a_run_is_a_clear_error(digits_dir, tmp_path, run_main
 
 # ---------------------------------------------------------------------------------------------- 6. config errors
 
+
 def _dict_with_optimizer_typo(config):
   config = config.to_dict()
   config["optimzer"] = config.pop("optimizer")
@@ -305,19 +342,29 @@ def _dict_with_optimizer_typo(config):
 
 
 CONFIG_ERRORS = {
-    # The whole message is "unknown key 'optimzer.KEY'" for every key of the block, the hint on those close
-    # enough to 'optimizer'. Naming the block once would be clearer; either form passes here.
-    "unknown_key": (_dict_with_optimizer_typo,
-                    r"^Config errors: unknown key 'optimzer[.'].*\(did you mean 'optimizer'\?\)"),
-    "batch_size": (lambda c: c.data.update(batch_size=12),
-                   r"Global batch size 12 is not divisible by the 8 data-parallel devices .*use a multiple of 8"),
-    "mesh": (lambda c: c.update(mesh={"data": 3}),
-             r"Mesh shape \{'data': 3, 'fsdp': 1, 'model': 1\} needs 3 devices but 8 are available"),
-    "model": (lambda c: c.update(model="resnet_99"), r"Unknown model 'resnet_99'\. Did you mean resnet50"),
-    "dataset": (lambda c: c.data.update(train={"kind": "tfds", "name": "no_such_dataset", "split": "train"}),
-                r"Unknown TFDS dataset 'no_such_dataset'"),
-    "pp": (lambda c: c.data.update(pp_train="decod|inception_crop(32)"),
-           r"Unknown pp op 'decod' in 'decod'; did you mean decode\?"),
+  # The whole message is "unknown key 'optimzer.KEY'" for every key of the block, the hint on those close
+  # enough to 'optimizer'. Naming the block once would be clearer; either form passes here.
+  "unknown_key": (
+    _dict_with_optimizer_typo,
+    r"^Config errors: unknown key 'optimzer[.'].*\(did you mean 'optimizer'\?\)",
+  ),
+  "batch_size": (
+    lambda c: c.data.update(batch_size=12),
+    r"Global batch size 12 is not divisible by the 8 data-parallel devices .*use a multiple of 8",
+  ),
+  "mesh": (
+    lambda c: c.update(mesh={"data": 3}),
+    r"Mesh shape \{'data': 3, 'fsdp': 1, 'model': 1\} needs 3 devices but 8 are available",
+  ),
+  "model": (lambda c: c.update(model="resnet_99"), r"Unknown model 'resnet_99'\. Did you mean resnet50"),
+  "dataset": (
+    lambda c: c.data.update(train={"kind": "tfds", "name": "no_such_dataset", "split": "train"}),
+    r"Unknown TFDS dataset 'no_such_dataset'",
+  ),
+  "pp": (
+    lambda c: c.data.update(pp_train="decod|inception_crop(32)"),
+    r"Unknown pp op 'decod' in 'decod'; did you mean decode\?",
+  ),
 }
 
 
@@ -329,6 +376,7 @@ def test_config_errors_come_before_compilation(case, digits_dir, tmp_path, monke
 
   def no_jit(*args, **kwargs):
     raise AssertionError("jax.jit was called before the config error was raised")
+
   monkeypatch.setattr(jax, "jit", no_jit)
   workdir = tmp_path / "run"
   with pytest.raises(ValueError, match=message):
@@ -338,11 +386,16 @@ def test_config_errors_come_before_compilation(case, digits_dir, tmp_path, monke
 
 # ------------------------------------------------------------------------------------------------- 7. main.py
 
+
 def test_main_trains_and_a_second_invocation_resumes_without_training(digits_dir, tmp_path, run_main):
   workdir = tmp_path / "run"
-  args = [f"--config={DIGITS_RECIPE}:runlocal", f"--workdir={workdir}",
-          f"--config.data.train.data_dir={digits_dir}", f"--config.data.eval.data_dir={digits_dir}",
-          "--config.num_steps=4"]
+  args = [
+    f"--config={DIGITS_RECIPE}:runlocal",
+    f"--workdir={workdir}",
+    f"--config.data.train.data_dir={digits_dir}",
+    f"--config.data.eval.data_dir={digits_dir}",
+    "--config.num_steps=4",
+  ]
   run_main(*args)
   first = reporting.read_metrics(str(workdir))
   assert [(e["step"], e["split"]) for e in first] == [(2, "train"), (4, "train"), (4, "eval")]

@@ -38,8 +38,10 @@ def recipe(data_dir: str, arg: str = "runlocal", **overrides):
 
 def flat(tree) -> dict:
   """{"params/conv_init/kernel": array, ...} for a restore_arrays() tree."""
-  return {jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def read_lines(path) -> list[dict]:
@@ -88,14 +90,18 @@ def shared_compile_cache(directory: str, monkeypatch):
   """A persistent compilation cache for the module's runs: every run traces anew (new closures), and without
   the cache each one recompiles init, train and eval steps (~30 s of CPU per ResNet run). Also measures the
   CPU matmul peak for MFU once instead of once a run. Both are restored afterwards."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
+  names = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+  )
   before = {name: getattr(jax.config, name) for name in names}
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   compilation_cache.reset_cache()
   from lvm_jax.train import throughput
+
   monkeypatch.setattr(throughput, "measured_matmul_peak", functools.cache(throughput.measured_matmul_peak))
   try:
     yield

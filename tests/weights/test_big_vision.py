@@ -13,8 +13,16 @@ NPZ = pathlib.Path(__file__).parent.parent / "fixtures" / "timm" / "vit_npz"
 
 def test_npz_logits_match_timm_load_of_the_same_file():
   model, variables = lvm_jax.from_pretrained(NPZ / "model.npz")
-  assert (model.image_size, model.patch_size, model.width, model.depth, model.num_heads, model.mlp_dim,
-          model.num_classes, model.pooling) == (32, 8, 48, 2, 3, 192, 10, "token")
+  assert (
+    model.image_size,
+    model.patch_size,
+    model.width,
+    model.depth,
+    model.num_heads,
+    model.mlp_dim,
+    model.num_classes,
+    model.pooling,
+  ) == (32, 8, 48, 2, 3, 192, 10, "token")
   with np.load(NPZ / "reference.npz") as ref:
     np.testing.assert_allclose(model.apply(variables, ref["input"]), ref["logits"], atol=1e-4, rtol=0)
 
@@ -26,8 +34,11 @@ def _npz_tensors():
 
 def test_big_vision_naming_and_patch_only_position_embedding(tmp_path):
   """The newer big_vision layout: module indices _0/_1, 'params/' prefix, no class-token position."""
-  renames = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0", "MlpBlock_3": "MlpBlock_0",
-             "LayerNorm_2": "LayerNorm_1"}
+  renames = {
+    "MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+    "MlpBlock_3": "MlpBlock_0",
+    "LayerNorm_2": "LayerNorm_1",
+  }
   tensors = {}
   for name, value in _npz_tensors().items():
     for old, new in renames.items():
@@ -77,7 +88,6 @@ def test_not_a_vit_npz(tmp_path):
   np.savez(tmp_path / "other.npz", weights=np.zeros(3))
   with pytest.raises(ValueError, match="no 'embedding/kernel'"):
     lvm_jax.from_pretrained(tmp_path / "other.npz")
-
 
 
 def test_npz_preprocessing_follows_the_model_size(tmp_path):

@@ -33,11 +33,15 @@ def bin_folder(tmp_path):
   return folder, state
 
 
-@pytest.mark.parametrize("wrap", [
-    lambda sd: sd,                                                     # torch.save(model.state_dict())
+@pytest.mark.parametrize(
+  "wrap",
+  [
+    lambda sd: sd,  # torch.save(model.state_dict())
     lambda sd: {"state_dict": sd, "epoch": 3, "arch": "vit", "metric": 0.5},  # timm's train.py checkpoint
     lambda sd: {"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 7},
-], ids=["flat", "state_dict", "model"])
+  ],
+  ids=["flat", "state_dict", "model"],
+)
 def test_torch_bin_flat_or_wrapped_loads_with_the_same_logits(bin_folder, wrap):
   folder, state = bin_folder
   torch.save(wrap(state), folder / files.TORCH_BIN)
@@ -49,24 +53,33 @@ def test_torch_bin_flat_or_wrapped_loads_with_the_same_logits(bin_folder, wrap):
 def test_torch_bin_with_non_tensor_entries_names_them(bin_folder):
   folder, state = bin_folder
   torch.save({**state, "epoch": 3, "step": 100}, folder / files.TORCH_BIN)
-  with pytest.raises(ValueError, match=r"pytorch_model.bin holds entries that are not tensors: 'epoch' \(int\), "
-                                       r"'step' \(int\)\. Expected a flat dict of tensor name -> tensor"):
+  with pytest.raises(
+    ValueError,
+    match=r"pytorch_model.bin holds entries that are not tensors: 'epoch' \(int\), "
+    r"'step' \(int\)\. Expected a flat dict of tensor name -> tensor",
+  ):
     lvm_jax.from_pretrained(folder)
 
 
 def test_torch_bin_with_the_state_dict_under_another_key_says_which(bin_folder):
   folder, state = bin_folder
   torch.save({"ema": state, "epoch": 3}, folder / files.TORCH_BIN)
-  with pytest.raises(ValueError, match=r"not tensors: 'ema' \(dict\), 'epoch' \(int\).*under 'state_dict' or "
-                                       r"'model'\. The tensors may be the dict under 'ema'"):
+  with pytest.raises(
+    ValueError,
+    match=r"not tensors: 'ema' \(dict\), 'epoch' \(int\).*under 'state_dict' or "
+    r"'model'\. The tensors may be the dict under 'ema'",
+  ):
     lvm_jax.from_pretrained(folder)
 
 
 def test_torch_bin_wrapped_state_dict_with_non_tensors_names_the_wrapper(bin_folder):
   folder, state = bin_folder
   torch.save({"state_dict": {**state, "num_updates": 5}}, folder / files.TORCH_BIN)
-  with pytest.raises(ValueError, match=r"pytorch_model.bin\['state_dict'\] holds entries that are not tensors: "
-                                       r"'num_updates' \(int\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"pytorch_model.bin\['state_dict'\] holds entries that are not tensors: "
+    r"'num_updates' \(int\)",
+  ):
     lvm_jax.from_pretrained(folder)
 
 
@@ -80,12 +93,16 @@ def test_torch_bin_that_is_not_a_dict(bin_folder):
 def test_torch_bin_with_pickled_objects_is_refused(bin_folder):
   folder, state = bin_folder
   torch.save({"state_dict": state, "args": argparse.Namespace(lr=0.1)}, folder / files.TORCH_BIN)
-  with pytest.raises(ValueError, match=r"(?s)could not be read as a weights-only.*save the state dict alone.*"
-                                       r"argparse.Namespace"):
+  with pytest.raises(
+    ValueError,
+    match=r"(?s)could not be read as a weights-only.*save the state dict alone.*"
+    r"argparse.Namespace",
+  ):
     lvm_jax.from_pretrained(folder)
 
 
 # ------------------------------------------------------------------------------------------ save_pretrained
+
 
 @pytest.fixture
 def umask():

@@ -22,9 +22,15 @@ TINY = dict(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 2, 1, 1],
 # microsoft/resnet-50's config.json. It predates transformers' downsample_in_bottleneck field (default false:
 # stride in the 3x3, ResNet v1.5, as its model card says), so it does not list it.
 RESNET50_CONFIG_JSON = {
-    "architectures": ["ResNetForImageClassification"], "model_type": "resnet", "num_channels": 3,
-    "embedding_size": 64, "hidden_sizes": [256, 512, 1024, 2048], "depths": [3, 4, 6, 3], "layer_type": "bottleneck",
-    "hidden_act": "relu", "downsample_in_first_stage": False,
+  "architectures": ["ResNetForImageClassification"],
+  "model_type": "resnet",
+  "num_channels": 3,
+  "embedding_size": 64,
+  "hidden_sizes": [256, 512, 1024, 2048],
+  "depths": [3, 4, 6, 3],
+  "layer_type": "bottleneck",
+  "hidden_act": "relu",
+  "downsample_in_first_stage": False,
 }
 
 
@@ -53,10 +59,16 @@ def load(folder, **overrides):
   """(model, variables) through this family's table alone, as hf.py uses it."""
   config = json.loads((folder / "config.json").read_text())
   tensors = load_file(str(folder / "model.safetensors"))
-  model = ResNet(**converter.hf_model_args(config), num_classes=config.get("num_labels", len(config["id2label"])),
-                 **overrides)
-  variables = mapping.load_variables(converter.hf_table(model), tensors, registry.abstract_variables(model),
-                                     source=str(folder), ignore=converter.HF_IGNORE)
+  model = ResNet(
+    **converter.hf_model_args(config), num_classes=config.get("num_labels", len(config["id2label"])), **overrides
+  )
+  variables = mapping.load_variables(
+    converter.hf_table(model),
+    tensors,
+    registry.abstract_variables(model),
+    source=str(folder),
+    ignore=converter.HF_IGNORE,
+  )
   return model, variables, tensors
 
 
@@ -72,8 +84,12 @@ def tiny(tmp_path_factory):
 def test_tiny_basic_logits_match_transformers(tiny):
   folder, torch_model = tiny
   model, variables, _ = load(folder)
-  assert (model.block, model.width, model.stage_widths, tuple(model.stage_sizes)) == ("basic", 8, (8, 16, 24, 32),
-                                                                                       (1, 2, 1, 1))
+  assert (model.block, model.width, model.stage_widths, tuple(model.stage_sizes)) == (
+    "basic",
+    8,
+    (8, 16, 24, 32),
+    (1, 2, 1, 1),
+  )
   x = ref.images(2, 64)
   expected = ref.logits(torch_model, x)
   np.testing.assert_allclose(jax.jit(model.apply)(variables, x), expected, atol=1e-4, rtol=0)
@@ -81,8 +97,14 @@ def test_tiny_basic_logits_match_transformers(tiny):
 
 
 def test_full_size_microsoft_resnet_50_matches_transformers(tmp_path):
-  config = ResNetConfig(depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048], layer_type="bottleneck",
-                        embedding_size=64, downsample_in_bottleneck=False, num_labels=1000)
+  config = ResNetConfig(
+    depths=[3, 4, 6, 3],
+    hidden_sizes=[256, 512, 1024, 2048],
+    layer_type="bottleneck",
+    embedding_size=64,
+    downsample_in_bottleneck=False,
+    num_labels=1000,
+  )
   torch.manual_seed(1)
   torch_model = calibrate(ref.randomize(ResNetForImageClassification(config), seed=1, scale=0.02), 224, seed=1)
   torch_model.save_pretrained(tmp_path)
@@ -120,13 +142,18 @@ def test_mismatching_checkpoint_names_tensor_and_both_shapes(tiny):
   tensors["resnet.encoder.stages.2.layers.0.layer.1.convolution.weight"] = np.zeros((24, 25, 3, 3), np.float32)
   del tensors["resnet.encoder.stages.1.layers.0.shortcut.normalization.running_var"]
   with pytest.raises(mapping.WeightsMismatchError) as err:
-    mapping.load_variables(converter.hf_table(model), tensors, registry.abstract_variables(model), source="ckpt",
-                           ignore=converter.HF_IGNORE)
+    mapping.load_variables(
+      converter.hf_table(model), tensors, registry.abstract_variables(model), source="ckpt", ignore=converter.HF_IGNORE
+    )
   message = str(err.value)
-  assert ("shape mismatch for resnet.encoder.stages.2.layers.0.layer.1.convolution.weight: checkpoint has "
-          "(24, 25, 3, 3), model params/stage_2_block_0/conv2/kernel expects (3, 3, 24, 24)") in message
-  assert ("missing resnet.encoder.stages.1.layers.0.shortcut.normalization.running_var "
-          "(for batch_stats/stage_1_block_0/shortcut_bn/var, shape (16,))") in message
+  assert (
+    "shape mismatch for resnet.encoder.stages.2.layers.0.layer.1.convolution.weight: checkpoint has "
+    "(24, 25, 3, 3), model params/stage_2_block_0/conv2/kernel expects (3, 3, 24, 24)"
+  ) in message
+  assert (
+    "missing resnet.encoder.stages.1.layers.0.shortcut.normalization.running_var "
+    "(for batch_stats/stage_1_block_0/shortcut_bn/var, shape (16,))"
+  ) in message
 
 
 def test_from_pretrained_and_save_pretrained_round_trip_through_transformers(tiny, tmp_path):
@@ -163,14 +190,17 @@ def test_base_model_gives_pooled_features_and_saves_as_resnet_model(tmp_path):
   np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("field,value,message", [
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
     ("layer_type", "preactivation", "layer_type='preactivation' is not supported"),
     ("hidden_act", "gelu", "hidden_act='gelu' is not supported"),
     ("downsample_in_bottleneck", True, "downsample_in_bottleneck=true"),
     ("downsample_in_first_stage", True, "downsample_in_first_stage=true"),
     ("num_channels", 1, "num_channels=1"),
     ("hidden_sizes", [256, 512, 1024, 2050], "hidden_sizes=.*multiples of 4"),
-])
+  ],
+)
 def test_unsupported_config_values_name_the_field(field, value, message):
   with pytest.raises(ValueError, match=message):
     converter.hf_model_args({**RESNET50_CONFIG_JSON, field: value})

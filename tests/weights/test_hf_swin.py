@@ -20,8 +20,7 @@ from lvm_jax.weights import swin as swin_weights
 from tests import torch_reference as ref
 
 # Stage 0 has 8x8 tokens in 2x2 windows of 4, so its second block really shifts (and masks).
-SMALL = dict(image_size=32, patch_size=4, window_size=4, embed_dim=32, depths=[2, 2], num_heads=[2, 4],
-             num_labels=10)
+SMALL = dict(image_size=32, patch_size=4, window_size=4, embed_dim=32, depths=[2, 2], num_heads=[2, 4], num_labels=10)
 
 
 def _reference(config: dict, seed: int = 0, scale: float = 0.1, cls=SwinForImageClassification):
@@ -36,8 +35,13 @@ def _checkpoint(torch_model, folder):
 
 def _load(tensors: dict, config: dict, num_classes: int):
   model = SwinTransformer(num_classes=num_classes, **swin_weights.hf_model_args(config))
-  variables = mapping.load_variables(swin_weights.hf_table(model), tensors, lvm_jax.abstract_variables(model),
-                                     source="test checkpoint", ignore=swin_weights.HF_IGNORE)
+  variables = mapping.load_variables(
+    swin_weights.hf_table(model),
+    tensors,
+    lvm_jax.abstract_variables(model),
+    source="test checkpoint",
+    ignore=swin_weights.HF_IGNORE,
+  )
   return model, variables
 
 
@@ -125,26 +129,37 @@ def test_mismatch_error_names_every_problem(small):
   # old checkpoints store the relative position index; it is recomputed, so it is no problem
   broken["swin.encoder.layers.0.blocks.0.attention.self.relative_position_index"] = np.zeros((16, 16), np.int64)
   with pytest.raises(lvm_jax.WeightsMismatchError) as err:
-    mapping.load_variables(swin_weights.hf_table(model), broken, lvm_jax.abstract_variables(model),
-                           source="broken/swin", ignore=swin_weights.HF_IGNORE)
+    mapping.load_variables(
+      swin_weights.hf_table(model),
+      broken,
+      lvm_jax.abstract_variables(model),
+      source="broken/swin",
+      ignore=swin_weights.HF_IGNORE,
+    )
   message = str(err.value)
   assert message.startswith("broken/swin does not fit the model:")
-  assert f"shape mismatch for {name}: checkpoint has (25, 4), model " \
-         "params/stage_1_block_0/attn/relative_position_bias_table expects (49, 4)" in message
-  assert ("missing swin.encoder.layers.0.downsample.reduction.weight (for params/merge_0/reduction/kernel, "
-          "shape (128, 64))") in message
+  assert (
+    f"shape mismatch for {name}: checkpoint has (25, 4), model "
+    "params/stage_1_block_0/attn/relative_position_bias_table expects (49, 4)" in message
+  )
+  assert (
+    "missing swin.encoder.layers.0.downsample.reduction.weight (for params/merge_0/reduction/kernel, shape (128, 64))"
+  ) in message
   assert "unexpected swin.encoder.layers.0.blocks.0.extra.weight (shape (3,))" in message
   assert "relative_position_index" not in message
 
 
-@pytest.mark.parametrize("field,value,message", [
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
     ("use_absolute_embeddings", True, "use_absolute_embeddings=true is not supported"),
     ("hidden_act", "relu", "hidden_act='relu' is not supported"),
     ("layer_norm_eps", 1e-6, "layer_norm_eps=1e-06 is not supported"),
     ("num_channels", 1, "num_channels=1: only RGB"),
     ("image_size", [32, 48], r"image_size=\[32, 48\]: only square"),
     ("num_heads", [2], r"depths=\[2, 2\] and num_heads=\[2\] differ in length"),
-])
+  ],
+)
 def test_unsupported_config_values_name_the_field(field, value, message):
   with pytest.raises(ValueError, match=message):
     swin_weights.hf_model_args({**SMALL, field: value})
@@ -157,8 +172,20 @@ def test_hf_config_rebuilds_the_same_network_in_transformers(small, tmp_path):
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["architectures"] == ["SwinForImageClassification"] and config["model_type"] == "swin"
   reloaded = SwinForImageClassification.from_pretrained(tmp_path).eval()
-  for field in ("image_size", "patch_size", "embed_dim", "depths", "num_heads", "window_size", "mlp_ratio",
-                "qkv_bias", "hidden_act", "layer_norm_eps", "use_absolute_embeddings", "num_labels"):
+  for field in (
+    "image_size",
+    "patch_size",
+    "embed_dim",
+    "depths",
+    "num_heads",
+    "window_size",
+    "mlp_ratio",
+    "qkv_bias",
+    "hidden_act",
+    "layer_norm_eps",
+    "use_absolute_embeddings",
+    "num_labels",
+  ):
     assert getattr(reloaded.config, field) == getattr(torch_model.config, field), field
   x = ref.images(2, 32, seed=5)
   np.testing.assert_allclose(ref.logits(reloaded, x), ref.logits(torch_model, x), atol=1e-6, rtol=0)

@@ -10,8 +10,15 @@ from transformers import ViTConfig, ViTForImageClassification, ViTModel
 import lvm_jax
 from tests import torch_reference as ref
 
-TINY = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96, image_size=32,
-            patch_size=8, num_labels=5)
+TINY = dict(
+  hidden_size=48,
+  num_hidden_layers=2,
+  num_attention_heads=3,
+  intermediate_size=96,
+  image_size=32,
+  patch_size=8,
+  num_labels=5,
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +84,9 @@ def test_new_head_and_image_size_for_transfer(tiny_folder):
   assert params["pos_embed"].shape == (1, 1 + 8 * 8, 48)
   # the class-token position is kept, the body is copied, the head is fresh (zeros, as big_vision)
   np.testing.assert_array_equal(params["pos_embed"][:, 0], source_vars["params"]["pos_embed"][:, 0])
-  np.testing.assert_array_equal(params["block_1"]["mlp"]["fc1"]["kernel"],
-                                source_vars["params"]["block_1"]["mlp"]["fc1"]["kernel"])
+  np.testing.assert_array_equal(
+    params["block_1"]["mlp"]["fc1"]["kernel"], source_vars["params"]["block_1"]["mlp"]["fc1"]["kernel"]
+  )
   assert params["head"]["kernel"].shape == (48, 3) and not np.asarray(params["head"]["kernel"]).any()
   assert model.apply(variables, np.zeros((2, 64, 64, 3), np.float32)).shape == (2, 3)
 
@@ -92,11 +100,16 @@ def test_resized_position_embeddings_match_timms_bicubic_resample(tiny_folder, i
   pos = np.random.default_rng(0).standard_normal(variables["params"]["pos_embed"].shape).astype(np.float32)
   variables["params"]["pos_embed"] = pos
   from lvm_jax.weights.pretrained import retarget
+
   _, resized = retarget(model, variables, image_size=image_size)
   new = image_size // 8
   grid = torch.from_numpy(pos[0, 1:].reshape(4, 4, 48).transpose(2, 0, 1)[None].astype(np.float64))
-  expected = torch.nn.functional.interpolate(grid, size=(new, new), mode="bicubic", antialias=True,
-                                             align_corners=False)[0].numpy().transpose(1, 2, 0).reshape(-1, 48)
+  expected = (
+    torch.nn.functional.interpolate(grid, size=(new, new), mode="bicubic", antialias=True, align_corners=False)[0]
+    .numpy()
+    .transpose(1, 2, 0)
+    .reshape(-1, 48)
+  )
   got = np.asarray(resized["params"]["pos_embed"])
   assert got.shape == (1, 1 + new * new, 48)
   np.testing.assert_array_equal(got[0, 0], pos[0, 0])
@@ -106,6 +119,7 @@ def test_resized_position_embeddings_match_timms_bicubic_resample(tiny_folder, i
 def test_shape_mismatch_names_tensor_and_both_shapes(tiny_folder, tmp_path):
   folder, _ = tiny_folder
   from safetensors.numpy import load_file, save_file
+
   tensors = load_file(str(folder / "model.safetensors"))
   tensors["vit.encoder.layer.1.intermediate.dense.weight"] = np.zeros((97, 48), np.float32)
   del tensors["vit.layernorm.bias"]
@@ -126,8 +140,10 @@ def test_unsupported_architecture_names_supported_ones(tiny_folder, tmp_path):
   config = json.loads((folder / "config.json").read_text())
   config["architectures"] = ["ViTForMaskedImageModeling"]
   (tmp_path / "config.json").write_text(json.dumps(config))
-  with pytest.raises(ValueError, match="architecture 'ViTForMaskedImageModeling' is not supported; supported: "
-                                       "ViTForImageClassification, ViTModel"):
+  with pytest.raises(
+    ValueError,
+    match="architecture 'ViTForMaskedImageModeling' is not supported; supported: ViTForImageClassification, ViTModel",
+  ):
     lvm_jax.from_pretrained(tmp_path)
   config["model_type"] = "deit"
   (tmp_path / "config.json").write_text(json.dumps(config))
@@ -141,6 +157,7 @@ def test_torch_bin_checkpoint_is_read_weights_only(tiny_folder, tmp_path):
   if not (tmp_path / "pytorch_model.bin").exists():
     # transformers 5 always writes safetensors; write the legacy .bin layout ourselves
     from safetensors.torch import load_file
+
     torch.save(load_file(str(folder / "model.safetensors")), tmp_path / "pytorch_model.bin")
     (tmp_path / "model.safetensors").unlink(missing_ok=True)
   model, variables = lvm_jax.from_pretrained(tmp_path)
@@ -168,6 +185,7 @@ class _WritesAFile:
 def test_torch_bin_with_code_in_its_pickle_is_refused_before_anything_runs(tiny_folder, tmp_path):
   folder, _ = tiny_folder
   from safetensors.torch import load_file
+
   marker = tmp_path / "ran"
   state = load_file(str(folder / "model.safetensors"))
   state["vit.layernorm.bias"] = _WritesAFile(marker)

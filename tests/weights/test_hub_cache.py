@@ -29,9 +29,19 @@ def _put_in_cache(cache, repo_id, folder, revision="0123456789abcdef0123456789ab
 
 def test_hub_id_is_read_from_the_cache_when_offline(offline_cache, tmp_path):
   torch.manual_seed(0)
-  torch_model = ref.randomize(ViTForImageClassification(ViTConfig(
-      hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32,
-      patch_size=16, num_labels=3)))
+  torch_model = ref.randomize(
+    ViTForImageClassification(
+      ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=16,
+        num_labels=3,
+      )
+    )
+  )
   torch_model.save_pretrained(tmp_path / "saved")
   _put_in_cache(offline_cache, "someorg/tiny-vit", tmp_path / "saved")
   model, variables = lvm_jax.from_pretrained("someorg/tiny-vit")

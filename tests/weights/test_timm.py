@@ -21,8 +21,9 @@ def reference(name):
     return {k: data[k] for k in data.files}
 
 
-@pytest.mark.parametrize("name,pooling,class_token,fc_norm", [("vit_token", "token", True, False),
-                                                                ("vit_gap", "gap", False, True)])
+@pytest.mark.parametrize(
+  "name,pooling,class_token,fc_norm", [("vit_token", "token", True, False), ("vit_gap", "gap", False, True)]
+)
 def test_logits_match_timm(name, pooling, class_token, fc_norm):
   model, variables = lvm_jax.from_pretrained(FIXTURES / name)
   assert (model.pooling, model.class_token, model.fc_norm) == (pooling, class_token, fc_norm)
@@ -51,8 +52,10 @@ def test_timm_preprocessing_comes_from_pretrained_cfg():
   assert tuple(ckpt.preprocessing.mean) == (0.5, 0.5, 0.5)
 
 
-PHOTOS = {"chelsea": lambda: skimage.data.chelsea(),
-          "chelsea_portrait": lambda: np.ascontiguousarray(skimage.data.chelsea().transpose(1, 0, 2))}
+PHOTOS = {
+  "chelsea": lambda: skimage.data.chelsea(),
+  "chelsea_portrait": lambda: np.ascontiguousarray(skimage.data.chelsea().transpose(1, 0, 2)),
+}
 
 
 @pytest.mark.parametrize("photo", sorted(PHOTOS))

@@ -17,8 +17,9 @@ def _init(model, size):
 
 
 def test_swin_at_384_gets_window_12_and_resized_bias_tables():
-  model = SwinTransformer(image_size=224, window_size=7, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
-                          num_classes=5)
+  model = SwinTransformer(
+    image_size=224, window_size=7, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), num_classes=5
+  )
   variables = _init(model, 224)
   block = lambda v: v["params"]["stage_0_block_0"]["attn"]
   target, new = retarget(model, variables, image_size=384)
@@ -33,8 +34,7 @@ def _torch_bicubic(table, new, antialias):
   """[g*g, heads] table resized on its g x g grid by torch's F.interpolate, in float64."""
   old, heads = int(round(table.shape[0] ** 0.5)), table.shape[1]
   grid = torch.from_numpy(table.T.reshape(1, heads, old, old).astype(np.float64))
-  out = torch.nn.functional.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False,
-                                        antialias=antialias)
+  out = torch.nn.functional.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False, antialias=antialias)
   return out[0].numpy().reshape(heads, new * new).T
 
 
@@ -63,10 +63,14 @@ def test_resized_bias_tables_are_per_head_grids_resampled_bicubically():
     np.testing.assert_allclose(resized, _torch_bicubic(table, 11, antialias=True), atol=1e-5, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="Microsoft's Swin (load_pretrained) and timm's "
-                   "resize_rel_pos_bias_table_simple resize bias tables with F.interpolate(mode='bicubic') without "
-                   "antialias, a cubic kernel with a = -0.75; lvm_jax.weights.transfer.resize_grid uses "
-                   "jax.image.resize's a = -0.5 (max difference ~0.3 on a unit-variance table)")
+@pytest.mark.xfail(
+  strict=True,
+  raises=AssertionError,
+  reason="Microsoft's Swin (load_pretrained) and timm's "
+  "resize_rel_pos_bias_table_simple resize bias tables with F.interpolate(mode='bicubic') without "
+  "antialias, a cubic kernel with a = -0.75; lvm_jax.weights.transfer.resize_grid uses "
+  "jax.image.resize's a = -0.5 (max difference ~0.3 on a unit-variance table)",
+)
 def test_resized_bias_tables_match_swins_bicubic():
   model, variables = _random_bias_tables(window=4)
   _, new = retarget(model, variables, image_size=32 * 6)
@@ -94,6 +98,7 @@ def test_resnet_new_head_keeps_body_and_statistics():
 
 def test_a_changed_body_is_an_error_naming_the_variable():
   from lvm_jax.weights import transfer
+
   model = ResNet(stage_sizes=(1, 1), block="basic", width=8, num_classes=10)
   other = model.clone(width=16)
   with pytest.raises(ValueError, match=r"Cannot transfer \S+: checkpoint has shape \(8,\), target model needs \(16,\)"):
