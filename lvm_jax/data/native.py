@@ -56,7 +56,7 @@ def library():
     detail = getattr(error, "stderr", None) or str(error)
     warnings.warn(
       f"lvm_jax: could not build or load {', '.join(s.name for s in SOURCES)} with {compiler!r}; the "
-      f"input pipeline uses TensorFlow's ops instead (a third more CPU per training image). "
+      f"input pipeline uses TensorFlow's ops instead (the same crops, at a higher CPU cost per training image). "
       f"{detail[-2000:]}"
     )
     return None

@@ -38,7 +38,19 @@ def model_fields(cls: type) -> list[str]:
 
 
 def create_model(name: str, **overrides) -> nn.Module:
-  """Builds a registered variant; keyword overrides replace its arguments (num_classes, dtype, drop_path, ...)."""
+  """Builds a registered variant.
+
+  Args:
+    name: a registered name, e.g. "vit_b16", "resnet50", "swin_t" (list_models() gives them all).
+    **overrides: replace the variant's arguments (num_classes, dtype, drop_path, image_size, ...); any field of its
+      class (VisionTransformer, ResNet, SwinTransformer).
+
+  Returns:
+    The flax.linen Module (not initialized: call model.init for variables).
+
+  Raises:
+    ValueError: an unknown name (with the closest known ones). TypeError: an override the class does not have.
+  """
   if name not in _MODELS:
     close = difflib.get_close_matches(name, _MODELS, n=5, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
