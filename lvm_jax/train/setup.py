@@ -35,7 +35,7 @@ class Run(program_lib.TrainProgram):
   @property
   def best_mode(self) -> str:
     """ "max" or "min": which way config.best_metric is better (checked against the task's eval metrics)."""
-    return _best_mode(self.task, self.config.best_metric)
+    return _best_mode(self.task, self.config.best_metric, self.use_ema)
 
   @property
   def eval_batch_size(self) -> int:
@@ -48,10 +48,15 @@ class Run(program_lib.TrainProgram):
     return _eval_dataset(self.config, self.eval_source)
 
 
-def _best_mode(task, best_metric: Optional[str]) -> str:
+def _best_mode(task, best_metric: Optional[str], use_ema: bool) -> str:
   if best_metric is None:
     return "max"
   name = best_metric.removeprefix("ema_")
+  if name != best_metric and not use_ema:
+    raise ValueError(
+      f"best_metric={best_metric!r} ranks checkpoints by the EMA parameters' {name}, but optimizer.ema_decay is "
+      f"not set: set it, or use best_metric={name!r}."
+    )
   if name not in task.eval_metrics:
     raise ValueError(
       f"best_metric={best_metric!r} is not an eval metric of task {task.name!r}: one of "
@@ -146,10 +151,11 @@ def build(config) -> Run:
   train_source = _make_source(config.data.train, "data.train")
   eval_source = _make_source(config.data.eval, "data.eval") if config.data.eval else None
   task = tasks.get_task(config.task).from_config(config, train_source, eval_source)
-  _best_mode(task, config.best_metric)
+  num_steps = _num_steps(config, train_source)
+  optimizer = _optimizer_config(config, num_steps)
+  _best_mode(task, config.best_metric, use_ema=optimizer["ema_decay"] is not None)
   model_init = task.build_model(config)
   normalize = _normalization(config, model_init.mean_std)
-  num_steps = _num_steps(config, train_source)
 
   # The pipeline's own element shape says what the model sees (built here, not iterated); this also checks
   # the pp and that the batch splits over the processes and data shards.
@@ -176,7 +182,7 @@ def build(config) -> Run:
   return Run.create(
     task=task,
     model=model_init.model,
-    optimizer=_optimizer_config(config, num_steps),
+    optimizer=optimizer,
     mesh=mesh,
     strategy=strategy,
     input_shape=(1,) + image_shape,

@@ -118,6 +118,17 @@ def test_best_metric_must_be_one_of_the_tasks_eval_metrics(brightness, digits_di
     setup.build(_config(digits_dir, best_metric="top1"))
 
 
+def test_an_ema_best_metric_needs_the_ema(digits_dir):
+  with pytest.raises(
+    ValueError,
+    match=r"best_metric='ema_top1' ranks checkpoints by the EMA parameters' top1, but "
+    r"optimizer.ema_decay is not set",
+  ):
+    setup.build(recipe(digits_dir, best_metric="ema_top1"))
+  assert setup.build(recipe(digits_dir, best_metric="ema_top1", optimizer__ema_decay=0.9)).best_mode == "max"
+  assert setup.build(recipe(digits_dir, best_metric="loss")).best_mode == "min"
+
+
 def test_an_unknown_task_is_a_clear_error(digits_dir):
   with pytest.raises(ValueError, match=r"task='segmentation' is not one of \['classification'\]"):
     setup.build(recipe(digits_dir, task="segmentation"))
