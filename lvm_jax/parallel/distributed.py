@@ -30,6 +30,7 @@ boundary (one enormous C call) could, or a host that stalls for that long (heavy
 there. LVM_JAX_HEARTBEAT_TIMEOUT_S=0 turns the watch off and leaves jax's 100 s.
 """
 
+import atexit
 import os
 import sys
 import threading
@@ -121,6 +122,7 @@ def initialize(
     timeout_s,
     is_shut_down=lambda: jax_distributed.global_state.client is not client,
   ).start()
+  atexit.register(_watch.stop_at_exit)
   previous_hook = sys.excepthook
 
   def excepthook(kind, value, traceback):  # an uncaught exception (not SystemExit): Python exits after this
@@ -202,6 +204,14 @@ class PeerWatch:
     if self._thread is not None and self._thread is not threading.current_thread():
       self._thread.join()
     self._thread = None
+
+  def stop_at_exit(self) -> None:
+    """At a normal exit the watch ends before Python finalizes (atexit runs the last-registered first, so before
+    jax's shutdown): a daemon thread still inside a jax client call when the interpreter ends is torn down in
+    the middle of C++ and aborts the process. A failing process keeps its watch: it ends the process once the
+    others have stopped too, where jax's shutdown would wait for them."""
+    if not self._failed:
+      self.stop()
 
   def fail(self, reason: str) -> None:
     """This process is ending with an error. The others may be waiting for it in a collective, and it would
