@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from lvm_jax import kernels
+from lvm_jax.kernels.attention import bias_groups
 
 Dtype = Any
 
@@ -227,6 +228,23 @@ def dot_product_attention(
   return kernels.jax_attention(q, k, v, bias, valid_length, implementation)
 
 
+def attention_probabilities(
+  q: jax.Array, k: jax.Array, bias: Optional[jax.Array] = None, valid_length: Optional[int] = None
+) -> jax.Array:
+  """The float32 weights softmax(q k^T / sqrt(head_dim) + bias), [batch, heads, queries, keys], of q and k
+  [batch, length, heads, head_dim], with `bias` and `valid_length` as for dot_product_attention (padding keys get
+  weight 0). The attention kernels never write these; this is for looking at them."""
+  q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+  logits = jnp.einsum("bqnh,bknh->bnqk", q, k) * q.shape[-1] ** -0.5
+  if bias is not None:
+    # Example i takes bias[i % groups] (Swin's windows), so group the batch for the bias to broadcast.
+    groups = bias_groups(bias, q.shape[0])
+    logits = (logits.reshape((-1, groups) + logits.shape[1:]) + bias.astype(jnp.float32)).reshape(logits.shape)
+  if valid_length is not None:
+    logits = jnp.where(jnp.arange(k.shape[1]) < valid_length, logits, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits, axis=-1)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with separate query/key/value projections split into heads.
 
@@ -236,6 +254,9 @@ class Attention(nn.Module):
   attention_impl: "xla", "cudnn" (fused flash attention, NVIDIA GPUs) or None for the fastest that applies
   (attention_implementation). Training with attention dropout always runs kernels.einsum_attention, the one form
   with dropout on the weights.
+  Applied with mutable=["intermediates"], it also sows the float32 attention weights (before any attention
+  dropout) as "attention_weights", [batch, heads, queries, keys] (attention_probabilities); otherwise it computes
+  nothing extra.
   """
 
   num_heads: int
@@ -271,6 +292,9 @@ class Attention(nn.Module):
     q = constrain(q, ("batch", "length", "heads", "kv"))
     if bias is not None:
       bias = bias.astype(q.dtype)
+    if self.is_mutable_collection("intermediates"):
+      # The kernels never materialise the weights: recompute them, only when a caller asks for intermediates.
+      self.sow("intermediates", "attention_weights", attention_probabilities(q, k, bias, valid_length))
     if train and self.dropout > 0.0:
       out = kernels.einsum_attention(q, k, v, bias, valid_length, nn.Dropout(self.dropout, deterministic=False))
     else:

@@ -249,7 +249,8 @@ class VisionTransformer(nn.Module):
     rates = jnp.asarray(self.drop_path_rates(), jnp.float32) if self.drop_path else None
     stack = nn.scan(
       body,
-      variable_axes={"params": 0},
+      # Sown intermediates (attention weights) come out stacked per layer, as the params do.
+      variable_axes={"params": 0, "intermediates": 0},
       split_rngs={"params": True, "dropout": True},
       length=self.depth,
       metadata_params={nn.PARTITION_NAME: logical_axes.LAYERS},
