@@ -1,4 +1,5 @@
-"""`pip install lvm_jax` into a Colab-like environment: a real install into a fresh virtual environment.
+"""lvm_jax installed into a Colab-like environment by the notebooks' install cell: a real install into a fresh
+virtual environment.
 
 Colab's GPU/CPU runtimes hold the full `tensorflow` and their own jax; its TPU runtimes hold jax and no TensorFlow.
 Installing lvm_jax must leave both as they are (no tensorflow-cpu beside tensorflow, no jax upgrade), and without
@@ -58,8 +59,18 @@ print(json.dumps({"logits": list(logits.shape), "error": error, "tf_loaded": "te
 """
 
 
+def notebook_install_cell() -> str:
+  """The install cell every notebook opens with (tests/notebooks checks that they are the same)."""
+  notebook = json.loads((REPO / "notebooks" / "01_classify_with_a_pretrained_vit.ipynb").read_text())
+  (cell,) = [
+    c for c in notebook["cells"] if c["cell_type"] == "code" and 'find_spec("lvm_jax")' in "".join(c["source"])
+  ]
+  return "".join(cell["source"])
+
+
 def _run(args, cwd):
-  env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+  # A process as a fresh runtime starts it: not this venv's, and one CPU device (no conftest XLA_FLAGS).
+  env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "XLA_FLAGS")}
   result = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True)
   assert result.returncode == 0, f"{' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
   return result.stdout
@@ -77,16 +88,28 @@ def colab_gpu_runtime(tmp_path_factory):
   python = root / "venv" / "bin" / "python"
   _run([python, "-m", "pip", "install", *(f"{name}=={version}" for name, version in RUNTIME.items())], root)
   before = _json(python, _VERSIONS, root)
-  # Only what the package is built from: setuptools builds in the source tree (build/, *.egg-info), so not in REPO.
-  source = root / "source"
-  shutil.copytree(REPO / "lvm_jax", source / "lvm_jax", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+  # The notebooks' install cell, run where Colab would have cloned the repository (./lvm_jax): it installs the
+  # clone with its extras. Only what the package is built from is copied, so nothing is built inside REPO.
+  clone = root / "lvm_jax"
+  shutil.copytree(REPO / "lvm_jax", clone / "lvm_jax", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
   for name in ("pyproject.toml", "README.md"):
-    shutil.copy(REPO / name, source / name)
-  _run([python, "-m", "pip", "install", source], root)
-  after = _json(python, _VERSIONS, root)
+    shutil.copy(REPO / name, clone / name)
+  installed = _run([python, "-c", notebook_install_cell()], root).strip().splitlines()[-1]
+  # Later processes start elsewhere: in root, the clone's folder would shadow the install as a namespace package.
+  work = root / "work"
+  work.mkdir()
+  after = _json(python, _VERSIONS, work)
   # Run here, while TensorFlow is installed: test_models_run_without_tensorflow uninstalls it.
-  with_tf = _json(python, _WITH_TF, root)
-  yield {"root": root, "python": python, "before": before, "after": after, "with_tf": with_tf}
+  with_tf = _json(python, _WITH_TF, work)
+  yield {
+    "root": root,
+    "work": work,
+    "python": python,
+    "before": before,
+    "after": after,
+    "with_tf": with_tf,
+    "installed": installed,
+  }
   shutil.rmtree(root, ignore_errors=True)  # 2.6 GB, and pytest keeps its last three temporary directories
 
 
@@ -98,7 +121,9 @@ def test_install_keeps_the_runtime_tensorflow_and_jax(colab_gpu_runtime):
   assert "lvm-jax" in after and "lvm-jax" not in before
 
   out = colab_gpu_runtime["with_tf"]
-  assert pathlib.Path(out["lvm_jax"]).is_relative_to(colab_gpu_runtime["root"] / "venv")  # the install, not REPO
+  assert colab_gpu_runtime["installed"] == "jax 0.10.2, CPU runtime: 1 x cpu"  # the cell's report
+  assert "matplotlib" in after  # the notebooks extra
+  assert pathlib.Path(out["lvm_jax"]).is_relative_to(colab_gpu_runtime["root"] / "lvm_jax")  # the clone, not REPO
   assert out["tf"] == RUNTIME["tensorflow"]
   assert out["image"] == [1.0, 1.0, 1.0] and out["label"] == [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
   assert out["logits"] == [2, 3]
@@ -106,7 +131,7 @@ def test_install_keeps_the_runtime_tensorflow_and_jax(colab_gpu_runtime):
 
 def test_models_run_without_tensorflow(colab_gpu_runtime):
   """A TPU runtime has no TensorFlow: the same environment with it uninstalled (the fixture's checks ran before)."""
-  python, root = colab_gpu_runtime["python"], colab_gpu_runtime["root"]
+  python, root = colab_gpu_runtime["python"], colab_gpu_runtime["work"]
   _run([python, "-m", "pip", "uninstall", "--yes", "tensorflow"], root)
   assert "tensorflow" not in _json(python, _VERSIONS, root)
 

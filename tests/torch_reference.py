@@ -1,5 +1,8 @@
 """Helpers to build PyTorch reference models for parity tests (transformers on torch, CPU, float32)."""
 
+import json
+import pathlib
+
 import numpy as np
 import torch
 
@@ -27,3 +30,15 @@ def logits(model: torch.nn.Module, images_nhwc: np.ndarray) -> np.ndarray:
 
 def images(batch: int, size: int, seed: int = 0) -> np.ndarray:
   return np.random.RandomState(seed).randn(batch, size, size, 3).astype(np.float32)
+
+
+def save_classifier(folder, model_class, config, labels, preprocessor_config: dict, seed: int = 0) -> pathlib.Path:
+  """A randomized transformers `model_class(config)` with named labels, saved as a hub checkpoint folder is laid
+  out: config.json, model.safetensors and the given preprocessor_config.json."""
+  folder = pathlib.Path(folder)
+  config.num_labels = len(labels)
+  config.id2label, config.label2id = dict(enumerate(labels)), {name: i for i, name in enumerate(labels)}
+  torch.manual_seed(seed)
+  randomize(model_class(config), seed=seed).save_pretrained(folder)
+  (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor_config, indent=2))
+  return folder

@@ -15,10 +15,12 @@ import io
 from typing import Optional
 
 import numpy as np
-import tensorflow_datasets as tfds
 from absl import logging
 
-from lvm_jax import tf_host  # noqa: F401  (before any TF op: keeps TensorFlow off the accelerators)
+# Before TFDS: keeps TensorFlow off the accelerators, and a missing TensorFlow is tf_host's one-line error.
+from lvm_jax import tf_host  # noqa: F401
+
+import tensorflow_datasets as tfds
 
 TEST_PER_CLASS = 36
 SPLIT_SEED = 0

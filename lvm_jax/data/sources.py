@@ -18,10 +18,11 @@ import json
 import os
 from typing import Callable, Optional
 
+from lvm_jax.tf_host import tf  # first: a missing TensorFlow is tf_host's one-line error, not TFDS's
+
 import tensorflow_datasets as tfds
 
 from lvm_jax.data import digits
-from lvm_jax.tf_host import tf
 
 # Datasets lvm_jax builds itself, offline and in seconds: prepared on first use whatever `download` says.
 _BUILT_IN_BUILDERS = {"digits": digits.prepared_builder}

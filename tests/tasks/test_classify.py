@@ -14,7 +14,6 @@ import PIL.Image
 import pytest
 import skimage.color
 import skimage.data
-import torch
 from transformers import (
   AutoImageProcessor,
   ResNetConfig,
@@ -70,12 +69,7 @@ def save_tiny_vit(folder, preprocessor_config=PROCESSORS["vit"], seed=0):
 
 
 def _save_tiny(folder, config, model_class, preprocessor_config, seed):
-  config.num_labels = len(LABELS)
-  config.id2label, config.label2id = dict(enumerate(LABELS)), {name: i for i, name in enumerate(LABELS)}
-  torch.manual_seed(seed)
-  ref.randomize(model_class(config), seed=seed).save_pretrained(folder)
-  (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor_config))
-  return folder
+  return ref.save_classifier(folder, model_class, config, LABELS, preprocessor_config, seed)
 
 
 def pipeline_top_k(folder, image_path, top_k=5):
