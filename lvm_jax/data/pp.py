@@ -14,7 +14,7 @@ import difflib
 import inspect
 from typing import Callable, Sequence, Union
 
-from lvm_jax.data import mix, ops, randaugment
+from lvm_jax.data import detection_ops, mix, ops, randaugment
 
 OPS: dict[str, Callable] = {
   "decode": ops.decode,
@@ -32,6 +32,12 @@ OPS: dict[str, Callable] = {
   "mixup": mix.mixup,
   "cutmix": mix.cutmix,
   "mixup_cutmix": mix.mixup_cutmix,
+  # Detection: boxes move with the pixels (lvm_jax/data/detection_ops.py).
+  "det_decode": detection_ops.det_decode,
+  "det_resize_pad": detection_ops.det_resize_pad,
+  "det_flip_lr": detection_ops.det_flip_lr,
+  "det_scale_jitter": detection_ops.det_scale_jitter,
+  "det_pad_boxes": detection_ops.det_pad_boxes,
 }
 BATCH_OPS = frozenset({"mixup", "cutmix", "mixup_cutmix"})
 
