@@ -314,3 +314,65 @@ def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.La
     scale_init=partitioned(ones, ("embed",)),
     bias_init=partitioned(zeros, ("embed",)),
   )
+
+
+class FrozenBatchNorm(nn.Module):
+  """BatchNorm with fixed statistics and affine transform, as torchvision's FrozenBatchNorm2d (its detectors'
+  backbones): y = x * scale / sqrt(var + epsilon) + (bias - mean * scale / sqrt(var + epsilon)).
+
+  All four vectors live in the `batch_stats` collection, as torchvision keeps them in buffers: the optimizer never
+  sees them and a model's parameter count is torchvision's. It takes nn.BatchNorm's constructor arguments so that
+  it can replace it (ResNet's `norm` field); use_running_average and momentum are accepted and ignored, and
+  scale_init/bias_init give the initial scale and bias.
+  """
+
+  use_running_average: bool = True
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  scale_init: Callable = ones
+  bias_init: Callable = zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = (x.shape[-1],)
+
+    def stat(name: str, init: Callable) -> jax.Array:
+      # Constant initialisers (ones, zeros) need no fresh key; the values are meant to be loaded anyway.
+      return self.variable("batch_stats", name, lambda: init(jax.random.key(0), shape, jnp.float32)).value
+
+    scale, bias = stat("scale", self.scale_init), stat("bias", self.bias_init)
+    mean, var = stat("mean", zeros), stat("var", ones)
+    # In float32, as torchvision folds them, then one multiply-add in the compute dtype.
+    factor = scale * jax.lax.rsqrt(var + self.epsilon)
+    shift = bias - mean * factor
+    return x.astype(self.dtype) * factor.astype(self.dtype) + shift.astype(self.dtype)
+
+
+class Conv2d(nn.Module):
+  """A k x k convolution with torch.nn.Conv2d's symmetric padding (k // 2 on every side; "SAME" would pad a stride-2
+  convolution asymmetrically) and an optional bias, computed by kernels.conv. Parameters "kernel" [k, k, in, out]
+  and "bias" [out], named (None, None, "conv_in", "conv_out") and ("conv_out",)."""
+
+  features: int
+  kernel_size: int
+  strides: int = 1
+  use_bias: bool = True
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = zeros
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    kernel_init = partitioned(self.kernel_init, (None, None, "conv_in", "conv_out"))
+    kernel = self.param("kernel", kernel_init, (k, k, x.shape[-1], self.features), self.param_dtype)
+    bias = None
+    if self.use_bias:
+      bias = self.param("bias", partitioned(self.bias_init, ("conv_out",)), (self.features,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    pad = k // 2
+    y = kernels.conv(x, kernel, (self.strides, self.strides), ((pad, pad), (pad, pad)))
+    return y if bias is None else y + bias
