@@ -27,7 +27,7 @@ def np_iou_one(box, boxes):
 
 
 def np_box_iou(boxes1, boxes2):
-  return np.stack([np_iou_one(b, boxes2) for b in boxes1]).reshape(len(boxes1), len(boxes2))
+  return np.array([np_iou_one(b, boxes2) for b in boxes1]).reshape(len(boxes1), len(boxes2))
 
 
 def np_greedy_nms(boxes, scores, iou_threshold, classes=None, valid=None):
@@ -92,3 +92,37 @@ def random_boxes(rng, n, canvas_hw, min_size, max_size):
   x1 = rng.uniform(0, w - min_size, size=n)
   y1 = rng.uniform(0, h - min_size, size=n)
   return np.stack([x1, y1, x1 + size[:, 0], y1 + size[:, 1]], axis=1).astype(np.float32)
+
+
+def np_matcher(iou, high=0.5, low=0.4, allow_low_quality=True):
+  """The Matcher's rules on a [real gt, anchors] IoU matrix, gt by gt."""
+  if iou.shape[0] == 0:
+    return np.full(iou.shape[1], -1)
+  best_gt, best_iou = iou.argmax(axis=0), iou.max(axis=0)
+  matches = np.where(best_iou < low, -1, np.where(best_iou < high, -2, best_gt))
+  if allow_low_quality:
+    for row in iou:
+      for anchor in np.flatnonzero(row == row.max()):
+        matches[anchor] = best_gt[anchor]
+  return matches
+
+
+def np_fcos_match(anchors, anchors_per_level, gt, radius=1.5):
+  """FCOS's assignment point by point: candidate gts, then the smallest area (lowest index on equal areas)."""
+  level = np.repeat(np.arange(len(anchors_per_level)), anchors_per_level)
+  matches = np.full(len(anchors), -1)
+  for n, (a, lvl) in enumerate(zip(anchors, level)):
+    size = a[2] - a[0]
+    x, y = (a[0] + a[2]) / 2, (a[1] + a[3]) / 2
+    lower = 0 if lvl == 0 else 4 * size
+    upper = np.inf if lvl == len(anchors_per_level) - 1 else 8 * size
+    candidates = []
+    for g, box in enumerate(gt):
+      distances = np.array([x - box[0], y - box[1], box[2] - x, box[3] - y])
+      centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+      near = max(abs(x - centre[0]), abs(y - centre[1])) < radius * size
+      if near and distances.min() > 0 and lower < distances.max() < upper:
+        candidates.append((np_area(box), g))
+    if candidates:
+      matches[n] = min(candidates)[1]
+  return matches
