@@ -19,11 +19,13 @@ def np_area(boxes):
 
 
 def np_iou_one(box, boxes):
-  """IoU of one box [4] with each of boxes [N, 4] (intersection over union of the areas)."""
+  """IoU of one box [4] with each of boxes [N, 4] (intersection over union of the areas); 0 / 0 (two disjoint
+  empty boxes) is NaN, as in torchvision, and never exceeds a threshold."""
   w = np.maximum(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0)
   h = np.maximum(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0)
   inter = w * h
-  return inter / (np_area(box) + np_area(boxes) - inter)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return inter / (np_area(box) + np_area(boxes) - inter)
 
 
 def np_box_iou(boxes1, boxes2):
