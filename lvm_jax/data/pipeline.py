@@ -206,10 +206,11 @@ def eval_dataset(
   ds = source.dataset(shard.index, shard.count).map(lambda ex: {**ex, "rng": fixed_rng})
   ds = ds.map(_chain(per_example), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.map(lambda ex: {**{k: v for k, v in ex.items() if k != "rng"}, "mask": tf.constant(1, tf.int32)})
-  if any(None in s.shape for s in ds.element_spec.values()):
+  unknown = [f"{k} {tuple(s.shape)}" for k, s in ds.element_spec.items() if None in s.shape]
+  if unknown:
     raise ValueError(
-      f"pp {spec!r} leaves examples of unknown shape {ds.element_spec}; end it with a fixed-size "
-      "resize or crop so examples can be batched."
+      f"pp {spec!r} leaves examples of unknown shape ({', '.join(unknown)}); end it with a fixed-size resize or "
+      "crop (detection: det_resize_pad or det_scale_jitter, then det_pad_boxes) so examples can be batched."
     )
   padding = steps * local_batch - source.shard_size(shard.index, shard.count)
   blank = {k: tf.zeros(s.shape, s.dtype) for k, s in ds.element_spec.items()}

@@ -9,6 +9,11 @@ split. A source never shuffles, decodes or repeats: the pipeline does.
 make_source(kind, **kwargs) builds one: "tfds" (any TFDS dataset, below), "folder" (image folders,
 lvm_jax/data/folders.py) or "digits" (scikit-learn's 8x8 digits as a TFDS dataset prepared offline on first
 use, lvm_jax/data/digits.py; the same TfdsSource reads it).
+
+Detection sources (DetectionSource, below) yield boxes instead of one label: "coco_folder" (an instances JSON
+and its images, lvm_jax/data/coco_folder.py), "digits_detection" (the built-in detection set, generated
+offline on first use, lvm_jax/data/digits_detection.py) and "tfds_detection" (TFDS coco and kitti,
+lvm_jax/data/tfds_detection.py).
 """
 
 import abc
@@ -58,6 +63,25 @@ class Source(abc.ABC):
   def save_class_names(self, path: str) -> None:
     """Writes class_names as a JSON list (index i is the name of label i), for runs and predict to keep."""
     write_class_names(self.class_names, path)
+
+
+class DetectionSource(Source):
+  """One split of a detection dataset: every example is an image with its objects' boxes.
+
+  dataset() yields {"image": tf.string encoded bytes, "boxes": float32 [n, 4] (x1, y1, x2, y2) in the original
+  image's pixels, "labels": int64 [n] in 0..num_classes-1, "image_id": int64}; n may be 0 (an image without
+  objects). Crowd regions are not among the boxes (they are no training targets) but stay in the ground truth.
+  `category_ids[i]` is the COCO category id of class i, what COCO evaluation reports detections of class i as.
+  """
+
+  category_ids: list[int]
+
+  @abc.abstractmethod
+  def coco_ground_truth(self) -> dict:
+    """The whole split's ground truth as a COCO instances dict ("images" with id/width/height, "annotations"
+    with id/image_id/category_id/bbox [x, y, w, h]/area/iscrowd, "categories" with id/name): the images
+    dataset() yields and exactly the objects it yields, plus crowd regions. pycocotools reads it as
+    `coco = COCO(); coco.dataset = gt; coco.createIndex()`."""
 
 
 def write_class_names(class_names, path: str) -> None:
@@ -119,9 +143,7 @@ class TfdsSource(Source):
     self.class_names = list(features[self.label_key].names)
 
   def _shard_split(self, process_index: int, process_count: int):
-    check_shard(process_index, process_count)
-    # The first (num_examples % process_count) shards get one example more; see tfds.even_splits.
-    return tfds.even_splits(self.split, n=process_count)[process_index]
+    return tfds_shard_split(self.split, process_index, process_count)
 
   def shard_size(self, process_index: int = 0, process_count: int = 1) -> int:
     return self.builder.info.splits[self._shard_split(process_index, process_count)].num_examples
@@ -149,6 +171,13 @@ class TfdsSource(Source):
       read_config=tfds.ReadConfig(try_autocache=False),
     )  # caching is the pipeline's choice, not ours
     return ds.map(select, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def tfds_shard_split(split: str, process_index: int, process_count: int) -> str:
+  """The TFDS split expression of one process's shard of `split`."""
+  check_shard(process_index, process_count)
+  # The first (num_examples % process_count) shards get one example more; see tfds.even_splits.
+  return tfds.even_splits(split, n=process_count)[process_index]
 
 
 def _prepared_builder(name: str, data_dir: Optional[str], download: bool, manual_dir: Optional[str]):
@@ -235,9 +264,17 @@ def digits_source(split: str, data_dir: Optional[str] = None) -> TfdsSource:
 
 
 def _kinds() -> dict[str, Callable[..., Source]]:
-  from lvm_jax.data import folders  # here, not at the top: folders.py builds on Source from this file
+  # Here, not at the top: these modules build on Source from this file.
+  from lvm_jax.data import coco_folder, digits_detection, folders, tfds_detection
 
-  return {"tfds": TfdsSource, "folder": folders.FolderSource, "digits": digits_source}
+  return {
+    "tfds": TfdsSource,
+    "folder": folders.FolderSource,
+    "digits": digits_source,
+    "coco_folder": coco_folder.CocoFolderSource,
+    "digits_detection": digits_detection.digits_detection_source,
+    "tfds_detection": tfds_detection.TfdsDetectionSource,
+  }
 
 
 def make_source(kind: str, **kwargs) -> Source:
@@ -246,16 +283,23 @@ def make_source(kind: str, **kwargs) -> Source:
       make_source("tfds", name="cifar10", split="train[:98%]", data_dir=...)
       make_source("folder", root="/data/pets", split="train")
       make_source("digits", split="test")
+      make_source("coco_folder", annotations="/data/coco/annotations/instances_val2017.json",
+                  images="/data/coco/val2017")
+      make_source("tfds_detection", name="kitti", split="validation")
 
   Args:
     kind: "tfds" (TfdsSource: name, split, data_dir, download, manual_dir, image_key, label_key), "folder"
       (folders.FolderSource: root, split, holdout_fraction, holdout_split, train_split, layout, strict,
-      index_path) or "digits" (split, data_dir: the built-in digits set, prepared offline on first use).
+      index_path) or "digits" (split, data_dir: the built-in digits set, prepared offline on first use); for
+      detection "coco_folder" (coco_folder.CocoFolderSource: annotations, images), "digits_detection" (split,
+      data_dir: the built-in detection set) or "tfds_detection" (tfds_detection.TfdsDetectionSource: name,
+      split, data_dir, download, manual_dir).
     **kwargs: the arguments of that kind, as the classes above document them.
 
   Returns:
     The Source: its num_examples, class_names (index i is label i) and per-process shards of encoded examples
-    ({"image": encoded image bytes, "label": int64}) for lvm_jax.data.pipeline.
+    ({"image": encoded image bytes, "label": int64}; a DetectionSource's carry "boxes", "labels" and
+    "image_id" instead of "label") for lvm_jax.data.pipeline.
   """
   kinds = _kinds()
   if kind not in kinds:

@@ -189,6 +189,13 @@ def test_pad_boxes_of_an_image_without_objects():
   assert out["boxes"].shape == (4, 4) and not out["box_mask"].numpy().any()
 
 
+def test_an_image_without_objects_passes_every_op():
+  example = {**_example(), "boxes": tf.zeros([0, 4]), "labels": tf.zeros([0], tf.int64)}
+  spec = "det_decode|det_flip_lr(1.0)|det_scale_jitter(64)|det_resize_pad(32)|det_pad_boxes(2)"
+  out = pipeline._chain(pp.parse(spec))(example)
+  assert out["image"].shape == (32, 32, 3) and out["boxes"].shape == (2, 4) and not out["box_mask"].numpy().any()
+
+
 def test_detection_ops_name_what_a_classification_example_lacks():
   with pytest.raises(KeyError, match=r"det_flip_lr: the example has no 'boxes', 'labels'.*det_decode first"):
     pp.parse("det_flip_lr")[0]({"image": tf.zeros([4, 4, 3], tf.uint8), "label": tf.constant(1)})

@@ -177,7 +177,9 @@ def test_bad_process_index(digits_dir):
 
 
 def test_make_source_errors(digits_dir):
-  with pytest.raises(ValueError, match="Unknown source kind 'folders'.*tfds, folder, digits. Did you mean folder"):
+  with pytest.raises(
+    ValueError, match="Unknown source kind 'folders'.*tfds, folder, digits, coco_folder, .*. Did you mean folder"
+  ):
     sources.make_source("folders", root="x")
   with pytest.raises(TypeError, match="unknown argument\\(s\\) data_dri. Did you mean data_dir\\? It takes: split"):
     sources.make_source("digits", split="train", data_dri=digits_dir)
