@@ -143,7 +143,10 @@ class CocoFolderSource(sources.DetectionSource):
 
 
 def _dropped_message(path: str, images_dir: str, dropped: dict, missing: list) -> str:
-  counts = [f"{n} {'images' if why == 'image file missing' else 'annotations'} ({why})" for why, n in dropped.items()]
+  counts = []
+  for why, n in dropped.items():
+    what = "image" if why == "image file missing" else "annotation"
+    counts.append(f"{n} {what}{'' if n == 1 else 's'} ({why})")
   message = f"{path}: dropped {', '.join(counts)}"
   if missing:
     message += f"; missing in {images_dir}: {', '.join(image['file_name'] for image in missing[:_LISTED_IN_WARNING])}"
