@@ -26,10 +26,18 @@ _BACKBONE, _PARTS = "backbone", ("fpn", "head")
 
 
 class _Detector(nn.Module):
-  """What every detector here shares: backbone features, and the parameter description for the optimizer."""
+  """What every detector here shares: backbone -> FPN (self.fpn) -> head (self.head, both made by the subclass's
+  setup), and the parameter description for the optimizer."""
 
   backbone: nn.Module
   num_classes: int
+
+  def pyramid(self, images: jax.Array, *, train: bool = False) -> list[jax.Array]:
+    """The FPN maps P3..P7, NHWC."""
+    return self.fpn(self.backbone_features(images, train))
+
+  def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, list[jax.Array]]:
+    return self.head(self.pyramid(images, train=train))
 
   def backbone_features(self, images: jax.Array, train: bool) -> list[jax.Array]:
     features = self.backbone(images, train=train, return_features=True)
@@ -80,13 +88,6 @@ class RetinaNet(_Detector):
       self.num_classes, self.num_anchors, self.version, prior_probability=self.prior_probability, **kw
     )
 
-  def pyramid(self, images: jax.Array, *, train: bool = False) -> list[jax.Array]:
-    """The FPN maps P3..P7, NHWC."""
-    return self.fpn(self.backbone_features(images, train))
-
-  def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, list[jax.Array]]:
-    return self.head(self.pyramid(images, train=train))
-
 
 class FCOS(_Detector):
   """FCOS (Tian et al. 2019) as torchvision's fcos_resnet50_fpn (P6 from P5, as its LastLevelP6P7(256, 256)).
@@ -104,13 +105,6 @@ class FCOS(_Detector):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.fpn = FeaturePyramid(self.fpn_channels, extra_from="p5", **kw)
     self.head = FCOSHead(self.num_classes, prior_probability=self.prior_probability, **kw)
-
-  def pyramid(self, images: jax.Array, *, train: bool = False) -> list[jax.Array]:
-    """The FPN maps P3..P7, NHWC."""
-    return self.fpn(self.backbone_features(images, train))
-
-  def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, list[jax.Array]]:
-    return self.head(self.pyramid(images, train=train))
 
 
 def resnet_backbone(variant: str = "resnet50", *, frozen_batchnorm: bool = True, bn_eps: float = 1e-5, **overrides):
@@ -145,7 +139,8 @@ def frozen_backbone_patterns(trainable_layers: int = 3) -> tuple[str, ...]:
 
 def load_backbone(variables: Mapping, backbone_variables: Mapping) -> dict:
   """`variables` of a detector with its backbone's replaced by `backbone_variables` (a classifier's: e.g. our
-  ImageNet ResNet from from_pretrained; its head and other unused entries are ignored).
+  ImageNet ResNet from from_pretrained; its head and other unused entries are ignored). Arrays are taken as they
+  are (no copy, no cast).
 
   A frozen norm keeps scale and bias in `batch_stats` where an ordinary BatchNorm has them in `params`; each is
   taken from whichever collection the classifier has it in.
@@ -167,7 +162,7 @@ def load_backbone(variables: Mapping, backbone_variables: Mapping) -> dict:
     elif tuple(found.shape) != tuple(value.shape):
       problems.append(f"{mapping.path_str(below)}: backbone has {tuple(found.shape)}, detector {tuple(value.shape)}")
     else:
-      out[path] = jnp.asarray(found, value.dtype)
+      out[path] = found
   if problems:
     raise ValueError("Backbone variables do not fit the detector's backbone:\n  " + "\n  ".join(problems))
   return mapping.unflatten(out)
