@@ -52,10 +52,11 @@ def test_low_quality_matches_keep_every_tied_anchor(retinanet_anchors_100):
 def test_no_real_boxes_match_nothing(retinanet_anchors_100):
   rng = np.random.default_rng(1)
   gt = random_boxes(rng, 4, (100, 100), 20, 60)
-  matches = np.asarray(matching.match_by_iou(retinanet_anchors_100, gt, np.zeros(4)))
+  matches = np.asarray(jax.jit(matching.match_by_iou)(retinanet_anchors_100, gt, np.zeros(4)))
   np.testing.assert_array_equal(matches, -1)
   fcos = anchor_ops.fcos_anchors((100, 100))
-  matches = np.asarray(matching.match_fcos(np.concatenate(fcos), [len(a) for a in fcos], gt, np.zeros(4)))
+  match_fcos = jax.jit(matching.match_fcos, static_argnums=1)
+  matches = np.asarray(match_fcos(np.concatenate(fcos), tuple(len(a) for a in fcos), gt, np.zeros(4)))
   np.testing.assert_array_equal(matches, -1)
 
 
@@ -89,7 +90,7 @@ def test_fcos_matching_matches_torchvision():
   fixture = load_fixture("fcos_loss")
   levels = anchor_ops.fcos_anchors((128, 128))
   anchors, counts = np.concatenate(levels), [len(a) for a in levels]
-  match = jax.vmap(lambda b, m: matching.match_fcos(anchors, counts, b, m))
+  match = jax.jit(jax.vmap(lambda b, m: matching.match_fcos(anchors, counts, b, m)))
   np.testing.assert_array_equal(match(fixture["boxes"], fixture["box_mask"]), fixture["matched_idxs"])
 
 
