@@ -2,7 +2,7 @@
 
 import functools
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -75,6 +75,15 @@ class VisionTransformer(nn.Module):
   num_classes=0 returns the pooled features instead of logits.
   With `return_features=True` the call returns {"grid": [B, h, w, width] normalized patch tokens,
   "pooled": [B, width] features before the head}.
+  With `return_blocks=(i, j, ...)` it returns the outputs of those blocks instead (as timm's forward_intermediates
+  with intermediates_only=True): a tuple of [B, h, w, width] patch-token grids, class token dropped, in the order
+  asked; negative indices count from the last block. They are the residual stream before the final norm, unless
+  normalize_blocks=True applies the final norm ("norm", the same parameters as the plain call) to each, as timm's
+  norm=True. Without scan_layers the blocks after the last one asked for do not run (nor exist in an init made
+  this way); with scan_layers every block runs.
+  dynamic_image_size: accept inputs of any size whose sides are multiples of patch_size (detection canvases): the
+  position embeddings, a grid for image_size, are resized (bicubic, as from_pretrained(image_size=) resizes them)
+  to the input's patch grid on every call whose grid differs, as timm's dynamic_img_size and ViTDet do.
   scan_layers: the blocks are one nn.scan over a single block (params["blocks"], each leaf with a leading
   layer axis named "layers"), so XLA compiles the block once and compile time stays flat with depth. Same
   outputs as the per-layer model ("block_0" ... ); stack_blocks / unstack_blocks convert between the two.
@@ -102,19 +111,30 @@ class VisionTransformer(nn.Module):
   param_dtype: Any = jnp.float32
   scan_layers: bool = False
   attention_impl: Optional[str] = None
+  dynamic_image_size: bool = False
 
   @property
   def grid_size(self) -> int:
     return self.image_size // self.patch_size
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    train: bool = False,
+    return_features: bool = False,
+    return_blocks: Optional[Sequence[int]] = None,
+    normalize_blocks: bool = False,
+  ):
     if self.pooling not in ("token", "gap"):
       raise ValueError(f"ViT pooling must be 'token' or 'gap', got {self.pooling!r}.")
     if self.pooling == "token" and not self.class_token:
       raise ValueError("ViT pooling='token' needs class_token=True.")
+    taps = None if return_blocks is None else self._block_indices(return_blocks, return_features, normalize_blocks)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     p = self.patch_size
+    self._check_input(x.shape[1], x.shape[2])
     x = nn.Conv(
       self.width,
       (p, p),
@@ -126,22 +146,19 @@ class VisionTransformer(nn.Module):
       **kw,
     )(x.astype(self.dtype))
     batch, h, w, _ = x.shape
-    if (h, w) != (self.grid_size, self.grid_size):
-      raise ValueError(
-        f"ViT built for {self.image_size}x{self.image_size} images (a {self.grid_size}x{self.grid_size} patch "
-        f"grid) got a {h}x{w} grid; build it with image_size={h * p} (from_pretrained(..., image_size=) "
-        f"resizes the position embeddings)."
-      )
     x = x.reshape(batch, h * w, self.width)
 
     use_cls = self.class_token
-    num_pos = h * w + (1 if use_cls and not self.no_embed_class else 0)
+    num_pos = self.grid_size**2 + (1 if use_cls and not self.no_embed_class else 0)  # the table's size
     pos = self.param(
       "pos_embed",
       layers.partitioned(layers.trunc_normal_02, (None, "length", "embed")),
       (1, num_pos, self.width),
       self.param_dtype,
-    ).astype(self.dtype)
+    )
+    if (h, w) != (self.grid_size, self.grid_size):  # dynamic_image_size (_check_input)
+      pos = _resize_position_grid(pos, num_pos - self.grid_size**2, self.grid_size, (h, w))
+    pos = pos.astype(self.dtype)
     if use_cls:
       cls = self.param(
         "cls_token", layers.partitioned(layers.zeros, (None, None, "embed")), (1, 1, self.width), self.param_dtype
@@ -160,11 +177,19 @@ class VisionTransformer(nn.Module):
     if tokens % 2 and self._attention_implementation() == "cudnn":
       # cuDNN's flash attention trains only on even lengths: one padding token for the whole encoder, masked out
       # as a key in every block, costs less than a pad and a slice in every layer.
-      x = self._encoder(jnp.pad(x, ((0, 0), (0, 1), (0, 0))), train, valid_length=tokens)[:, :tokens]
+      x, blocks = self._encoder(jnp.pad(x, ((0, 0), (0, 1), (0, 0))), train, taps, valid_length=tokens)
+      x, blocks = x[:, :tokens], {i: y[:, :tokens] for i, y in blocks.items()}
     else:
-      x = self._encoder(x, train)
+      x, blocks = self._encoder(x, train, taps)
 
     prefix = 1 if use_cls else 0
+    if taps is not None:
+      norm = layers.layer_norm(self.layer_norm_eps, name="norm", **kw) if normalize_blocks else None
+      grids = []
+      for i in taps:
+        y = blocks[i] if norm is None else norm(blocks[i])
+        grids.append(y[:, prefix:].reshape(batch, h, w, self.width))
+      return tuple(grids)
     if self.fc_norm:
       grid = x[:, prefix:]
       pooled = layers.layer_norm(self.layer_norm_eps, name="fc_norm", **kw)(grid.mean(axis=1))
@@ -225,7 +250,46 @@ class VisionTransformer(nn.Module):
       self.attention_impl, self.width // self.num_heads, self.dtype, has_bias=False
     )
 
-  def _encoder(self, x: jax.Array, train: bool, valid_length: Optional[int] = None) -> jax.Array:
+  def _check_input(self, height: int, width: int) -> None:
+    """Raises ValueError when an input of height x width pixels is not one this model takes."""
+    p = self.patch_size
+    if self.dynamic_image_size:
+      if height % p or width % p or not min(height, width):
+        raise ValueError(
+          f"ViT with dynamic_image_size=True takes inputs whose sides are positive multiples of patch_size={p}, "
+          f"got {height}x{width}."
+        )
+      return
+    h, w = height // p, width // p
+    if (h, w) != (self.grid_size, self.grid_size):
+      raise ValueError(
+        f"ViT built for {self.image_size}x{self.image_size} images (a {self.grid_size}x{self.grid_size} patch "
+        f"grid) got a {h}x{w} grid; build it with image_size={h * self.patch_size} (from_pretrained(..., "
+        f"image_size=) resizes the position embeddings), or with dynamic_image_size=True for inputs of any size."
+      )
+
+  def _block_indices(self, return_blocks: Sequence[int], return_features: bool, normalize: bool) -> tuple[int, ...]:
+    """return_blocks as indices 0..depth-1 (negative ones count from the end), checked."""
+    if return_features:
+      raise ValueError("ViT: ask for return_features or return_blocks, not both.")
+    if normalize and self.fc_norm:
+      raise ValueError(
+        "ViT normalize_blocks=True: a model with fc_norm=True normalizes after pooling and has no per-token final "
+        "norm to apply to the blocks; ask with normalize_blocks=False."
+      )
+    indices = tuple(int(i) for i in return_blocks)
+    if not indices or any(not -self.depth <= i < self.depth for i in indices):
+      raise ValueError(
+        f"ViT return_blocks={tuple(return_blocks)}: need one or more block indices in [-{self.depth}, "
+        f"{self.depth - 1}] (the model has depth={self.depth})."
+      )
+    return tuple(i % self.depth for i in indices)
+
+  def _encoder(
+    self, x: jax.Array, train: bool, taps: Optional[tuple[int, ...]] = None, valid_length: Optional[int] = None
+  ) -> tuple[jax.Array, dict[int, jax.Array]]:
+    """(the last block's output, {i: block i's output for i in taps}). Without scan_layers, the blocks after the
+    last tap do not run."""
     block = functools.partial(
       EncoderBlock,
       self.num_heads,
@@ -237,13 +301,22 @@ class VisionTransformer(nn.Module):
       param_dtype=self.param_dtype,
       attention_impl=self.attention_impl,
     )
+    taps = taps or ()
     if not self.scan_layers:
-      for i, rate in enumerate(self.drop_path_rates()):
+      blocks = {}
+      last = max(taps) + 1 if taps else self.depth
+      for i, rate in enumerate(self.drop_path_rates()[:last]):
         x = block(drop_path=rate, name=f"block_{i}")(x, train=train, valid_length=valid_length)
-      return x
+        if i in taps:
+          blocks[i] = x
+      return x, blocks
+
+    # Every layer's output comes out of the scan (stacked) only when a block before the last one is asked for.
+    stack_outputs = any(i != self.depth - 1 for i in taps)
 
     def body(layer, x, rate):
-      return layer(x, train=train, drop_path_rate=rate, valid_length=valid_length), None
+      y = layer(x, train=train, drop_path_rate=rate, valid_length=valid_length)
+      return y, (y if stack_outputs else None)
 
     # No drop path: no per-layer input, so the block keeps DropPath's static shortcut.
     rates = jnp.asarray(self.drop_path_rates(), jnp.float32) if self.drop_path else None
@@ -255,8 +328,16 @@ class VisionTransformer(nn.Module):
       length=self.depth,
       metadata_params={nn.PARTITION_NAME: logical_axes.LAYERS},
     )
-    x, _ = stack(block(drop_path=0.0, name=SCANNED_BLOCKS), x, rates)
-    return x
+    x, outputs = stack(block(drop_path=0.0, name=SCANNED_BLOCKS), x, rates)
+    return x, {i: outputs[i] if stack_outputs else x for i in taps}
+
+
+def _resize_position_grid(pos: jax.Array, num_prefix: int, grid: int, new_hw: tuple[int, int]) -> jax.Array:
+  """[1, num_prefix + grid**2, C] position embeddings with their patch grid resized to new_hw (bicubic, as
+  weights/transfer.py resizes them for a new image_size); the prefix (class token) entries are kept."""
+  prefix, table = pos[:, :num_prefix], pos[:, num_prefix:].reshape(grid, grid, -1)
+  table = jax.image.resize(table, (*new_hw, table.shape[-1]), "bicubic").reshape(1, new_hw[0] * new_hw[1], -1)
+  return jnp.concatenate([prefix, table], axis=1)
 
 
 SCANNED_BLOCKS = "blocks"
