@@ -39,7 +39,8 @@ flags.DEFINE_string(
 flags.DEFINE_integer("step", None, "eval/predict: the checkpoint step to use (default: the newest intact one).")
 flags.DEFINE_string("image", None, "predict: the image file to classify.")
 flags.DEFINE_integer("top_k", 5, "predict: how many classes to print.", lower_bound=1)
-flags.DEFINE_bool("json", False, "predict: print a JSON list of {label, index, probability}.")
+flags.DEFINE_bool("json", False, "predict: print JSON (classes: label, index, probability; detections: also box).")
+flags.DEFINE_string("output", None, "predict (detection): an image file to draw the detections into.")
 flags.DEFINE_bool("distributed", False, "Initialise jax.distributed (one process per host).")
 flags.DEFINE_string(
   "coordinator_address",
@@ -95,7 +96,8 @@ def predict() -> None:
     from lvm_jax import tasks
 
     task = tasks.task_of_workdir(FLAGS.workdir)
-    print(task.predict(FLAGS.workdir, FLAGS.image, step=FLAGS.step, top_k=FLAGS.top_k, as_json=FLAGS.json))
+    options = dict(step=FLAGS.step, top_k=FLAGS.top_k, as_json=FLAGS.json, output=FLAGS.output)
+    print(task.predict(FLAGS.workdir, FLAGS.image, **options))
     return
   from lvm_jax.tasks import classify
 

@@ -1,6 +1,8 @@
 """What several recipes share: ImageNet's TFDS blocks, the DeiT augmentation (also Swin's), the ViT paper's
 fine-tuning optimizer, and the run length of every recipe's `runlocal` variant. Data only, like the recipes."""
 
+import re
+
 from ml_collections.config_dict import FieldReference, placeholder
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167  # TFDS imagenet2012 "train"
@@ -63,3 +65,35 @@ def digits_for_imagenet(c) -> None:
   c.num_classes = 10
   c.data.train.update(dict(name="digits", split="train"))
   c.data.eval.update(dict(name="digits", split="test[:64]"))
+
+
+def tfds_detection_blocks(name: str, train_split: str, eval_split: str) -> tuple[dict, dict]:
+  """(data.train, data.eval) for a TFDS detection dataset (coco/2017, kitti), sharing data_dir / download /
+  manual_dir as tfds_blocks does."""
+  shared = dict(
+    kind="tfds_detection",
+    name=name,
+    data_dir=placeholder(str),
+    download=FieldReference(False),
+    manual_dir=placeholder(str),
+  )
+  return dict(shared, split=train_split), dict(shared, split=eval_split)
+
+
+def detection_runlocal(c) -> None:
+  """A detection recipe's toy variant: runlocal's 4 steps on the built-in digits_detection at a 64 px canvas, with
+  a narrow ResNet from scratch under a 32-channel FPN (no checkpoint to load); the recipe's head, loss, optimizer
+  and ops otherwise."""
+  runlocal(c)
+  c.pretrained = None
+  c.detection.weights = None
+  c.model = "resnet18"
+  c.model_args.update(width=8)
+  c.detection.fpn_channels = 32  # GroupNorm(32) in FCOS and RetinaNet v2 heads
+  c.detection.anchor_size = 16
+  c.data.train = dict(kind="digits_detection", split="train")
+  c.data.eval = dict(kind="digits_detection", split="test")
+  c.data.normalize = "imagenet"
+  for key in ("pp_train", "pp_eval"):  # the recipe's ops, at the toy canvas
+    c.data[key] = re.sub(r"(det_resize_pad|det_scale_jitter)\((\d+)(, max_size=\d+)?", r"\1(64", c.data[key])
+  c.optimizer.frozen = None

@@ -2,9 +2,10 @@
 and the inference APIs (classify)."""
 
 from lvm_jax.tasks.classification import Classification
+from lvm_jax.tasks.detection.task import Detection
 
 # config.task -> its Task class. A new task adds its line here.
-TASKS = {cls.name: cls for cls in (Classification,)}
+TASKS = {cls.name: cls for cls in (Classification, Detection)}
 
 
 def get_task(name: str) -> type:

@@ -116,17 +116,29 @@ class Classification(Task):
       raise ValueError("The eval split has no examples (every batch was padding).")
     return {name: value / count for name, value in total.items()}
 
-  def save_run_files(self, workdir: str) -> None:
-    if self.class_names is not None:
-      from lvm_jax.data import sources  # TensorFlow comes with it: only when a run writes its workdir
+  def save_run_files(self, workdir: str, model, normalize) -> None:
+    """The class names and the model's description (model.json), what predict rebuilds the run from."""
+    from lvm_jax.data import sources  # TensorFlow comes with it: only when a run writes its workdir
+    from lvm_jax.train import workdir_checkpoint
 
+    if self.class_names is not None:
       sources.write_class_names(self.class_names, os.path.join(workdir, CLASS_NAMES_FILE))
+    workdir_checkpoint.save_model_description(workdir, model, normalize)
 
   @classmethod
   def predict(
-    cls, workdir: str, image: str, *, step: Optional[int] = None, top_k: int = 5, as_json: bool = False
+    cls,
+    workdir: str,
+    image: str,
+    *,
+    step: Optional[int] = None,
+    top_k: int = 5,
+    as_json: bool = False,
+    output: Optional[str] = None,
   ) -> str:
     """The run's `top_k` classes for `image`, as classify.format_predictions writes them."""
+    if output is not None:
+      raise ValueError("--output draws detections; a classification run prints its classes (drop --output).")
     from lvm_jax.tasks import classify  # the inference API, which builds on the weights loaders
     from lvm_jax.train import workdir_checkpoint
 

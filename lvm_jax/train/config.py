@@ -62,6 +62,19 @@ def defaults() -> ml_collections.ConfigDict:
   c.optimizer = optimizer_block()
   c.optimizer.lr = 1e-3
   c.optimizer.weight_decay = 0.05
+  # config.task="detection" (lvm_jax/tasks/detection): the head on the backbone that model / pretrained give.
+  c.detection = ml_collections.ConfigDict()
+  c.detection.head = "retinanet"  # or "fcos"
+  c.detection.version = "v1"  # RetinaNet: "v1" (L1 box loss, P6 from P5) or "v2" (GroupNorm heads, GIoU, P6 from C5)
+  c.detection.fpn_channels = 256
+  c.detection.anchor_size = 32  # the smallest anchor's side (P3), doubling each level (torchvision's 32)
+  c.detection.frozen_batchnorm = True  # a pretrained ResNet's BatchNorm frozen, as torchvision's detectors
+  c.detection.weights = placeholder(str)  # a torchvision detector checkpoint to start from (the whole network)
+  c.detection.torchvision_arch = "retinanet_resnet50_fpn"  # its builder: ..._fpn, ..._fpn_v2, fcos_resnet50_fpn
+  c.detection.score_threshold = placeholder(float)  # None: torchvision's (RetinaNet 0.05, FCOS 0.2)
+  c.detection.nms_threshold = placeholder(float)  # None: 0.5 / 0.6
+  c.detection.topk_candidates = placeholder(int)  # None: 1000 a level
+  c.detection.detections_per_img = placeholder(int)  # None: 300 / 100
   c.mesh = ml_collections.ConfigDict(dict(data=-1))
   # preset: "dp", "fsdp", "tp" or "fsdp_tp"; or rules=[(logical name, mesh axes), ...], fsdp_axis, fsdp_min_size
   c.sharding = ml_collections.ConfigDict(dict(preset="dp"))
@@ -87,6 +100,7 @@ _OPTIONAL_TYPES = dict(
   frozen=tuple,
   no_decay=tuple,
   total_steps=int,
+  boundaries=tuple,
 )
 
 

@@ -43,7 +43,9 @@ DEFAULTS = dict(
   accumulate_steps=1,
   ema_decay=None,
 )
-SCHEDULE_DEFAULTS = dict(warmup_steps=0, total_steps=None, decay="cosine", end_lr_fraction=0.0)
+SCHEDULE_DEFAULTS = dict(
+  warmup_steps=0, total_steps=None, decay="cosine", end_lr_fraction=0.0, boundaries=None, factor=0.1
+)
 _DEFAULT_EPS = dict(adamw=1e-8, lamb=1e-6)
 
 
@@ -234,6 +236,8 @@ def make_optimizer(config, params, model=None):
     total_steps=s["total_steps"],
     decay=s["decay"],
     end_lr_fraction=s["end_lr_fraction"],
+    boundaries=s["boundaries"] or (),
+    factor=s["factor"],
   )
   # Masks are functions of the (possibly multi_transform-masked) tree so they fit whatever tree optax hands them.
   decay_tree = weight_decay_mask(params, cfg["no_decay"], model)

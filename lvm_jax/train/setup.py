@@ -95,7 +95,7 @@ def _make_source(block, where: str) -> sources.Source:
   args = dict(block)
   kind = args.pop("kind", None)
   if kind is None:
-    raise ValueError(f"{where} needs a 'kind' (one of 'tfds', 'folder', 'digits').")
+    raise ValueError(f"{where} needs a 'kind' (e.g. 'tfds', 'folder', 'digits', 'coco_folder', 'digits_detection').")
   try:
     return sources.make_source(kind, **args)
   except TypeError as e:

@@ -67,13 +67,22 @@ class Task(abc.ABC):
   def summarize_eval(self, per_batch: Sequence[dict]) -> dict[str, float]:
     """The eval metrics from the host copies of every eval_batch result of the split."""
 
-  def save_run_files(self, workdir: str) -> None:
-    """Writes what predicting from the trained workdir needs besides the checkpoint (called on process 0)."""
+  def save_run_files(self, workdir: str, model: nn.Module, normalize: Optional[tuple]) -> None:
+    """Writes what predicting from the trained workdir needs besides the checkpoint (called on process 0): e.g.
+    class names, and how to rebuild `model` (the network trained) with its input `normalize` ((mean, std) the
+    steps normalize uint8 images with, or None)."""
 
   @classmethod
   @abc.abstractmethod
   def predict(
-    cls, workdir: str, image: str, *, step: Optional[int] = None, top_k: int = 5, as_json: bool = False
+    cls,
+    workdir: str,
+    image: str,
+    *,
+    step: Optional[int] = None,
+    top_k: int = 5,
+    as_json: bool = False,
+    output: Optional[str] = None,
   ) -> str:
     """The text `main.py --mode=predict` prints for `image` with the run in `workdir` (at `step`, or its newest
-    intact checkpoint)."""
+    intact checkpoint); `output`: a file to draw the prediction into, for tasks that draw (else an error)."""

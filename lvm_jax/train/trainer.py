@@ -105,8 +105,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if start:
         print(f"resumed from step {start} of {run.num_steps} ({workdir})", flush=True)
       reporting.save_config(workdir, run.config)
-      run.task.save_run_files(workdir)
-      workdir_checkpoint.save_model_description(workdir, run.model, run.step_config.normalize)
+      run.task.save_run_files(workdir, run.model, run.step_config.normalize)
     return _train(run, workdir, checkpoints, state, start)
 
 

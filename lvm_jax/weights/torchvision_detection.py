@@ -6,7 +6,9 @@ the ten ids COCO never used ("N/A") are never trained, exactly as in torchvision
 """
 
 import dataclasses
+import os
 import pathlib
+import urllib.request
 from typing import Optional
 
 import flax.linen as nn
@@ -127,6 +129,26 @@ def torchvision_table(model: nn.Module, arch: str) -> list[Tensor]:
   return _backbone_table(model) + _fpn_table() + _head_table(_architecture(arch))
 
 
+def fetch(url_or_path: str) -> pathlib.Path:
+  """A local copy of a checkpoint: a path as it is, an http(s) URL (torchvision publishes its detectors at
+  download.pytorch.org) downloaded once into $LVM_JAX_CACHE/torchvision (default ~/.cache/lvm_jax), written to a
+  temporary name and renamed, so an interrupted download is never read."""
+  if not str(url_or_path).startswith(("http://", "https://")):
+    return pathlib.Path(url_or_path)
+  cache = pathlib.Path(os.environ.get("LVM_JAX_CACHE") or pathlib.Path.home() / ".cache" / "lvm_jax") / "torchvision"
+  target = cache / os.path.basename(str(url_or_path).split("?")[0])
+  if not target.exists():
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    try:
+      urllib.request.urlretrieve(str(url_or_path), partial)
+    except OSError as e:
+      partial.unlink(missing_ok=True)
+      raise OSError(f"Downloading {url_or_path} failed: {e}") from None
+    os.replace(partial, target)
+  return target
+
+
 def read_state_dict(path) -> dict[str, np.ndarray]:
   """A state dict from a .safetensors file, or a .pth / .pt / .bin file read by torch.load(weights_only=True)
   (needs torch; nothing is ever unpickled otherwise)."""
@@ -182,7 +204,7 @@ def convert_state_dict(
 def load_torchvision_detector(path, arch: str, num_classes: Optional[int] = None, **kwargs):
   """(model, variables) from a torchvision detector checkpoint file (see read_state_dict), e.g. torchvision's
   retinanet_resnet50_fpn_coco-eeacb38b.pth with arch="retinanet_resnet50_fpn". kwargs as convert_state_dict."""
-  return convert_state_dict(read_state_dict(path), arch, num_classes, source=str(path), **kwargs)
+  return convert_state_dict(read_state_dict(fetch(path)), arch, num_classes, source=str(path), **kwargs)
 
 
 def to_torchvision_state_dict(model: nn.Module, variables: dict, arch: str) -> dict[str, np.ndarray]:

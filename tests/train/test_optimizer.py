@@ -466,3 +466,14 @@ def test_a_wrapper_delegates_to_its_backbones_description():
     "box_head/kernel",
   }
   assert "backbone/stage_0_block_0/attn/relative_position_bias_table" not in decayed
+
+
+def test_step_decay_multiplies_by_the_factor_at_each_boundary():
+  # torchvision's detection recipes: MultiStepLR at epochs 16 and 22 of 26, after a linear warmup.
+  lr = schedules.warmup_then_decay(
+    0.01, warmup_steps=10, total_steps=260, decay="steps", boundaries=(16 / 26, 22 / 26), factor=0.1
+  )
+  values = [float(lr(s)) for s in (5, 10, 159, 160, 219, 220, 400)]
+  np.testing.assert_allclose(values, [0.005, 0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001], rtol=1e-6)
+  with pytest.raises(ValueError, match="boundaries"):
+    schedules.warmup_then_decay(0.01, warmup_steps=0, total_steps=10, decay="steps", boundaries=(1.5,))

@@ -53,12 +53,12 @@ class Brightness(Task):
     count = total.pop("count")
     return {k: v / count for k, v in total.items()}
 
-  def save_run_files(self, workdir):
+  def save_run_files(self, workdir, model, normalize):
     with open(os.path.join(workdir, "brightness.json"), "w") as f:
       json.dump({"scale": 255}, f)
 
   @classmethod
-  def predict(cls, workdir, image, *, step=None, top_k=5, as_json=False):
+  def predict(cls, workdir, image, *, step=None, top_k=5, as_json=False, output=None):
     return f"brightness of {image} from {workdir}"
 
 
@@ -130,5 +130,5 @@ def test_an_ema_best_metric_needs_the_ema(digits_dir):
 
 
 def test_an_unknown_task_is_a_clear_error(digits_dir):
-  with pytest.raises(ValueError, match=r"task='segmentation' is not one of \['classification'\]"):
+  with pytest.raises(ValueError, match=r"task='segmentation' is not one of \['classification', 'detection'\]"):
     setup.build(recipe(digits_dir, task="segmentation"))

@@ -21,10 +21,10 @@ REPO = pathlib.Path(__file__).parents[2]
 DIGITS_RECIPE = REPO / "configs" / "digits.py"
 
 
-def recipe(data_dir: str, arg: str = "runlocal", **overrides):
-  """configs/digits.py:ARG reading the prepared digits in `data_dir`; overrides are dotted keys
-  ("optimizer.ema_decay": 0.9 via optimizer__ema_decay=0.9)."""
-  spec = importlib.util.spec_from_file_location("digits_recipe", DIGITS_RECIPE)
+def recipe(data_dir: str, arg: str = "runlocal", path: pathlib.Path = DIGITS_RECIPE, **overrides):
+  """The recipe at `path` (configs/digits.py) with ARG, reading its prepared data in `data_dir`; overrides are
+  dotted keys ("optimizer.ema_decay": 0.9 via optimizer__ema_decay=0.9)."""
+  spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config(arg)

@@ -1,0 +1,113 @@
+"""Detections of a trained run on an image file: what `main.py --mode=predict --workdir=DIR --image=FILE` prints
+(one line a detection, or JSON) and, with --output, draws."""
+
+import dataclasses
+import io
+import json
+import os
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+
+from lvm_jax.data import device_batches, pp, sources
+from lvm_jax.tasks import images as image_io
+from lvm_jax.tasks.detection import model_builder
+from lvm_jax.tf_host import tf
+from lvm_jax.train import checkpoints as checkpoints_lib
+from lvm_jax.train import reporting
+
+CHECKPOINT_DIR = "checkpoints"
+CLASS_NAMES_FILE = "class_names.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+  label: str
+  index: int
+  score: float
+  box: tuple[float, float, float, float]  # x1, y1, x2, y2 in the original image's pixels
+
+
+def prepare_image(image, pp_eval: str) -> dict:
+  """An image (path, PIL image or array) through the run's eval pp: {"image": canvas uint8, "scale", "orig_size"}.
+  It goes through the same TF ops as eval batches (re-encoded losslessly), with no boxes."""
+  pil = image_io.load_image(image)
+  buffer = io.BytesIO()
+  pil.convert("RGB").save(buffer, format="PNG")
+  example = {
+    "image": tf.constant(buffer.getvalue()),
+    "boxes": tf.zeros([0, 4], tf.float32),
+    "labels": tf.zeros([0], tf.int64),
+    "image_id": tf.constant(0, tf.int64),
+    "rng": tf.constant([0, 0], tf.int64),
+  }
+  for op in pp.parse(pp_eval):
+    example = op(example)
+  return {k: example[k].numpy() for k in ("image", "scale", "orig_size")}
+
+
+def detect_with_run(workdir: str, image, *, step: Optional[int] = None) -> list[Detection]:
+  """The detections (score threshold and NMS as the run's spec) of the run in `workdir` on `image`."""
+  workdir = checkpoints_lib.absolute(workdir)
+  model, spec, normalize = model_builder.load_description(workdir)
+  config = reporting.load_config(workdir)
+  labels = sources.load_class_names(os.path.join(workdir, CLASS_NAMES_FILE))
+  with checkpoints_lib.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR), read_only=True) as checkpoints:
+    state = checkpoints.restore_arrays(step)
+  variables = {"params": state["params"], **({"batch_stats": state["batch_stats"]} if state.get("batch_stats") else {})}
+  example = prepare_image(image, config.data.pp_eval)
+  return detect(model, variables, spec, example, labels, normalize)
+
+
+def detect(model, variables, spec, example: dict, labels: Sequence[str], normalize) -> list[Detection]:
+  """Detections on one prepared example (prepare_image), boxes mapped back to the original image."""
+  canvas = example["image"].shape[:2]
+  images = jnp.asarray(example["image"])[None]
+  images = device_batches.normalize(images, *normalize) if normalize else images.astype(jnp.float32)
+  resized = np.minimum(np.round(example["orig_size"] * example["scale"]), canvas)[None]
+  found = jax.jit(lambda v, x: spec.detections(model.apply(v, x, train=False), canvas, resized))(variables, images)
+  found = jax.tree.map(np.asarray, found)
+  height, width = example["orig_size"]
+  out = []
+  for i in range(int(found["count"][0])):
+    box = np.clip(found["boxes"][0, i] / example["scale"], 0, [width, height, width, height])
+    index = int(found["labels"][0, i])
+    label = labels[index] if index < len(labels) else str(index)
+    out.append(Detection(label, index, float(found["scores"][0, i]), tuple(float(v) for v in box)))
+  return out
+
+
+def format_detections(detections: Sequence[Detection], *, as_json: bool = False) -> str:
+  if as_json:
+    return json.dumps([dataclasses.asdict(d) for d in detections])
+  if not detections:
+    return "no detections above the score threshold"
+  return "\n".join(
+    f"{d.score:6.1%}  {d.label:20s} {d.box[0]:7.1f} {d.box[1]:7.1f} {d.box[2]:7.1f} {d.box[3]:7.1f}" for d in detections
+  )
+
+
+def draw(image, detections: Sequence[Detection], output: str, min_score: float = 0.0) -> None:
+  """The image with each detection's box and "label score" drawn on it, written to `output` (PNG, JPEG, ...
+  by its extension; atomically)."""
+  canvas = image_io.load_image(image).convert("RGB")
+  pen = PIL.ImageDraw.Draw(canvas)
+  width = max(1, round(max(canvas.size) / 300))
+  for i, d in enumerate(d for d in detections if d.score >= min_score):
+    color = _COLORS[d.index % len(_COLORS)]
+    pen.rectangle(d.box, outline=color, width=width)
+    text = f"{d.label} {d.score:.2f}"
+    left, top = d.box[0], max(0, d.box[1] - 11)
+    pen.rectangle(pen.textbbox((left, top), text), fill=color)
+    pen.text((left, top), text, fill="white")
+  suffix = os.path.splitext(output)[1] or ".png"
+  tmp = f"{output}.tmp{suffix}"
+  canvas.save(tmp)
+  os.replace(tmp, output)
+
+
+_COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#469990", "#9a6324", "#800000")

@@ -1,0 +1,198 @@
+"""Detection through the one trainer: configs/detection_digits.py:runlocal trained, evaluated with COCO AP,
+resumed after SIGTERM bit for bit, predicted from its workdir (printed and drawn), and the same losses on 1 and 8
+devices under DP and FSDP; config errors before anything compiles."""
+
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import PIL.Image
+import pytest
+
+from lvm_jax.data import pipeline
+from lvm_jax.parallel import create_mesh, get_strategy
+from lvm_jax.tasks.detection import model_builder
+from lvm_jax.tasks.detection.task import Detection, DetectorSpec
+from lvm_jax.train import checkpoints as checkpoints_lib
+from lvm_jax.train import config as config_lib
+from lvm_jax.train import reporting, setup, trainer
+from lvm_jax.train.program import TrainProgram
+from tests.train import trainer_cases
+from tests.train.trainer_cases import flat, shared_compile_cache, sigterm_after_step
+
+REPO = pathlib.Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+  with (
+    pytest.MonkeyPatch.context() as monkeypatch,
+    shared_compile_cache(str(tmp_path_factory.mktemp("jax_cache")), monkeypatch),
+  ):
+    yield
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  from lvm_jax.data import digits_detection
+
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  digits_detection.prepare(data_dir)
+  return data_dir
+
+
+def recipe(data_dir, arg="runlocal", name="detection_digits", **overrides):
+  return trainer_cases.recipe(data_dir, arg, REPO / "configs" / f"{name}.py", **overrides)
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+  """The RetinaNet runlocal recipe trained to its end: (workdir, final metrics)."""
+  workdir = str(tmp_path_factory.mktemp("retinanet"))
+  return workdir, trainer.train_and_evaluate(recipe(data_dir), workdir)
+
+
+def test_runlocal_trains_and_evaluates_with_coco_metrics(trained):
+  workdir, final = trained
+  assert set(final["eval"]) == set(Detection.eval_metrics)
+  assert all(-1.0 <= v <= 1.0 for v in final["eval"].values())
+  lines = reporting.read_metrics(workdir)
+  train = [m for m in lines if m["split"] == "train"]
+  assert [m["step"] for m in train] == [2, 4]
+  assert all(np.isfinite(m[k]) for m in train for k in ("loss", "classification", "bbox_regression"))
+  assert [m["step"] for m in lines if m["split"] == "eval"] == [4]
+  assert json.load(open(os.path.join(workdir, "class_names.json"))) == [str(i) for i in range(10)]
+  model, spec, normalize = model_builder.load_description(workdir)
+  assert (spec.head, spec.num_classes, spec.anchor_size) == ("retinanet", 10, 16)
+  assert normalize is not None and type(model).__name__ == "RetinaNet"
+
+
+def test_eval_mode_gives_the_final_metrics_again(trained, data_dir):
+  workdir, final = trained
+  assert trainer.evaluate(recipe(data_dir), workdir)["eval"] == pytest.approx(final["eval"])
+
+
+def test_predict_prints_and_draws_the_detections_of_a_trained_run(trained, data_dir, tmp_path):
+  workdir, _ = trained
+  image = sorted(pathlib.Path(data_dir).glob("digits_detection/*/test/*"))[0]
+  printed = Detection.predict(workdir, str(image), as_json=True, output=str(tmp_path / "boxes.png"))
+  detections = json.loads(printed)
+  assert isinstance(detections, list)
+  for d in detections:
+    assert d["label"] in [str(i) for i in range(10)] and 0.0 <= d["score"] <= 1.0
+    x1, y1, x2, y2 = d["box"]
+    width, height = PIL.Image.open(image).size
+    assert 0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height
+  drawn = np.asarray(PIL.Image.open(tmp_path / "boxes.png").convert("RGB"))
+  assert drawn.shape[:2] == np.asarray(PIL.Image.open(image)).shape[:2]
+
+
+def test_sigterm_then_restart_ends_bit_for_bit_as_an_uninterrupted_run(data_dir, tmp_path, trained):
+  reference, _ = trained
+  workdir = str(tmp_path / "interrupted")
+  with sigterm_after_step(workdir, 2) as sent:
+    first = trainer.train_and_evaluate(recipe(data_dir), workdir)
+  assert sent.is_set() and first == {}
+  trainer.train_and_evaluate(recipe(data_dir), workdir)
+
+  def final_state(w):
+    with checkpoints_lib.CheckpointManager(os.path.join(w, "checkpoints"), async_save=False) as checkpoints:
+      return flat(checkpoints.restore_arrays(4))
+
+  expected, resumed = final_state(reference), final_state(workdir)
+  assert expected.keys() == resumed.keys()
+  for key in expected:
+    np.testing.assert_array_equal(resumed[key], expected[key], err_msg=key)
+
+
+@pytest.mark.parametrize("head, strategy", [("retinanet", "fsdp"), ("fcos", "dp")])
+def test_eight_devices_give_one_devices_losses(data_dir, head, strategy):
+  config = config_lib.validate(recipe(data_dir, f"runlocal,head={head}"))
+  run = setup.build(config)
+  batches = list(pipeline.train_dataset(run.train_source, config.data.pp_train, global_batch_size=16, seed=0).take(2))
+  batches = [{k: np.asarray(v) for k, v in b.items()} for b in batches]
+
+  def losses(mesh_shape, devices):
+    program = TrainProgram.create(
+      task=run.task,
+      model=run.model,
+      optimizer=dict(run.config.optimizer, schedule=dict(run.config.optimizer.schedule, total_steps=4)),
+      mesh=create_mesh(mesh_shape, devices),
+      strategy=get_strategy(strategy),
+      input_shape=run.input_shape,
+      normalize=run.step_config.normalize,
+    )
+    state, step, out = program.new_state(), program.train_step(), []
+    for batch in batches:
+      state, metrics = step(state, jax.device_put(batch, program.batch_sharding))
+      out.append({k: float(metrics[k]) for k in ("loss", *run.task.train_metrics)})
+    return out
+
+  axis = "data" if strategy == "dp" else "fsdp"
+  one, eight = losses({axis: 1}, jax.devices()[:1]), losses({axis: 8}, jax.devices())
+  for a, b in zip(one, eight):
+    assert a.keys() == b.keys()
+    for key in a:
+      assert b[key] == pytest.approx(a[key], rel=2e-5, abs=1e-6), key
+
+
+def test_classification_data_is_a_config_error(data_dir):
+  config = recipe(data_dir, data__train=dict(kind="digits", split="train", data_dir=data_dir))
+  with pytest.raises(ValueError, match="task='detection' needs detection data: data.train"):
+    setup.build(config)
+
+
+def test_a_pp_without_boxes_is_a_config_error(data_dir):
+  config = recipe(data_dir, data__pp_train="det_decode|det_resize_pad(64)")
+  with pytest.raises(ValueError, match="det_pad_boxes"):
+    setup.build(config)
+
+
+def test_unknown_head_is_a_config_error(data_dir):
+  with pytest.raises(ValueError, match="detection.head='yolo'"):
+    setup.build(recipe(data_dir, detection__head="yolo"))
+
+
+def test_anchor_sizes_follow_torchvision_from_the_smallest():
+  from lvm_jax.tasks.detection import anchors
+
+  torchvision = DetectorSpec(anchor_size=32).anchors((96, 128))
+  for ours, theirs in zip(torchvision, anchors.retinanet_anchors((96, 128))):
+    np.testing.assert_array_equal(ours, theirs)
+  for ours, theirs in zip(DetectorSpec(head="fcos").anchors((96, 128)), anchors.fcos_anchors((96, 128))):
+    np.testing.assert_array_equal(ours, theirs)
+  first = DetectorSpec(anchor_size=16).anchors((128, 128))[0][:9]  # P3's anchors at its first location
+  sides = np.sqrt((first[:, 2] - first[:, 0]) * (first[:, 3] - first[:, 1]))
+  np.testing.assert_allclose(np.sort(sides), np.repeat([16, 20, 25], 3), atol=1.0)  # int(16 * 2**(k/3))
+
+
+@pytest.mark.parametrize(
+  "name, arg", [("detection_coco", m) for m in ("retinanet", "retinanet_v2", "fcos")] + [("detection_kitti", None)]
+)
+def test_published_recipes_validate_and_runlocal_is_the_same_recipe(name, arg):
+  full = config_lib.validate(recipe("", f"model={arg}" if arg else None, name))
+  local = config_lib.validate(recipe("", f"model={arg},runlocal" if arg else "runlocal", name))
+  assert full.task == local.task == "detection"
+  assert (full.detection.head, full.detection.version) == (local.detection.head, local.detection.version)
+  assert [op.split("(")[0] for op in full.data.pp_train.split("|")] == [
+    op.split("(")[0] for op in local.data.pp_train.split("|")
+  ]
+  assert full.optimizer.name == local.optimizer.name == "sgd"
+  assert full.optimizer.schedule.decay == local.optimizer.schedule.decay == "steps"
+  assert full.data.train.kind == "tfds_detection" and full.data.batch_size == 16
+  if name == "detection_coco":
+    assert full.pretrained == "timm/resnet50.tv_in1k" and full.num_epochs == 26
+    np.testing.assert_allclose(full.optimizer.schedule.boundaries, (16 / 26, 22 / 26))
+  else:
+    assert full.detection.weights.endswith("retinanet_resnet50_fpn_coco-eeacb38b.pth")
+
+
+def test_coco_v2_recipe_runlocal_trains_with_giou_jitter_and_step_decay(data_dir, tmp_path):
+  config = recipe(data_dir, "model=retinanet_v2,runlocal", "detection_coco")
+  config.data.train.data_dir = config.data.eval.data_dir = data_dir
+  final = trainer.train_and_evaluate(config, str(tmp_path))
+  assert set(final["eval"]) == set(Detection.eval_metrics)
+  _, spec, _ = model_builder.load_description(str(tmp_path))
+  assert (spec.head, spec.version) == ("retinanet", "v2")
