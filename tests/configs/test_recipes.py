@@ -213,6 +213,8 @@ OPTIMIZER_FLAGS = dict(
     "schedule.total_steps": 90,
     "schedule.decay": "linear",
     "schedule.end_lr_fraction": 0.01,
+    "schedule.boundaries": (0.5, 0.75),
+    "schedule.factor": 0.2,
   },
 )
 # Every recipe under configs/, the digits demo and any added later included.

@@ -9,8 +9,11 @@ small, under the same names, so that the notebooks run the code users run on oth
 - 000000039769.jpg: a photo of a cat (scikit-image's chelsea) in place of the COCO photo.
 - flower_photos/: class folders of JPEGs (scikit-learn's handwritten digits, four classes) laid out as the
   TensorFlow flowers archive is, LICENSE.txt included.
+- retinanet_resnet50_fpn_coco.safetensors: torchvision's retinanet_resnet50_fpn state dict layout (every key and
+  shape of the real checkpoint) with deterministic random weights (tests/fixtures/torchvision/random_state_dict.py).
 """
 
+import json
 import pathlib
 import shutil
 import sys
@@ -28,7 +31,9 @@ from transformers import (
 )
 
 from lvm_jax.tasks.classify import imagenet1k_class_names
+from lvm_jax.weights import files
 from tests import torch_reference
+from tests.fixtures.torchvision.random_state_dict import random_state_dict
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -95,12 +100,19 @@ def write_flower_photos(folder: pathlib.Path) -> None:
       )
 
 
+def write_torchvision_retinanet(folder: pathlib.Path) -> None:
+  manifest = json.loads((REPO / "tests" / "fixtures" / "torchvision" / "detectors" / "MANIFEST.json").read_text())
+  tensors = random_state_dict(manifest["retinanet_resnet50_fpn"]["state_dict"])
+  files.write_safetensors(tensors, folder / "retinanet_resnet50_fpn_coco.safetensors")
+
+
 def write(folder) -> pathlib.Path:
   folder = pathlib.Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   write_checkpoints(folder)
   shutil.copy(REPO / "notebooks" / "images" / "cat.jpg", folder / "000000039769.jpg")
   write_flower_photos(folder)
+  write_torchvision_retinanet(folder)
   return folder
 
 

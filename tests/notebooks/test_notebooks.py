@@ -34,6 +34,7 @@ def test_there_is_a_notebook_for_each_task_so_far():
     "02_finetune_a_cnn_on_your_images.ipynb",
     "03_train_a_vit_from_scratch.ipynb",
     "04_scaling_over_devices.ipynb",
+    "05_object_detection.ipynb",
   ]
 
 

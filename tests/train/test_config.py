@@ -237,7 +237,7 @@ def recipe_assigning(path: str, block):
   [
     ("optimizer", {"name": "sgd", "lr": 0.1, "schedule": {"warmup_steps": 5}}, "'accumulate_steps', 'b1'"),
     ("optimizer", ml_collections.ConfigDict({"name": "lamb", "lr": 2e-3}), "'accumulate_steps', 'b1'"),
-    ("optimizer.schedule", {"warmup_steps": 5}, "'decay', 'end_lr_fraction', 'total_steps'"),
+    ("optimizer.schedule", {"warmup_steps": 5}, "'boundaries', 'decay', 'end_lr_fraction', 'factor', 'total_steps'"),
   ],
 )
 def test_a_recipe_that_assigns_a_new_optimizer_block_is_an_error(path, block, lost):

@@ -363,7 +363,7 @@ CONFIG_ERRORS = {
   ),
   "pp": (
     lambda c: c.data.update(pp_train="decod|inception_crop(32)"),
-    r"Unknown pp op 'decod' in 'decod'; did you mean decode\?",
+    r"Unknown pp op 'decod' in 'decod'; did you mean decode, det_decode\?",
   ),
 }
 

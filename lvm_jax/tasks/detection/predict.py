@@ -50,27 +50,44 @@ def prepare_image(image, pp_eval: str) -> dict:
   return {k: example[k].numpy() for k in ("image", "scale", "orig_size")}
 
 
+class RunDetector:
+  """A trained detection run loaded once from its workdir (newest intact or the given checkpoint), its forward pass
+  and post-processing compiled once: calling it on an image (path, PIL image or array) gives its detections."""
+
+  def __init__(self, workdir: str, step: Optional[int] = None):
+    workdir = checkpoints_lib.absolute(workdir)
+    self.model, self.spec, self.normalize = model_builder.load_description(workdir)
+    self.pp_eval = reporting.load_config(workdir).data.pp_eval
+    self.labels = sources.load_class_names(os.path.join(workdir, CLASS_NAMES_FILE))
+    with checkpoints_lib.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR), read_only=True) as checkpoints:
+      state = checkpoints.restore_arrays(step)
+    stats = {"batch_stats": state["batch_stats"]} if state.get("batch_stats") else {}
+    self.variables = {"params": state["params"], **stats}
+    self._forward = jax.jit(self._detections)
+
+  def _detections(self, variables, images, resized):
+    outputs = self.model.apply(variables, images, train=False)
+    return self.spec.detections(outputs, images.shape[1:3], resized)
+
+  def __call__(self, image) -> list[Detection]:
+    example = prepare_image(image, self.pp_eval)
+    images = jnp.asarray(example["image"])[None]
+    if self.normalize:
+      images = device_batches.normalize(images, *self.normalize)
+    canvas = example["image"].shape[:2]
+    resized = np.minimum(np.round(example["orig_size"] * example["scale"]), canvas)[None]
+    found = jax.tree.map(np.asarray, self._forward(self.variables, images.astype(jnp.float32), resized))
+    return to_original(found, example, self.labels)
+
+
 def detect_with_run(workdir: str, image, *, step: Optional[int] = None) -> list[Detection]:
   """The detections (score threshold and NMS as the run's spec) of the run in `workdir` on `image`."""
-  workdir = checkpoints_lib.absolute(workdir)
-  model, spec, normalize = model_builder.load_description(workdir)
-  config = reporting.load_config(workdir)
-  labels = sources.load_class_names(os.path.join(workdir, CLASS_NAMES_FILE))
-  with checkpoints_lib.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR), read_only=True) as checkpoints:
-    state = checkpoints.restore_arrays(step)
-  variables = {"params": state["params"], **({"batch_stats": state["batch_stats"]} if state.get("batch_stats") else {})}
-  example = prepare_image(image, config.data.pp_eval)
-  return detect(model, variables, spec, example, labels, normalize)
+  return RunDetector(workdir, step)(image)
 
 
-def detect(model, variables, spec, example: dict, labels: Sequence[str], normalize) -> list[Detection]:
-  """Detections on one prepared example (prepare_image), boxes mapped back to the original image."""
-  canvas = example["image"].shape[:2]
-  images = jnp.asarray(example["image"])[None]
-  images = device_batches.normalize(images, *normalize) if normalize else images.astype(jnp.float32)
-  resized = np.minimum(np.round(example["orig_size"] * example["scale"]), canvas)[None]
-  found = jax.jit(lambda v, x: spec.detections(model.apply(v, x, train=False), canvas, resized))(variables, images)
-  found = jax.tree.map(np.asarray, found)
+def to_original(found: dict, example: dict, labels: Sequence[str]) -> list[Detection]:
+  """The first image's detections of a post-processed batch, boxes mapped from the canvas back to the original
+  image (divided by the example's scale, clipped to its size)."""
   height, width = example["orig_size"]
   out = []
   for i in range(int(found["count"][0])):

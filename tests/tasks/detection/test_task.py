@@ -107,14 +107,13 @@ def test_sigterm_then_restart_ends_bit_for_bit_as_an_uninterrupted_run(data_dir,
     np.testing.assert_array_equal(resumed[key], expected[key], err_msg=key)
 
 
-@pytest.mark.parametrize("head, strategy", [("retinanet", "fsdp"), ("fcos", "dp")])
-def test_eight_devices_give_one_devices_losses(data_dir, head, strategy):
-  config = config_lib.validate(recipe(data_dir, f"runlocal,head={head}"))
+def test_eight_devices_give_one_devices_losses_under_dp_and_fsdp(data_dir):
+  config = config_lib.validate(recipe(data_dir))
   run = setup.build(config)
   batches = list(pipeline.train_dataset(run.train_source, config.data.pp_train, global_batch_size=16, seed=0).take(2))
   batches = [{k: np.asarray(v) for k, v in b.items()} for b in batches]
 
-  def losses(mesh_shape, devices):
+  def losses(mesh_shape, strategy, devices):
     program = TrainProgram.create(
       task=run.task,
       model=run.model,
@@ -130,12 +129,12 @@ def test_eight_devices_give_one_devices_losses(data_dir, head, strategy):
       out.append({k: float(metrics[k]) for k in ("loss", *run.task.train_metrics)})
     return out
 
-  axis = "data" if strategy == "dp" else "fsdp"
-  one, eight = losses({axis: 1}, jax.devices()[:1]), losses({axis: 8}, jax.devices())
-  for a, b in zip(one, eight):
-    assert a.keys() == b.keys()
-    for key in a:
-      assert b[key] == pytest.approx(a[key], rel=2e-5, abs=1e-6), key
+  one = losses({"data": 1}, "dp", jax.devices()[:1])
+  for mesh_shape, strategy in (({"data": 8}, "dp"), ({"fsdp": 8}, "fsdp")):
+    for a, b in zip(one, losses(mesh_shape, strategy, jax.devices())):
+      assert a.keys() == b.keys()
+      for key in a:
+        assert b[key] == pytest.approx(a[key], rel=2e-5, abs=1e-6), (strategy, key)
 
 
 def test_classification_data_is_a_config_error(data_dir):
@@ -196,3 +195,14 @@ def test_coco_v2_recipe_runlocal_trains_with_giou_jitter_and_step_decay(data_dir
   assert set(final["eval"]) == set(Detection.eval_metrics)
   _, spec, _ = model_builder.load_description(str(tmp_path))
   assert (spec.head, spec.version) == ("retinanet", "v2")
+
+
+@pytest.mark.parametrize("backbone", ["swin", "vit"])
+def test_digits_recipe_builds_on_swin_and_vit_backbones(data_dir, backbone):
+  run = setup.build(recipe(data_dir, f"runlocal,backbone={backbone}"))
+  kind = {"swin": "SwinTransformer", "vit": "ViTBackbone"}[backbone]
+  assert type(run.model.backbone).__name__ == kind
+  images = jax.ShapeDtypeStruct(run.input_shape, np.float32)
+  outputs = jax.eval_shape(lambda v, x: run.model.apply(v, x, train=False), run.abstract_state.variables, images)
+  sizes = [o.shape[1] for o in outputs["cls_logits"]]
+  assert sizes == [a.shape[0] for a in run.task.spec.anchors(run.input_shape[1:3])]
