@@ -97,3 +97,17 @@ def detection_runlocal(c) -> None:
   for key in ("pp_train", "pp_eval"):  # the recipe's ops, at the toy canvas
     c.data[key] = re.sub(r"(det_resize_pad|det_scale_jitter)\((\d+)(, max_size=\d+)?", r"\1(64", c.data[key])
   c.optimizer.frozen = None
+
+
+def torchvision_detection_optimizer(c, epochs: int, lr_epochs: tuple, warmup_steps: int) -> None:
+  """torchvision's detection references' optimizer: SGD lr 0.01 (batch 16), momentum 0.9, weight decay 1e-4, linear
+  warmup, lr x0.1 at each of lr_epochs (MultiStepLR), the stem and first stage frozen (trainable_backbone_layers=3)."""
+  c.num_epochs = float(epochs)
+  c.optimizer.name = "sgd"
+  c.optimizer.lr = 0.01
+  c.optimizer.momentum = 0.9
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.schedule.warmup_steps = warmup_steps
+  c.optimizer.schedule.decay = "steps"
+  c.optimizer.schedule.boundaries = tuple(e / epochs for e in lr_epochs)
+  c.optimizer.frozen = (r"^backbone/stem_", r"^backbone/stage_0_")

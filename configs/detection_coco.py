@@ -53,15 +53,7 @@ def get_config(arg=None):
   c.data.batch_size = 16
   c.data.shuffle_buffer = 1_000
 
-  c.num_epochs = float(EPOCHS)
-  c.optimizer.name = "sgd"
-  c.optimizer.lr = 0.01
-  c.optimizer.momentum = 0.9
-  c.optimizer.weight_decay = 1e-4
-  c.optimizer.schedule.warmup_steps = 1_000
-  c.optimizer.schedule.decay = "steps"
-  c.optimizer.schedule.boundaries = tuple(e / EPOCHS for e in LR_EPOCHS)
-  c.optimizer.frozen = (r"^backbone/stem_", r"^backbone/stage_0_")  # trainable_backbone_layers=3
+  common.torchvision_detection_optimizer(c, EPOCHS, LR_EPOCHS, warmup_steps=1_000)
   c.best_metric = "AP"
   c.log_every_steps = 100
   c.eval_every_steps = 7_500  # about an epoch

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lvm_jax import normalization  # IMAGENET_DEFAULT: torchvision's detectors' mean/std
 from lvm_jax.models import ResNet, layers, registry
 from lvm_jax.tasks.detection import backbones, detector
 from lvm_jax.train.task import ModelInit
@@ -18,7 +19,6 @@ from lvm_jax.train.task import ModelInit
 DESCRIPTION_FILE = "detector.json"
 # The norm modules a described ResNet may use (its `norm` field takes a class, which JSON cannot hold).
 _NORMS = {"BatchNorm": nn.BatchNorm, "FrozenBatchNorm": layers.FrozenBatchNorm}
-_DEFAULT_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # ImageNet's, as torchvision's detectors
 
 
 def build(config, spec) -> ModelInit:
@@ -57,7 +57,7 @@ def _pretrained_mean_std(source: str) -> Optional[tuple]:
 
   preprocessing = pretrained_lib.load_checkpoint(source).preprocessing
   if preprocessing is None:
-    return _DEFAULT_MEAN_STD
+    return normalization.IMAGENET_DEFAULT
   return (preprocessing.mean, preprocessing.std)
 
 
@@ -73,7 +73,7 @@ def _from_torchvision(path: str, arch: str, spec, dtype, seed: int) -> ModelInit
     variables = _replace_class_logits(variables, fresh)
   if jnp.dtype(dtype) != jnp.float32:
     model = model.clone(dtype=dtype)
-  return ModelInit(model, variables, _DEFAULT_MEAN_STD)
+  return ModelInit(model, variables, normalization.IMAGENET_DEFAULT)
 
 
 def _replace_class_logits(variables: dict, fresh: dict) -> dict:

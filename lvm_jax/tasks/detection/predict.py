@@ -14,14 +14,12 @@ import PIL.Image
 import PIL.ImageDraw
 
 from lvm_jax.data import device_batches, pp, sources
+from lvm_jax.tasks import classification
 from lvm_jax.tasks import images as image_io
 from lvm_jax.tasks.detection import model_builder
 from lvm_jax.tf_host import tf
 from lvm_jax.train import checkpoints as checkpoints_lib
-from lvm_jax.train import reporting
-
-CHECKPOINT_DIR = "checkpoints"
-CLASS_NAMES_FILE = "class_names.json"
+from lvm_jax.train import reporting, workdir_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +56,10 @@ class RunDetector:
     workdir = checkpoints_lib.absolute(workdir)
     self.model, self.spec, self.normalize = model_builder.load_description(workdir)
     self.pp_eval = reporting.load_config(workdir).data.pp_eval
-    self.labels = sources.load_class_names(os.path.join(workdir, CLASS_NAMES_FILE))
-    with checkpoints_lib.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR), read_only=True) as checkpoints:
+    self.labels = sources.load_class_names(os.path.join(workdir, classification.CLASS_NAMES_FILE))
+    with checkpoints_lib.CheckpointManager(
+      os.path.join(workdir, workdir_checkpoint.CHECKPOINT_DIR), read_only=True
+    ) as checkpoints:
       state = checkpoints.restore_arrays(step)
     stats = {"batch_stats": state["batch_stats"]} if state.get("batch_stats") else {}
     self.variables = {"params": state["params"], **stats}
@@ -114,7 +114,7 @@ def draw(image, detections: Sequence[Detection], output: str, min_score: float =
   canvas = image_io.load_image(image).convert("RGB")
   pen = PIL.ImageDraw.Draw(canvas)
   width = max(1, round(max(canvas.size) / 300))
-  for i, d in enumerate(d for d in detections if d.score >= min_score):
+  for d in (d for d in detections if d.score >= min_score):
     color = _COLORS[d.index % len(_COLORS)]
     pen.rectangle(d.box, outline=color, width=width)
     text = f"{d.label} {d.score:.2f}"

@@ -18,14 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lvm_jax import normalization
+from lvm_jax.tasks import classification
 from lvm_jax.tasks.detection import anchors as anchor_ops
 from lvm_jax.tasks.detection import losses, postprocess
 from lvm_jax.train.task import ModelInit, Task
 
 HEADS = ("retinanet", "fcos")
-DETECTOR_FILE = "detector.json"  # what predict needs to rebuild the network (written beside the checkpoints)
-CLASS_NAMES_FILE = "class_names.json"
 # torchvision's post-processing defaults per head: score threshold, top-k candidates a level, NMS IoU, detections.
 POSTPROCESS_DEFAULTS = {
   "retinanet": dict(score_threshold=0.05, topk_candidates=1000, nms_threshold=0.5, detections_per_img=300),
@@ -176,7 +174,7 @@ class Detection(Task):
     from lvm_jax.tasks.detection import model_builder
 
     if self.class_names is not None:
-      sources.write_class_names(self.class_names, os.path.join(workdir, CLASS_NAMES_FILE))
+      sources.write_class_names(self.class_names, os.path.join(workdir, classification.CLASS_NAMES_FILE))
     if model is not None:
       model_builder.save_description(workdir, model, self.spec, normalize)
 
@@ -214,7 +212,3 @@ def spec_from_config(config, num_classes: int) -> DetectorSpec:
     nms_threshold=d.nms_threshold,
     detections_per_img=d.detections_per_img,
   )
-
-
-def default_mean_std() -> tuple:
-  return normalization.IMAGENET_DEFAULT  # torchvision's detectors and ImageNet backbones
