@@ -4,6 +4,7 @@ r"""The lvm_jax command line. Kept short on purpose: it parses flags and calls i
   python main.py --mode=eval --config=configs/digits.py --workdir=/tmp/digits [--step=N]        # newest intact one
   python main.py --mode=predict --workdir=/tmp/digits --image=digit.png                         # a trained run
   python main.py --mode=predict --pretrained=google/vit-base-patch16-224 --image=cat.jpg [--top_k=5] [--json]
+  python main.py --mode=predict --pretrained=retinanet_resnet50_fpn_coco.pth --image=street.jpg --output=boxes.png
 
 Several processes (a TPU pod slice, several GPU hosts): pass --distributed on every host. Cloud TPU VMs and
 SLURM are detected; elsewhere give --coordinator_address, --num_processes and --process_id (or the
@@ -34,13 +35,15 @@ flags.DEFINE_string(
 flags.DEFINE_string(
   "pretrained",
   None,
-  "predict: a checkpoint lvm_jax.load_checkpoint reads (Hugging Face or timm folder or hub id, big_vision .npz file).",
+  "predict: a classifier checkpoint lvm_jax.load_checkpoint reads (Hugging Face or timm folder or hub id, "
+  "big_vision .npz file), or a torchvision RetinaNet / FCOS state dict (.pth or .safetensors file or URL).",
 )
 flags.DEFINE_integer("step", None, "eval/predict: the checkpoint step to use (default: the newest intact one).")
 flags.DEFINE_string("image", None, "predict: the image file to classify.")
 flags.DEFINE_integer("top_k", 5, "predict: how many classes to print.", lower_bound=1)
 flags.DEFINE_bool("json", False, "predict: print JSON (classes: label, index, probability; detections: also box).")
 flags.DEFINE_string("output", None, "predict (detection): an image file to draw the detections into.")
+flags.DEFINE_float("min_score", None, "predict (detection): show only detections at least this confident.")
 flags.DEFINE_bool("distributed", False, "Initialise jax.distributed (one process per host).")
 flags.DEFINE_string(
   "coordinator_address",
@@ -97,8 +100,19 @@ def predict() -> None:
 
     task = tasks.task_of_workdir(FLAGS.workdir)
     options = dict(step=FLAGS.step, top_k=FLAGS.top_k, as_json=FLAGS.json, output=FLAGS.output)
-    print(task.predict(FLAGS.workdir, FLAGS.image, **options))
+    print(task.predict(FLAGS.workdir, FLAGS.image, min_score=FLAGS.min_score, **options))
     return
+  from lvm_jax.weights import torchvision_detection
+
+  if torchvision_detection.is_checkpoint_file(FLAGS.pretrained):
+    from lvm_jax.tasks.detection import predict as detection_predict
+
+    detector = detection_predict.Detector.from_torchvision(FLAGS.pretrained)
+    options = dict(as_json=FLAGS.json, output=FLAGS.output, min_score=FLAGS.min_score or 0.0)
+    print(detection_predict.run(detector, FLAGS.image, **options))
+    return
+  if FLAGS.output is not None or FLAGS.min_score is not None:
+    raise app.UsageError("--output and --min_score are for detectors; a classifier prints its top classes.")
   from lvm_jax.tasks import classify
 
   predictions = classify.classify(FLAGS.pretrained, FLAGS.image, top_k=FLAGS.top_k)[0]

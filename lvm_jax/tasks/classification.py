@@ -135,10 +135,12 @@ class Classification(Task):
     top_k: int = 5,
     as_json: bool = False,
     output: Optional[str] = None,
+    min_score: Optional[float] = None,
   ) -> str:
     """The run's `top_k` classes for `image`, as classify.format_predictions writes them."""
-    if output is not None:
-      raise ValueError("--output draws detections; a classification run prints its classes (drop --output).")
+    if output is not None or min_score is not None:
+      flag = "--output draws" if output is not None else "--min_score filters"
+      raise ValueError(f"{flag} detections; a classification run prints its top classes (drop it).")
     from lvm_jax.tasks import classify  # the inference API, which builds on the weights loaders
     from lvm_jax.train import workdir_checkpoint
 

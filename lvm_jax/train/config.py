@@ -70,7 +70,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.detection.anchor_size = 32  # the smallest anchor's side (P3), doubling each level (torchvision's 32)
   c.detection.frozen_batchnorm = True  # a pretrained ResNet's BatchNorm frozen, as torchvision's detectors
   c.detection.weights = placeholder(str)  # a torchvision detector checkpoint to start from (the whole network)
-  c.detection.torchvision_arch = "retinanet_resnet50_fpn"  # its builder: ..._fpn, ..._fpn_v2, fcos_resnet50_fpn
+  c.detection.torchvision_arch = None  # its builder (..._fpn, ..._fpn_v2, fcos_resnet50_fpn); None: read off it
   c.detection.score_threshold = placeholder(float)  # None: torchvision's (RetinaNet 0.05, FCOS 0.2)
   c.detection.nms_threshold = placeholder(float)  # None: 0.5 / 0.6
   c.detection.topk_candidates = placeholder(int)  # None: 1000 a level

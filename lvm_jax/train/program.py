@@ -73,7 +73,10 @@ class TrainProgram:
     )
     tx, schedule = optimizer_lib.make_optimizer(block, params, model)
     step_config = steps.StepConfig(
-      normalize=normalize, ema_decay=block["ema_decay"], accumulate_steps=block["accumulate_steps"]
+      normalize=normalize,
+      ema_decay=block["ema_decay"],
+      accumulate_steps=block["accumulate_steps"],
+      frozen=tuple(block["frozen"] or ()),
     )
     abstract = state_lib.sharded_abstract_state(
       model, tx, input_shape, mesh, strategy, use_ema=step_config.ema_decay is not None

@@ -26,6 +26,9 @@ class StepConfig:
   normalize: Optional[tuple[Sequence[float], Sequence[float]]] = None
   ema_decay: Optional[float] = None
   accumulate_steps: int = 1
+  # optimizer.frozen's regexes: those parameters' gradients are zeros from the start, so XLA never computes them
+  # (nor the backward pass below the last trained layer), and grad_norm is the trained parameters' alone.
+  frozen: tuple[str, ...] = ()
 
 
 def _inputs(batch: dict, config: StepConfig) -> jax.Array:
@@ -58,6 +61,9 @@ def make_train_step(
       return loss, (metrics, updates)
 
     (loss, (task_metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if config.frozen:
+      mask = optimizer_lib.frozen_mask(grads, config.frozen)
+      grads = jax.tree.map(lambda g, frozen: jnp.zeros_like(g) if frozen else g, grads, mask)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, param_updates)
 

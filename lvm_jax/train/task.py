@@ -83,6 +83,8 @@ class Task(abc.ABC):
     top_k: int = 5,
     as_json: bool = False,
     output: Optional[str] = None,
+    min_score: Optional[float] = None,
   ) -> str:
     """The text `main.py --mode=predict` prints for `image` with the run in `workdir` (at `step`, or its newest
-    intact checkpoint); `output`: a file to draw the prediction into, for tasks that draw (else an error)."""
+    intact checkpoint); `output`: a file to draw the prediction into, and `min_score`: the least score of what is
+    shown, for tasks that draw and score (else an error)."""

@@ -201,10 +201,31 @@ def convert_state_dict(
   return model, variables
 
 
-def load_torchvision_detector(path, arch: str, num_classes: Optional[int] = None, **kwargs):
-  """(model, variables) from a torchvision detector checkpoint file (see read_state_dict), e.g. torchvision's
-  retinanet_resnet50_fpn_coco-eeacb38b.pth with arch="retinanet_resnet50_fpn". kwargs as convert_state_dict."""
-  return convert_state_dict(read_state_dict(fetch(path)), arch, num_classes, source=str(path), **kwargs)
+def infer_architecture(tensors: dict, source: str = "state dict") -> str:
+  """Which of ARCHITECTURES a torchvision state dict is, from its names: FCOS has a centerness predictor,
+  RetinaNet v2 GroupNorms in its head towers (Conv2dNormActivation's .1), v1 neither."""
+  if CLS_LOGITS not in tensors:
+    raise WeightsMismatchError(f"{source} has no {CLS_LOGITS}: it is not a torchvision RetinaNet / FCOS state dict.")
+  if "head.regression_head.bbox_ctrness.weight" in tensors:
+    return "fcos_resnet50_fpn"
+  if "head.classification_head.conv.0.1.weight" in tensors:
+    return "retinanet_resnet50_fpn_v2"
+  return "retinanet_resnet50_fpn"
+
+
+def is_checkpoint_file(source) -> bool:
+  """Whether `source` names a single state-dict file (local or http(s)) rather than a folder or hub id."""
+  name = str(source).split("?")[0]
+  return name.endswith((".safetensors", ".pth", ".pt", ".bin")) and not os.path.isdir(name)
+
+
+def load_torchvision_detector(path, arch: Optional[str] = None, num_classes: Optional[int] = None, **kwargs):
+  """(model, variables) from a torchvision detector checkpoint file or URL (see read_state_dict and fetch), e.g.
+  torchvision's https://download.pytorch.org/models/retinanet_resnet50_fpn_coco-eeacb38b.pth. `arch` (a name in
+  ARCHITECTURES) is read off the state dict when None. kwargs as convert_state_dict."""
+  tensors = read_state_dict(fetch(path))
+  arch = arch or infer_architecture(tensors, str(path))
+  return convert_state_dict(tensors, arch, num_classes, source=str(path), **kwargs)
 
 
 def to_torchvision_state_dict(model: nn.Module, variables: dict, arch: str) -> dict[str, np.ndarray]:

@@ -21,7 +21,7 @@ from lvm_jax.tasks import classification
 from lvm_jax.tasks.classification import Classification
 from lvm_jax.train import optimizer as opt
 from lvm_jax.train import state as state_lib
-from lvm_jax.train import steps
+from lvm_jax.train import steps, throughput
 
 NUM_CLASSES = 5
 TASK = Classification(NUM_CLASSES)
@@ -272,6 +272,30 @@ def test_dropout_key_changes_every_step_and_runs_reproduce_bit_for_bit(vit):
   # The saved rng seeds it: another key gives another mask at the same step.
   other = start.replace(rng=place(jax.random.key_data(jax.random.key(123)), start.rng))
   assert float(step(other, batch)[1]["loss"]) != l0
+
+
+def test_frozen_parameters_have_no_gradient_computed(vit):
+  model, variables = vit
+  frozen = (r"^patch_embed/", r"^block_0/", r"^(pos_embed|cls_token)$")
+  tx, schedule = _sgd(variables["params"], frozen=frozen)
+  state = _state(model, tx, VIT_SHAPE, variables=variables)
+  batch = _batch(7)
+  step = jax.jit(steps.make_train_step(TASK, model, tx, schedule, steps.StepConfig(frozen=frozen)))
+  new, metrics = step(state, batch)
+
+  _, grads = _grad_fn(model)(variables["params"], batch["image"], batch["label"])
+  is_frozen = _flat(opt.frozen_mask(variables["params"], frozen))
+  trained = {k: g for k, g in _flat(grads).items() if not is_frozen[k]}
+  expected_norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in trained.values()))
+  np.testing.assert_allclose(float(metrics["grad_norm"]), expected_norm, rtol=1e-5)  # the trained ones' only
+  before, after = _flat(variables["params"]), _flat(new.params)
+  for key in before:  # SGD, lr 0.5: frozen ones still, the others one step down their gradient
+    expected = before[key] if is_frozen[key] else before[key] - 0.5 * np.asarray(trained[key])
+    np.testing.assert_allclose(after[key], expected, rtol=1e-5, atol=1e-6, err_msg=key)
+  # XLA never computes what the frozen layers' gradients would need: the step does less work.
+  plain = jax.jit(steps.make_train_step(TASK, model, tx, schedule, steps.StepConfig()))
+  flops = [throughput.compiled_flops(f.lower(state, batch).compile()) for f in (plain, step)]
+  assert flops[1] < 0.9 * flops[0], flops
 
 
 def test_resnet_batch_stats_update_in_train_and_are_used_by_eval():

@@ -15,13 +15,14 @@ pre-trained), and its own P6 (the detector's FPN makes P6 and P7).
 """
 
 import functools
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lvm_jax import normalization  # IMAGENET_DEFAULT: where a checkpoint does not say
 from lvm_jax.models import layers, param_groups, registry
 from lvm_jax.models.resnet import ResNet
 from lvm_jax.models.swin import SwinTransformer
@@ -174,8 +175,16 @@ def feature_channels(backbone: nn.Module) -> dict[str, int]:
   raise TypeError(f"feature_channels knows ResNet, SwinTransformer and ViTBackbone, not {type(backbone).__name__}.")
 
 
-def build_backbone(spec: Mapping[str, Any], *, seed: int = 0) -> tuple[nn.Module, Optional[dict]]:
-  """A detector backbone from a config-like spec, and its starting variables.
+class Backbone(NamedTuple):
+  """What build_backbone gives: the module, where its variables start, and the input normalization."""
+
+  module: nn.Module
+  variables: Optional[dict]  # None: the detector initialises it
+  mean_std: Optional[tuple]  # a pretrained checkpoint's (mean, std) in 0..1 units; None for a fresh model
+
+
+def build_backbone(spec: Mapping[str, Any], *, seed: int = 0) -> Backbone:
+  """A detector backbone from a config-like spec, its starting variables and input normalization.
 
   Args:
     spec: a mapping (or ml_collections ConfigDict) with exactly one of
@@ -190,9 +199,10 @@ def build_backbone(spec: Mapping[str, Any], *, seed: int = 0) -> tuple[nn.Module
     seed: the key of the fresh pyramid parameters of a pretrained ViT.
 
   Returns:
-    (backbone, variables): variables None for a `model` (the detector initialises it), else the checkpoint's
-    variables as loaded (the arrays themselves, for the parameters the backbone uses; a ViT's pyramid fresh), in
-    the tree backbone.init gives.
+    Backbone(module, variables, mean_std): variables None for a `model` (the detector initialises it), else the
+    checkpoint's variables as loaded (the arrays themselves, for the parameters the backbone uses; a ViT's pyramid
+    fresh), in the tree module.init gives; mean_std the checkpoint's preprocessing (ImageNet's, torchvision's
+    detectors' too, where the checkpoint does not say), None for a `model`.
 
   Raises:
     ValueError: a spec with both or neither of model / pretrained, unknown keys, num_classes in model_args, or a
@@ -208,25 +218,28 @@ def build_backbone(spec: Mapping[str, Any], *, seed: int = 0) -> tuple[nn.Module
   model_args = dict(spec.get("model_args") or {})
   if "num_classes" in model_args:
     raise ValueError("A backbone has no classifier head: leave num_classes out of its model_args.")
+  mean_std = None
   if spec.get("model") is not None:
     model, variables = registry.create_model(spec["model"], num_classes=0, **model_args), None
   else:
     # from_pretrained(source, num_classes=0), less the jitted init of a whole model that it does to drop the head.
     checkpoint = pretrained_lib.load_checkpoint(spec["pretrained"], **model_args)
     model, variables = checkpoint.model.clone(num_classes=0), checkpoint.variables
+    preprocessing = checkpoint.preprocessing
+    mean_std = normalization.IMAGENET_DEFAULT if preprocessing is None else (preprocessing.mean, preprocessing.std)
   pyramid = dict(spec.get("pyramid") or {})
   if not isinstance(model, VisionTransformer):
     if pyramid:
       raise ValueError(f"'pyramid' configures a ViT's feature pyramid; {type(model).__name__} has its own stages.")
-    return model, None if variables is None else _used_variables(model, variables, None)
+    return Backbone(model, None if variables is None else _used_variables(model, variables, None), mean_std)
   backbone = ViTBackbone(model.clone(dynamic_image_size=True), **pyramid)
   if variables is None:
-    return backbone, None
+    return Backbone(backbone, None, None)
   canvas = max(max(backbone.strides), model.patch_size)  # the smallest the backbone takes
   grid = jnp.zeros((1, canvas // model.patch_size, canvas // model.patch_size, model.width), model.dtype)
   fresh = nn.meta.unbox(jax.jit(_pyramid(backbone).init)(jax.random.key(seed), grid))
   loaded = {"params": {"vit": variables["params"], "pyramid": fresh["params"]}}
-  return backbone, _used_variables(backbone, loaded, canvas)
+  return Backbone(backbone, _used_variables(backbone, loaded, canvas), mean_std)
 
 
 def _used_variables(backbone: nn.Module, variables: dict, size: Optional[int]) -> dict:

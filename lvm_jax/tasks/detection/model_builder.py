@@ -29,7 +29,7 @@ def build(config, spec) -> ModelInit:
   if config.detection.weights is not None:
     return _from_torchvision(config.detection.weights, config.detection.torchvision_arch, spec, dtype, config.seed)
   source = {"model": config.model} if config.pretrained is None else {"pretrained": config.pretrained}
-  backbone, backbone_variables = backbones.build_backbone(
+  backbone, backbone_variables, mean_std = backbones.build_backbone(
     {**source, "model_args": {**config.model_args, "dtype": dtype}}, seed=config.seed
   )
   if isinstance(backbone, ResNet):
@@ -40,7 +40,7 @@ def build(config, spec) -> ModelInit:
   if backbone_variables is None:
     return ModelInit(model)
   variables = detector.load_backbone(_init(model, config.seed), backbone_variables)
-  return ModelInit(model, variables, _pretrained_mean_std(config.pretrained))
+  return ModelInit(model, variables, mean_std)
 
 
 def _init(model: nn.Module, seed: int) -> dict:
@@ -52,21 +52,19 @@ def _init(model: nn.Module, seed: int) -> dict:
   return nn.meta.unbox(jax.jit(lambda key: model.init(key, images, train=False))(jax.random.key(seed)))
 
 
-def _pretrained_mean_std(source: str) -> Optional[tuple]:
-  from lvm_jax.weights import pretrained as pretrained_lib
-
-  preprocessing = pretrained_lib.load_checkpoint(source).preprocessing
-  if preprocessing is None:
-    return normalization.IMAGENET_DEFAULT
-  return (preprocessing.mean, preprocessing.std)
-
-
 def _from_torchvision(path: str, arch: str, spec, dtype, seed: int) -> ModelInit:
   """A torchvision detector checkpoint as the whole network; a new classification layer when the class count
   differs (e.g. KITTI from COCO), initialised as the head initialises it."""
   from lvm_jax.weights import torchvision_detection
 
   model, variables = torchvision_detection.load_torchvision_detector(path, arch)
+  head = "fcos" if isinstance(model, detector.FCOS) else "retinanet"
+  version = getattr(model, "version", "v1")
+  if (head, version) != (spec.head, spec.version):
+    raise ValueError(
+      f"detection.weights={path} is a {head} {version} checkpoint but the config asks for detection.head="
+      f"{spec.head!r}, version={spec.version!r}: set them to the checkpoint's."
+    )
   if model.num_classes != spec.num_classes:
     model = model.clone(num_classes=spec.num_classes)
     fresh = _init(model, seed)

@@ -1,9 +1,11 @@
-"""Detections of a trained run on an image file: what `main.py --mode=predict --workdir=DIR --image=FILE` prints
-(one line a detection, or JSON) and, with --output, draws."""
+"""Detections on an image file, of a trained run or a torchvision checkpoint: what `main.py --mode=predict
+--workdir=DIR | --pretrained=CHECKPOINT --image=FILE` prints (one line a detection, or JSON) and, with --output,
+draws."""
 
 import dataclasses
 import io
 import json
+import math
 import os
 from typing import Optional, Sequence
 
@@ -13,13 +15,19 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
+from lvm_jax import normalization
 from lvm_jax.data import device_batches, pp, sources
+from lvm_jax.data.detection_ops import CANVAS_MULTIPLE
 from lvm_jax.tasks import classification
 from lvm_jax.tasks import images as image_io
+from lvm_jax.tasks.detection import detector as detector_lib
 from lvm_jax.tasks.detection import model_builder
 from lvm_jax.tf_host import tf
 from lvm_jax.train import checkpoints as checkpoints_lib
 from lvm_jax.train import reporting, workdir_checkpoint
+
+
+TORCHVISION_RESIZE = (800, 1333)  # GeneralizedRCNNTransform's min_size, max_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,29 +56,73 @@ def prepare_image(image, pp_eval: str) -> dict:
   return {k: example[k].numpy() for k in ("image", "scale", "orig_size")}
 
 
-class RunDetector:
-  """A trained detection run loaded once from its workdir (newest intact or the given checkpoint), its forward pass
-  and post-processing compiled once: calling it on an image (path, PIL image or array) gives its detections."""
+class Detector:
+  """A detector ready for image files: its network and variables, its spec (post-processing), the input
+  normalization, how an image is put on its canvas, and its class names. Calling it on an image (path, PIL image or
+  array) gives its detections, boxes in the image's pixels. The forward pass and post-processing are compiled once
+  a canvas size.
 
-  def __init__(self, workdir: str, step: Optional[int] = None):
+  Build one from a trained run (from_workdir) or a torchvision checkpoint (from_torchvision).
+  """
+
+  def __init__(
+    self,
+    model,
+    variables: dict,
+    spec,
+    labels: Sequence[str],
+    *,
+    pp_eval: Optional[str] = None,
+    normalize: Optional[tuple] = None,
+    resize: tuple[int, int] = TORCHVISION_RESIZE,
+  ):
+    """pp_eval: the pp that puts an image on the canvas (a run's); None resizes as torchvision's transform does
+    (`resize` = (shorter side, longer side at most)) onto the image's own canvas, padded to a multiple of 32."""
+    self.model, self.variables, self.spec, self.labels = model, variables, spec, list(labels)
+    self.pp_eval, self.normalize, self.resize = pp_eval, normalize, resize
+    self._forward = jax.jit(self._detections)
+
+  @classmethod
+  def from_workdir(cls, workdir: str, step: Optional[int] = None) -> "Detector":
+    """A trained detection run: its newest intact checkpoint (or `step`), its eval pp and class names."""
     workdir = checkpoints_lib.absolute(workdir)
-    self.model, self.spec, self.normalize = model_builder.load_description(workdir)
-    self.pp_eval = reporting.load_config(workdir).data.pp_eval
-    self.labels = sources.load_class_names(os.path.join(workdir, classification.CLASS_NAMES_FILE))
+    model, spec, normalize = model_builder.load_description(workdir)
+    labels = sources.load_class_names(os.path.join(workdir, classification.CLASS_NAMES_FILE))
     with checkpoints_lib.CheckpointManager(
       os.path.join(workdir, workdir_checkpoint.CHECKPOINT_DIR), read_only=True
     ) as checkpoints:
       state = checkpoints.restore_arrays(step)
     stats = {"batch_stats": state["batch_stats"]} if state.get("batch_stats") else {}
-    self.variables = {"params": state["params"], **stats}
-    self._forward = jax.jit(self._detections)
+    variables = {"params": state["params"], **stats}
+    pp_eval = reporting.load_config(workdir).data.pp_eval
+    return cls(model, variables, spec, labels, pp_eval=pp_eval, normalize=normalize)
+
+  @classmethod
+  def from_torchvision(
+    cls, path_or_url: str, arch: Optional[str] = None, resize: tuple[int, int] = TORCHVISION_RESIZE
+  ) -> "Detector":
+    """A torchvision RetinaNet / FCOS checkpoint (file or URL; the architecture read off it unless given), with
+    torchvision's transform (ImageNet mean/std, shorter side 800, longer at most 1333: `resize`) and
+    post-processing."""
+    from lvm_jax.tasks.detection.task import DetectorSpec
+    from lvm_jax.weights import torchvision_detection
+
+    model, variables = torchvision_detection.load_torchvision_detector(path_or_url, arch)
+    head = "fcos" if isinstance(model, detector_lib.FCOS) else "retinanet"
+    spec = DetectorSpec(head=head, version=getattr(model, "version", "v1"), num_classes=model.num_classes)
+    coco = model.num_classes == len(torchvision_detection.COCO_CATEGORIES)
+    labels = torchvision_detection.COCO_CATEGORIES if coco else [f"class_{i}" for i in range(model.num_classes)]
+    return cls(model, variables, spec, labels, normalize=normalization.IMAGENET_DEFAULT, resize=resize)
 
   def _detections(self, variables, images, resized):
     outputs = self.model.apply(variables, images, train=False)
     return self.spec.detections(outputs, images.shape[1:3], resized)
 
   def __call__(self, image) -> list[Detection]:
-    example = prepare_image(image, self.pp_eval)
+    if self.pp_eval:
+      example = prepare_image(image, self.pp_eval)
+    else:
+      example = prepare_like_torchvision(image, *self.resize)
     images = jnp.asarray(example["image"])[None]
     if self.normalize:
       images = device_batches.normalize(images, *self.normalize)
@@ -80,9 +132,26 @@ class RunDetector:
     return to_original(found, example, self.labels)
 
 
-def detect_with_run(workdir: str, image, *, step: Optional[int] = None) -> list[Detection]:
-  """The detections (score threshold and NMS as the run's spec) of the run in `workdir` on `image`."""
-  return RunDetector(workdir, step)(image)
+def prepare_like_torchvision(image, min_size: int, max_size: int) -> dict:
+  """prepare_image as torchvision's GeneralizedRCNNTransform treats one image: the shorter side to min_size unless
+  the longer would pass max_size (sides rounded down), zero-padded bottom/right to a multiple of 32."""
+  pil = image_io.load_image(image)
+  example = prepare_image(pil, f"det_decode|det_resize_pad({min_size}, max_size={max_size})")
+  scale = min(min_size / min(pil.height, pil.width), max_size / max(pil.height, pil.width))
+  # The op pads to a square canvas that fits either orientation; all but the multiple of 32 is padding.
+  rows, cols = (CANVAS_MULTIPLE * math.ceil(math.floor(side * scale) / CANVAS_MULTIPLE) for side in pil.size[::-1])
+  return {**example, "image": example["image"][:rows, :cols]}
+
+
+def run(
+  detector: Detector, image, *, as_json: bool = False, output: Optional[str] = None, min_score: float = 0.0
+) -> str:
+  """What predict prints for `image`: its detections at least `min_score` confident, one line each (JSON with
+  as_json); `output` also draws them on the image."""
+  detections = [d for d in detector(image) if d.score >= min_score]
+  if output:
+    draw(image, detections, output)
+  return format_detections(detections, as_json=as_json)
 
 
 def to_original(found: dict, example: dict, labels: Sequence[str]) -> list[Detection]:

@@ -188,15 +188,14 @@ class Detection(Task):
     top_k: int = 5,
     as_json: bool = False,
     output: Optional[str] = None,
+    min_score: Optional[float] = None,
   ) -> str:
-    """The run's detections on `image` above its score threshold, one line each (JSON with as_json); `output`
-    also draws them on the image. top_k is classification's: every detection is printed."""
+    """The run's detections on `image` (those above its score threshold and `min_score`), one line each (JSON
+    with as_json); `output` also draws them on the image. top_k is classification's: it does not apply here."""
     from lvm_jax.tasks.detection import predict as predict_lib
 
-    detections = predict_lib.detect_with_run(workdir, image, step=step)
-    if output:
-      predict_lib.draw(image, detections, output)
-    return predict_lib.format_detections(detections, as_json=as_json)
+    detector = predict_lib.Detector.from_workdir(workdir, step)
+    return predict_lib.run(detector, image, as_json=as_json, output=output, min_score=min_score or 0.0)
 
 
 def spec_from_config(config, num_classes: int) -> DetectorSpec:

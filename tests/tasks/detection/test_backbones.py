@@ -33,8 +33,8 @@ def abstract(backbone, x):
 
 @pytest.mark.parametrize("family", sorted(SPECS))
 def test_every_family_gives_stride_8_16_32_maps_at_a_non_square_canvas(family):
-  backbone, variables = backbones.build_backbone(SPECS[family])
-  assert variables is None  # a registered model starts from its own init
+  backbone, variables, mean_std = backbones.build_backbone(SPECS[family])
+  assert variables is None and mean_std is None  # a registered model starts from its own init
   # Shapes as XLA would give them, traced without compiling (the jitted runs are in the tests below).
   x = jax.ShapeDtypeStruct(CANVAS, np.float32)
   out, _ = jax.eval_shape(lambda x: backbone.init_with_output(jax.random.key(0), x, return_features=True), x)
@@ -119,7 +119,7 @@ def test_vit_backbone_feeds_the_chosen_blocks_grid_to_its_pyramid():
 
 
 def test_vit_backbone_describes_its_parameters_to_the_optimizer():
-  backbone, _ = backbones.build_backbone(SPECS["vit"])
+  backbone, _, _ = backbones.build_backbone(SPECS["vit"])
   params = abstract(backbone, np.zeros(CANVAS, np.float32))["params"]
   ids, count = optimizer.layer_ids(params, backbone)  # raises if any parameter has no id
   depth = TINY_VIT["depth"]
@@ -139,8 +139,10 @@ def test_vit_backbone_describes_its_parameters_to_the_optimizer():
 def test_pretrained_vit_parameters_are_used_as_loaded():
   # timm's tiny ViT, patch 8: the pyramid is identity at 8 and max pooling at 16 and 32.
   spec = {"pretrained": str(FIXTURES / "vit_token"), "pyramid": {"channels": 16}}
-  backbone, variables = backbones.build_backbone(spec)
-  from_checkpoint = backbones.pretrained_lib.load_checkpoint(FIXTURES / "vit_token").variables["params"]
+  backbone, variables, mean_std = backbones.build_backbone(spec)
+  checkpoint = backbones.pretrained_lib.load_checkpoint(FIXTURES / "vit_token")
+  assert mean_std == (checkpoint.preprocessing.mean, checkpoint.preprocessing.std)
+  from_checkpoint = checkpoint.variables["params"]
   vit = variables["params"]["vit"]
   assert set(vit) == {"patch_embed", "pos_embed", "cls_token", "block_0", "block_1"}  # no final norm, no head
   for path, leaf in zip(optimizer.param_paths(vit), jax.tree.leaves(vit)):
@@ -155,8 +157,10 @@ def test_pretrained_vit_parameters_are_used_as_loaded():
 
 
 def test_pretrained_resnet_is_returned_as_loaded():
-  backbone, variables = backbones.build_backbone({"pretrained": str(FIXTURES / "resnet_basic")})
-  loaded = backbones.pretrained_lib.load_checkpoint(FIXTURES / "resnet_basic").variables
+  backbone, variables, mean_std = backbones.build_backbone({"pretrained": str(FIXTURES / "resnet_basic")})
+  checkpoint = backbones.pretrained_lib.load_checkpoint(FIXTURES / "resnet_basic")
+  assert mean_std == (checkpoint.preprocessing.mean, checkpoint.preprocessing.std)
+  loaded = checkpoint.variables
   assert "head" in loaded["params"] and "head" not in variables["params"]  # what a backbone does not use
   loaded = {**loaded, "params": {k: v for k, v in loaded["params"].items() if k != "head"}}
   assert jax.tree.structure(variables) == jax.tree.structure(loaded)

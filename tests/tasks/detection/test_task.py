@@ -11,6 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from lvm_jax import normalization
 from lvm_jax.data import pipeline
 from lvm_jax.parallel import create_mesh, get_strategy
 from lvm_jax.tasks.detection import model_builder
@@ -149,6 +150,27 @@ def test_a_pp_without_boxes_is_a_config_error(data_dir):
     setup.build(config)
 
 
+def test_a_torchvision_checkpoint_starts_the_whole_network_with_a_new_class_layer(data_dir, tmp_path):
+  from lvm_jax.weights import torchvision_detection
+  from tests.notebooks import local_assets
+
+  local_assets.write_torchvision_retinanet(tmp_path)  # retinanet_resnet50_fpn's layout, 91 COCO outputs
+  weights = str(tmp_path / "retinanet_resnet50_fpn_coco.safetensors")
+  config = config_lib.validate(recipe(data_dir, detection__weights=weights, detection__anchor_size=32))
+  start = model_builder.build(config, DetectorSpec(num_classes=10, anchor_size=32))  # the digits' 10 classes
+  _, coco = torchvision_detection.load_torchvision_detector(weights)
+  assert start.model.num_classes == 10 and start.mean_std == normalization.IMAGENET_DEFAULT
+  started, converted = flat(start.variables), flat(coco)
+  assert started.keys() == converted.keys()
+  for key in started:
+    if "cls_logits" in key:  # 9 anchors x 10 classes, initialised as the head initialises it
+      assert started[key].shape[-1] == 90 and converted[key].shape[-1] == 9 * 91
+    else:
+      np.testing.assert_array_equal(started[key], converted[key], err_msg=key)
+  with pytest.raises(ValueError, match="is a retinanet v1 checkpoint but the config asks for detection.head='fcos'"):
+    model_builder.build(config, DetectorSpec(head="fcos", num_classes=10))
+
+
 def test_unknown_head_is_a_config_error(data_dir):
   with pytest.raises(ValueError, match="detection.head='yolo'"):
     setup.build(recipe(data_dir, detection__head="yolo"))
@@ -188,13 +210,19 @@ def test_published_recipes_validate_and_runlocal_is_the_same_recipe(name, arg):
     assert full.detection.weights.endswith("retinanet_resnet50_fpn_coco-eeacb38b.pth")
 
 
-def test_coco_v2_recipe_runlocal_trains_with_giou_jitter_and_step_decay(data_dir, tmp_path):
-  config = recipe(data_dir, "model=retinanet_v2,runlocal", "detection_coco")
-  config.data.train.data_dir = config.data.eval.data_dir = data_dir
-  final = trainer.train_and_evaluate(config, str(tmp_path))
-  assert set(final["eval"]) == set(Detection.eval_metrics)
+@pytest.mark.parametrize("model", ["retinanet_v2", "fcos"])
+def test_coco_recipes_runlocal_train_through_main(run_main, data_dir, tmp_path, model, monkeypatch):
+  # v2: GroupNorm heads, GIoU, large-scale jitter; FCOS: centerness, center sampling. Both with step decay.
+  monkeypatch.setenv("TFDS_DATA_DIR", data_dir)  # where the runlocal recipe's digits_detection data is
+  recipe = f"--config={REPO / 'configs' / 'detection_coco.py'}:model={model},runlocal"
+  run_main(recipe, f"--workdir={tmp_path}", "--config.progress_bar=False")
+  lines = reporting.read_metrics(str(tmp_path))
+  train = [m for m in lines if m["split"] == "train"]
+  losses = ("classification", "bbox_regression") + (("bbox_ctrness",) if model == "fcos" else ())
+  assert train and all(np.isfinite(m[k]) for m in train for k in ("loss",) + losses)
+  assert set(Detection.eval_metrics) <= set(lines[-1]) and lines[-1]["split"] == "eval"
   _, spec, _ = model_builder.load_description(str(tmp_path))
-  assert (spec.head, spec.version) == ("retinanet", "v2")
+  assert (spec.head, spec.version) == {"retinanet_v2": ("retinanet", "v2"), "fcos": ("fcos", "v1")}[model]
 
 
 @pytest.mark.parametrize("backbone", ["swin", "vit"])

@@ -65,9 +65,9 @@ def assert_same_detections(arch: str, outputs: dict, ref: dict):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_converted_detector_matches_torchvision(arch, tmp_path):
   state = random_state_dict(MANIFEST[arch]["state_dict"])
-  if arch == ARCHS[0]:  # once through a file (a second each way for 136 MB)
+  if arch == ARCHS[0]:  # once through a file (a second each way for 136 MB), the architecture read off it
     save_file(state, str(tmp_path / "model.safetensors"))
-    model, variables = tvd.load_torchvision_detector(tmp_path / "model.safetensors", arch)
+    model, variables = tvd.load_torchvision_detector(tmp_path / "model.safetensors")
   else:
     model, variables = tvd.convert_state_dict(state, arch)
   assert model.num_classes == 91
@@ -106,6 +106,15 @@ def test_coco_categories_are_torchvisions():
 def zeros_state_dict(arch: str) -> dict:
   """The state dict's shapes without memory (read-only broadcast zeros): enough for conversion errors."""
   return {k: np.broadcast_to(np.float32(0), shape) for k, shape in MANIFEST[arch]["state_dict"].items()}
+
+
+def test_architecture_is_read_off_the_names():
+  for arch in ARCHS:
+    assert tvd.infer_architecture(MANIFEST[arch]["state_dict"]) == arch
+  with pytest.raises(WeightsMismatchError, match="resnet.pth has no head.classification_head.cls_logits.weight"):
+    tvd.infer_architecture({"fc.weight": np.zeros((2, 2))}, "resnet.pth")
+  assert tvd.is_checkpoint_file("https://download.pytorch.org/models/fcos_resnet50_fpn_coco-99b0c9b7.pth")
+  assert tvd.is_checkpoint_file("model.safetensors") and not tvd.is_checkpoint_file("google/vit-base-patch16-224")
 
 
 def test_mismatches_are_named():
