@@ -57,10 +57,10 @@ def prepare_image(image, pp_eval: str) -> dict:
 
 
 class Detector:
-  """A detector ready for image files: its network and variables, its spec (post-processing), the input
-  normalization, how an image is put on its canvas, and its class names. Calling it on an image (path, PIL image or
-  array) gives its detections, boxes in the image's pixels. The forward pass and post-processing are compiled once
-  a canvas size.
+  """A detector ready for image files: its network and variables, its spec (post-processing), how an image is put
+  on its canvas (a run's eval pp and normalization, or torchvision's transform), and its class names. Calling it
+  on an image (path, PIL image or array) gives its detections, boxes in the image's pixels. The forward pass and
+  post-processing are compiled once a canvas size.
 
   Build one from a trained run (from_workdir) or a torchvision checkpoint (from_torchvision).
   """
@@ -76,8 +76,8 @@ class Detector:
     normalize: Optional[tuple] = None,
     resize: tuple[int, int] = TORCHVISION_RESIZE,
   ):
-    """pp_eval: the pp that puts an image on the canvas (a run's); None resizes as torchvision's transform does
-    (`resize` = (shorter side, longer side at most)) onto the image's own canvas, padded to a multiple of 32."""
+    """pp_eval: the pp that puts an image on the canvas (a run's), then `normalize` ((mean, std) or None); None:
+    torchvision's transform (torchvision_transform, `resize` = (shorter side, longer side at most))."""
     self.model, self.variables, self.spec, self.labels = model, variables, spec, list(labels)
     self.pp_eval, self.normalize, self.resize = pp_eval, normalize, resize
     self._forward = jax.jit(self._detections)
@@ -112,35 +112,45 @@ class Detector:
     spec = DetectorSpec(head=head, version=getattr(model, "version", "v1"), num_classes=model.num_classes)
     coco = model.num_classes == len(torchvision_detection.COCO_CATEGORIES)
     labels = torchvision_detection.COCO_CATEGORIES if coco else [f"class_{i}" for i in range(model.num_classes)]
-    return cls(model, variables, spec, labels, normalize=normalization.IMAGENET_DEFAULT, resize=resize)
+    return cls(model, variables, spec, labels, resize=resize)
 
   def _detections(self, variables, images, resized):
     outputs = self.model.apply(variables, images, train=False)
     return self.spec.detections(outputs, images.shape[1:3], resized)
 
   def __call__(self, image) -> list[Detection]:
-    if self.pp_eval:
-      example = prepare_image(image, self.pp_eval)
+    if self.pp_eval is None:
+      example = torchvision_transform(image, *self.resize)
+      images = jnp.asarray(example["image"])[None]
     else:
-      example = prepare_like_torchvision(image, *self.resize)
-    images = jnp.asarray(example["image"])[None]
-    if self.normalize:
-      images = device_batches.normalize(images, *self.normalize)
-    canvas = example["image"].shape[:2]
-    resized = np.minimum(np.round(example["orig_size"] * example["scale"]), canvas)[None]
-    found = jax.tree.map(np.asarray, self._forward(self.variables, images.astype(jnp.float32), resized))
+      example = prepare_image(image, self.pp_eval)
+      canvas = example["image"].shape[:2]
+      example["extent"] = np.minimum(np.round(example["orig_size"] * example["scale"]), canvas)
+      images = jnp.asarray(example["image"])[None]
+      if self.normalize:
+        images = device_batches.normalize(images, *self.normalize)
+    extent = example["extent"].astype(np.float32)[None]
+    found = jax.tree.map(np.asarray, self._forward(self.variables, images.astype(jnp.float32), extent))
     return to_original(found, example, self.labels)
 
 
-def prepare_like_torchvision(image, min_size: int, max_size: int) -> dict:
-  """prepare_image as torchvision's GeneralizedRCNNTransform treats one image: the shorter side to min_size unless
-  the longer would pass max_size (sides rounded down), zero-padded bottom/right to a multiple of 32."""
-  pil = image_io.load_image(image)
-  example = prepare_image(pil, f"det_decode|det_resize_pad({min_size}, max_size={max_size})")
-  scale = min(min_size / min(pil.height, pil.width), max_size / max(pil.height, pil.width))
-  # The op pads to a square canvas that fits either orientation; all but the multiple of 32 is padding.
-  rows, cols = (CANVAS_MULTIPLE * math.ceil(math.floor(side * scale) / CANVAS_MULTIPLE) for side in pil.size[::-1])
-  return {**example, "image": example["image"][:rows, :cols]}
+def torchvision_transform(image, min_size: int, max_size: int) -> dict:
+  """What torchvision's GeneralizedRCNNTransform does to one image in eval mode: scaled to 0..1, normalized with
+  ImageNet's mean/std, resized (bilinear, half-pixel centers, no antialiasing) so that the shorter side is
+  min_size unless the longer would pass max_size (sides rounded down), then zero-padded bottom/right to a multiple
+  of 32. Returns {"image": float32 canvas, "orig_size": (h, w), "extent": the resized (h, w), "scale": the
+  per-axis factors (x, y, x, y) that took the image's boxes onto the canvas, as torchvision maps boxes back}."""
+  pixels = np.asarray(image_io.load_image(image), np.float32) / 255.0
+  mean, std = (np.asarray(v, np.float32) for v in normalization.IMAGENET_DEFAULT)
+  height, width = pixels.shape[:2]
+  factor = min(min_size / min(height, width), max_size / max(height, width))
+  extent = (math.floor(height * factor), math.floor(width * factor))
+  resized = jax.image.resize((pixels - mean) / std, extent + (3,), "bilinear", antialias=False)
+  rows, cols = (CANVAS_MULTIPLE * math.ceil(side / CANVAS_MULTIPLE) for side in extent)
+  canvas = np.zeros((rows, cols, 3), np.float32)
+  canvas[: extent[0], : extent[1]] = resized
+  scale = np.array([extent[1] / width, extent[0] / height] * 2, np.float32)
+  return {"image": canvas, "orig_size": np.array([height, width]), "extent": np.array(extent), "scale": scale}
 
 
 def run(
@@ -156,7 +166,7 @@ def run(
 
 def to_original(found: dict, example: dict, labels: Sequence[str]) -> list[Detection]:
   """The first image's detections of a post-processed batch, boxes mapped from the canvas back to the original
-  image (divided by the example's scale, clipped to its size)."""
+  image (divided by the example's scale, one factor or per axis (x, y, x, y); clipped to its size)."""
   height, width = example["orig_size"]
   out = []
   for i in range(int(found["count"][0])):

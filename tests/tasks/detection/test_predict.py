@@ -13,6 +13,10 @@ from lvm_jax.tasks.detection import predict
 from lvm_jax.weights import files, torchvision_detection
 from tests.notebooks import local_assets
 
+PHOTO_FIXTURE = (
+  local_assets.REPO / "tests" / "fixtures" / "torchvision" / "detectors" / "retinanet_resnet50_fpn_photo.npz"
+)
+
 
 @pytest.mark.parametrize(
   "height,width,resized,canvas",
@@ -25,13 +29,31 @@ from tests.notebooks import local_assets
   ],
 )
 def test_images_are_put_on_the_canvas_torchvision_gives_them(height, width, resized, canvas):
-  image = np.full((height, width, 3), 255, np.uint8)
-  example = predict.prepare_like_torchvision(image, *predict.TORCHVISION_RESIZE)
-  assert example["image"].shape == canvas + (3,)
+  example = predict.torchvision_transform(np.full((height, width, 3), 255, np.uint8), *predict.TORCHVISION_RESIZE)
+  assert example["image"].shape == canvas + (3,) and tuple(example["extent"]) == resized
   rows, cols = resized
-  assert example["image"][: rows - 1, : cols - 1].min() == 255  # the image (its last row/column antialiased)
-  assert np.all(example["image"][rows:] == 0) and np.all(example["image"][:, cols:] == 0)  # zero padding
-  np.testing.assert_allclose(example["scale"], min(800 / min(height, width), 1333 / max(height, width)), rtol=1e-6)
+  white = (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  np.testing.assert_allclose(example["image"][:rows, :cols], np.broadcast_to(white, (rows, cols, 3)), rtol=1e-5)
+  assert np.all(example["image"][rows:] == 0) and np.all(example["image"][:, cols:] == 0)  # zeros after normalizing
+  np.testing.assert_allclose(example["scale"], [cols / width, rows / height] * 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("height,width,sizes", [(37, 53, (64, 100)), (90, 70, (40, 60)), (30, 200, (64, 100))])
+def test_the_transform_is_torchvisions_torch_ops(height, width, sizes):
+  # torchvision's GeneralizedRCNNTransform in eval mode is these torch ops (normalize, then interpolate with
+  # scale_factor and recompute_scale_factor=True, bilinear, align_corners=False, then zero padding to 32).
+  torch = pytest.importorskip("torch")
+  image = np.random.default_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+  example = predict.torchvision_transform(image, *sizes)
+  x = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+  x = (x - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+  factor = min(sizes[0] / min(height, width), sizes[1] / max(height, width))
+  options = dict(scale_factor=factor, mode="bilinear", recompute_scale_factor=True, align_corners=False)
+  resized = torch.nn.functional.interpolate(x[None], **options)[0].permute(1, 2, 0).numpy()
+  assert tuple(example["extent"]) == resized.shape[:2]
+  np.testing.assert_allclose(
+    example["image"][: resized.shape[0], : resized.shape[1]], resized, atol=1e-5
+  )  # float32 rounding
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +62,18 @@ def retinanet_file(tmp_path_factory):
   folder = tmp_path_factory.mktemp("torchvision")
   local_assets.write_torchvision_retinanet(folder)
   return folder / "retinanet_resnet50_fpn_coco.safetensors"
+
+
+def test_detector_on_a_photo_is_torchvisions_whole_eval_forward(retinanet_file):
+  # torchvision's RetinaNet on the photo: transform at 800 / 1333, network, post-processing, boxes mapped back
+  # (tests/fixtures/torchvision/make_detector_fixtures.py, with the same stand-in weights).
+  with np.load(PHOTO_FIXTURE) as data:
+    expected = dict(data)
+  found = predict.Detector.from_torchvision(retinanet_file)(skimage.data.chelsea())
+  assert len(found) == len(expected["scores"]) == 300  # the cap binds: the order of the last ones counts too
+  np.testing.assert_array_equal([d.index for d in found], expected["labels"])
+  np.testing.assert_allclose([d.score for d in found], expected["scores"], atol=1e-5)  # measured 7e-7
+  np.testing.assert_allclose([d.box for d in found], expected["boxes"], atol=2e-3)  # pixels; measured 1.5e-4
 
 
 def test_main_predicts_and_draws_with_a_torchvision_checkpoint(run_main, retinanet_file, tmp_path):
