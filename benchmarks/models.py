@@ -52,7 +52,7 @@ from lvm_jax.train import throughput  # noqa: E402
 from lvm_jax.train.program import TrainProgram  # noqa: E402
 
 # Published forward MACs per image at 224 (ViT paper / timm / Swin paper tables), in GMACs.
-PUBLISHED_GMACS = {"vit_b16": 17.58, "resnet50": 4.11, "swin_t": 4.51}
+PUBLISHED_GMACS = {"vit_b16": 17.58, "resnet50": 4.11, "swin_t": 4.51, "convnext_tiny": 4.47}
 TRAIN_FLOPS_FACTOR = 3.0  # forward + backward (~2x forward)
 NUM_CLASSES = 1000
 PROFILE_STEPS = 3
@@ -183,9 +183,12 @@ def torch_model(name: str):
   config = dict(converter.hf_config(model))
   config.pop("model_type")
   architecture = config.pop("architectures")[0]
-  config_cls = {"vit": transformers.ViTConfig, "resnet": transformers.ResNetConfig, "swin": transformers.SwinConfig}[
-    family
-  ]
+  config_cls = {
+    "vit": transformers.ViTConfig,
+    "resnet": transformers.ResNetConfig,
+    "swin": transformers.SwinConfig,
+    "convnext": transformers.ConvNextConfig,
+  }[family]
   cls = getattr(transformers, architecture)
   return cls(config_cls(**config, num_labels=NUM_CLASSES))
 

@@ -1,7 +1,7 @@
-"""lvm_jax: large vision models (ViT, ResNet, Swin) in JAX/Flax."""
+"""lvm_jax: large vision models (ViT, ResNet, Swin, ConvNeXt) in JAX/Flax."""
 
 from lvm_jax.kernels import cpu_kernels_enabled, use_cpu_kernels
-from lvm_jax.models import ResNet, SwinTransformer, VisionTransformer
+from lvm_jax.models import ConvNeXt, ResNet, SwinTransformer, VisionTransformer
 from lvm_jax.models.registry import abstract_variables, create_model, list_models
 from lvm_jax.tasks.classify import Classifier, Prediction, classify
 from lvm_jax.weights.mapping import WeightsMismatchError
@@ -11,6 +11,7 @@ from lvm_jax.weights.preprocessing import Preprocessing
 __all__ = [
   "Checkpoint",
   "Classifier",
+  "ConvNeXt",
   "Prediction",
   "Preprocessing",
   "ResNet",

@@ -1,8 +1,9 @@
 """Model families as plain Flax linen modules."""
 
+from lvm_jax.models.convnext import ConvNeXt
 from lvm_jax.models.registry import create_model, list_models
 from lvm_jax.models.resnet import ResNet
 from lvm_jax.models.swin import SwinTransformer
 from lvm_jax.models.vit import VisionTransformer
 
-__all__ = ["ResNet", "SwinTransformer", "VisionTransformer", "create_model", "list_models"]
+__all__ = ["ConvNeXt", "ResNet", "SwinTransformer", "VisionTransformer", "create_model", "list_models"]

@@ -1,4 +1,4 @@
-"""Variant names ("vit_b16", "resnet50", "swin_t") mapped to model classes and their arguments."""
+"""Variant names ("vit_b16", "resnet50", "swin_t", "convnext_tiny") mapped to model classes and their arguments."""
 
 import dataclasses
 import difflib
@@ -8,12 +8,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lvm_jax.models import resnet, swin, vit
+from lvm_jax.models import convnext, resnet, swin, vit
 
 FAMILIES = (
   (vit.VisionTransformer, vit.VARIANTS),
   (resnet.ResNet, resnet.VARIANTS),
   (swin.SwinTransformer, swin.VARIANTS),
+  (convnext.ConvNeXt, convnext.VARIANTS),
 )
 _MODELS = {name: (cls, args) for cls, variants in FAMILIES for name, args in variants.items()}
 
@@ -43,7 +44,7 @@ def create_model(name: str, **overrides) -> nn.Module:
   Args:
     name: a registered name, e.g. "vit_b16", "resnet50", "swin_t" (list_models() gives them all).
     **overrides: replace the variant's arguments (num_classes, dtype, drop_path, image_size, ...); any field of its
-      class (VisionTransformer, ResNet, SwinTransformer).
+      class (VisionTransformer, ResNet, SwinTransformer, ConvNeXt).
 
   Returns:
     The flax.linen Module (not initialized: call model.init for variables).

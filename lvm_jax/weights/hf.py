@@ -7,10 +7,12 @@ import jax
 import numpy as np
 
 from lvm_jax.models import registry
+from lvm_jax.weights import convnext as convnext_weights
 from lvm_jax.weights import files, mapping
 from lvm_jax.weights import resnet as resnet_weights
 from lvm_jax.weights import swin as swin_weights
 from lvm_jax.weights import vit as vit_weights
+from lvm_jax.models.convnext import ConvNeXt
 from lvm_jax.models.resnet import ResNet
 from lvm_jax.models.swin import SwinTransformer
 from lvm_jax.models.vit import VisionTransformer
@@ -20,6 +22,7 @@ FAMILIES = {
   "vit": (vit_weights, VisionTransformer, ("ViTForImageClassification", "ViTModel")),
   "swin": (swin_weights, SwinTransformer, ("SwinForImageClassification", "SwinModel")),
   "resnet": (resnet_weights, ResNet, ("ResNetForImageClassification", "ResNetModel")),
+  "convnext": (convnext_weights, ConvNeXt, ("ConvNextForImageClassification", "ConvNextModel")),
 }
 WEIGHT_FILES = (files.SAFETENSORS, files.SAFETENSORS_INDEX, "model-*.safetensors", "preprocessor_config.json")
 

@@ -75,6 +75,7 @@ _HF_PROCESSOR_FOR_MODEL = {
   "VisionTransformer": "ViTImageProcessor",
   "SwinTransformer": "ViTImageProcessor",
   "ResNet": "ConvNextImageProcessor",
+  "ConvNeXt": "ConvNextImageProcessor",
 }
 # ConvNextImageProcessor warps instead of cropping from this shortest_edge on.
 _CONVNEXT_NO_CROP_FROM = 384
@@ -146,7 +147,7 @@ class Preprocessing:
   def from_hf(cls, path, model) -> "Preprocessing":
     """What transformers' image processor for this folder does. Without a preprocessor_config.json, the
     defaults of the processor transformers uses for the model type, at the model's own input size when it has
-    a fixed one (ViT, Swin: transformers' 224 would not fit a 384 model)."""
+    one (ViT, Swin: transformers' 224 would not fit a 384 model; ConvNeXt: image_size as the shortest edge)."""
     path = pathlib.Path(path)
     if path.exists():
       try:
@@ -156,7 +157,10 @@ class Preprocessing:
     else:
       config = {}
       image_size = getattr(model, "image_size", None)
-      if image_size:
+      if image_size and _hf_processor_type(config, model) == "ConvNextImageProcessor":
+        # As the released ConvNeXt configs give it: a shortest edge, cropped by crop_pct below 384.
+        config["size"] = {"shortest_edge": int(image_size)}
+      elif image_size:
         config["size"] = {"height": int(image_size), "width": int(image_size)}
     return cls._from_hf_config(config, _hf_processor_type(config, model), str(path))
 

@@ -38,7 +38,7 @@ def load_checkpoint(source: str, **overrides: Any) -> Checkpoint:
 
   Args:
     source: one of
-      - a Hugging Face transformers folder or hub id (config.json with model_type vit / swin / resnet),
+      - a Hugging Face transformers folder or hub id (config.json with model_type vit / swin / resnet / convnext),
       - a timm folder or hub id such as "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k" (config.json with
         "architecture"),
       - a big_vision / vision_transformer .npz file (ViT; the architecture is read from the tensor shapes).

@@ -5,9 +5,11 @@ import pathlib
 import numpy as np
 
 from lvm_jax.models import registry
+from lvm_jax.models.convnext import ConvNeXt
 from lvm_jax.models.resnet import ResNet
 from lvm_jax.models.swin import SwinTransformer
 from lvm_jax.models.vit import VisionTransformer
+from lvm_jax.weights import convnext as convnext_weights
 from lvm_jax.weights import files, mapping
 from lvm_jax.weights import resnet as resnet_weights
 from lvm_jax.weights import swin as swin_weights
@@ -18,6 +20,7 @@ FAMILIES = {
   "vit_": (vit_weights, VisionTransformer),
   "resnet": (resnet_weights, ResNet),
   "swin_": (swin_weights, SwinTransformer),
+  "convnext_": (convnext_weights, ConvNeXt),
 }
 
 

@@ -338,6 +338,20 @@ def digit_folder(tmp_path_factory):
   return root
 
 
+def test_finetune_folder_runlocal_through_main_from_a_convnext_checkpoint(run_main, digit_folder, tmp_path):
+  # A transformers ConvNeXt (random weights, tests/weights/test_hf_convnext.py's tiny one) as the backbone.
+  from tests.weights.test_hf_convnext import TINY, _reference
+
+  checkpoint = tmp_path / "convnext"
+  _reference(TINY).save_pretrained(checkpoint)
+  workdir = tmp_path / "run"
+  recipe = f"--config={REPO / 'configs' / 'finetune_folder.py'}:root={digit_folder},runlocal"
+  run_main(recipe, f"--workdir={workdir}", f"--config.pretrained={checkpoint}", "--config.progress_bar=False")
+  check_run(workdir)
+  model = workdir_checkpoint.load(str(workdir)).model
+  assert type(model).__name__ == "ConvNeXt" and model.num_classes == 10 and tuple(model.dims) == (8, 16, 32, 64)
+
+
 def non_head(params: dict) -> dict:
   flat = {"/".join(str(k.key) for k in path): value for path, value in jax.tree_util.tree_flatten_with_path(params)[0]}
   return {path: value for path, value in flat.items() if not path.startswith("head/")}

@@ -29,6 +29,10 @@ PUBLISHED_PARAMS = {
   "swin_l": 196_532_476,
   "swin_b_384": 87_903_584,
   "swin_l_384": 196_735_516,
+  "convnext_tiny": 28_589_128,
+  "convnext_small": 50_223_688,
+  "convnext_base": 88_591_464,
+  "convnext_large": 197_767_336,
 }
 
 

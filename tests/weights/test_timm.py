@@ -79,9 +79,9 @@ def test_preprocessing_gives_the_pixels_of_timms_eval_transform(name, photo):
 def test_unknown_timm_architecture_is_a_clear_error(tmp_path):
   shutil.copytree(FIXTURES / "vit_token", tmp_path / "ckpt")
   config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-  config["architecture"] = "convnext_tiny.fb_in1k"
+  config["architecture"] = "efficientnet_b0.ra_in1k"
   (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
-  with pytest.raises(ValueError, match="timm architecture 'convnext_tiny.fb_in1k' is not supported"):
+  with pytest.raises(ValueError, match="timm architecture 'efficientnet_b0.ra_in1k' is not supported"):
     lvm_jax.from_pretrained(tmp_path / "ckpt")
 
 
@@ -100,6 +100,16 @@ def test_resnet_logits_and_stage_features_match_timm(name, block):
   model, variables = lvm_jax.from_pretrained(FIXTURES / name)
   assert model.block == block and tuple(model.stage_sizes) == (1, 1, 1, 1)
   ref = reference(name)
+  np.testing.assert_allclose(model.apply(variables, ref["input"]), ref["logits"], atol=1e-4, rtol=0)
+  feats = model.apply(variables, ref["input"], return_features=True)
+  for i, stride in enumerate((4, 8, 16, 32)):
+    np.testing.assert_allclose(feats[f"stride_{stride}"], ref[f"features_{i}"], atol=1e-4, rtol=0)
+
+
+def test_convnext_logits_and_stage_features_match_timm():
+  model, variables = lvm_jax.from_pretrained(FIXTURES / "convnext")
+  assert type(model).__name__ == "ConvNeXt" and (model.depths, model.dims) == ((1, 1, 2, 1), (8, 16, 32, 64))
+  ref = reference("convnext")
   np.testing.assert_allclose(model.apply(variables, ref["input"]), ref["logits"], atol=1e-4, rtol=0)
   feats = model.apply(variables, ref["input"], return_features=True)
   for i, stride in enumerate((4, 8, 16, 32)):

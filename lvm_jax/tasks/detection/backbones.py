@@ -164,7 +164,7 @@ def _pyramid(backbone: ViTBackbone, name: Optional[str] = None) -> SimpleFeature
 
 def feature_channels(backbone: nn.Module) -> dict[str, int]:
   """{"stride_<s>": channels} of each map a backbone returns with return_features=True (besides "pooled")."""
-  if isinstance(backbone, ViTBackbone):
+  if hasattr(backbone, "feature_channels"):  # ViTBackbone, ConvNeXt
     return backbone.feature_channels()
   if isinstance(backbone, ResNet):
     specs = backbone.block_specs()
@@ -172,7 +172,9 @@ def feature_channels(backbone: nn.Module) -> dict[str, int]:
   if isinstance(backbone, SwinTransformer):
     p, width = backbone.patch_size, backbone.embed_dim
     return {f"stride_{p * 2**stage}": width * 2**stage for stage in range(len(backbone.depths))}
-  raise TypeError(f"feature_channels knows ResNet, SwinTransformer and ViTBackbone, not {type(backbone).__name__}.")
+  raise TypeError(
+    f"feature_channels knows ResNet, SwinTransformer, ConvNeXt and ViTBackbone, not {type(backbone).__name__}."
+  )
 
 
 class Backbone(NamedTuple):

@@ -23,6 +23,7 @@ SPECS = {
     "model_args": dict(image_size=64, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=2),
   },
   "vit": {"model": "vit_ti16", "model_args": TINY_VIT, "pyramid": {"channels": 24}},
+  "convnext": {"model": "convnext_tiny", "model_args": dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))},
 }
 CANVAS = (2, 64, 96, 3)  # non-square: 8x12 at stride 8, 4x6 at 16, 2x3 at 32
 
@@ -42,7 +43,7 @@ def test_every_family_gives_stride_8_16_32_maps_at_a_non_square_canvas(family):
   for stride in (8, 16, 32):
     key = f"stride_{stride}"
     assert out[key].shape == (2, 64 // stride, 96 // stride, channels[key]), key
-  expected = {"resnet": (16, 32, 64), "swin": (32, 64, 128), "vit": (24, 24, 24)}[family]
+  expected = {"resnet": (16, 32, 64), "swin": (32, 64, 128), "vit": (24, 24, 24), "convnext": (16, 32, 64)}[family]
   assert [channels[f"stride_{s}"] for s in (8, 16, 32)] == list(expected)
 
 
