@@ -70,7 +70,7 @@ def test_switched_off_the_models_are_plain_xla_and_jvp_works(case):
     _, hessian_vector = jax.jit(lambda p, t: jax.jvp(lambda p: fn(p, images), (p,), (t,)))(params, tangent_params)
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(hessian_vector))
   # Forward mode agrees with reverse mode (the Jacobian from vjps, CPU kernels on) along the tangent.
-  jacobian = jax.jacrev(lambda x: model.apply(variables, x))(images)
+  jacobian = jax.jit(jax.jacrev(lambda x: model.apply(variables, x)))(images)
   expected = jnp.einsum("ijbhwc,bhwc->ij", jacobian, tangent_in)
   assert np.isfinite(out).all() and np.abs(expected).max() > 0
   np.testing.assert_allclose(tangent, expected, rtol=1e-4, atol=1e-5 * float(np.abs(expected).max()))

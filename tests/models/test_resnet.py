@@ -27,9 +27,13 @@ BOTTLENECK = dict(stage_sizes=(1, 2, 1, 1), block="bottleneck", width=8, stage_w
 
 # Compiling random initialisers is the slow part on CPU (about a quarter second per tensor), so each small
 # config is initialised once per module and tests that need other values edit the variables instead.
+def _features(model, variables, x):
+  return jax.jit(lambda v, x: model.apply(v, x, return_features=True))(variables, x)
+
+
 def _init(model, size):
   x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
-  return x, nn.meta.unbox(model.init(jax.random.key(0), x))
+  return x, nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), x))  # eager init runs op by op: seconds
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +93,9 @@ def test_variant_shapes_and_exact_sizes(name):
 def test_small_basic_forward_head_sees_pooled_last_stage(basic):
   x, variables = basic
   model = ResNet(**BASIC)
-  logits = model.apply(variables, x)
+  logits = jax.jit(model.apply)(variables, x)
   assert logits.shape == (2, 10) and np.isfinite(logits).all()
-  feats = model.apply(variables, x, return_features=True)
+  feats = _features(model, variables, x)
   assert _shapes(feats) == {
     "stride_4": (2, 8, 8, 8),
     "stride_8": (2, 4, 4, 16),
@@ -107,7 +111,7 @@ def test_small_basic_forward_head_sees_pooled_last_stage(basic):
 
 def test_bottleneck_features_with_custom_stage_widths(bottleneck):
   x, variables = bottleneck
-  feats = ResNet(**BOTTLENECK).apply(variables, x, return_features=True)
+  feats = _features(ResNet(**BOTTLENECK), variables, x)
   assert _shapes(feats) == {
     "stride_4": (2, 16, 16, 16),
     "stride_8": (2, 8, 8, 32),
@@ -123,7 +127,7 @@ def test_bottleneck_features_with_custom_stage_widths(bottleneck):
   # a projection only where channels or resolution change: stage_0 (8 -> 16 channels) yes, the second block not
   assert "shortcut_conv" in params["stage_0_block_0"] and "shortcut_conv" not in params["stage_1_block_1"]
   # resolution halves in the 3x3 (stride 2 over padding 1), as torch computes floor((n + 2 - 3) / 2) + 1
-  assert ResNet(**BOTTLENECK).apply(variables, x[:, :50, :50], return_features=True)["stride_32"].shape[1:3] == (2, 2)
+  assert _features(ResNet(**BOTTLENECK), variables, x[:, :50, :50])["stride_32"].shape[1:3] == (2, 2)
 
 
 def test_num_classes_zero_returns_pooled_features(basic):
