@@ -107,6 +107,11 @@ class FCOS(_Detector):
     self.head = FCOSHead(self.num_classes, prior_probability=self.prior_probability, **kw)
 
 
+def head_and_version(model: _Detector) -> tuple[str, str]:
+  """("retinanet", "v1" | "v2") or ("fcos", "v1"): the DetectorSpec head and version of a detector module."""
+  return ("fcos", "v1") if isinstance(model, FCOS) else ("retinanet", model.version)
+
+
 def resnet_backbone(variant: str = "resnet50", *, frozen_batchnorm: bool = True, bn_eps: float = 1e-5, **overrides):
   """Our ResNet built as torchvision's detection backbones: no classifier, no zero-initialised last norm
   (torchvision's zero_init_residual=False), and BatchNorm frozen (layers.FrozenBatchNorm, torchvision's

@@ -58,8 +58,7 @@ def _from_torchvision(path: str, arch: str, spec, dtype, seed: int) -> ModelInit
   from lvm_jax.weights import torchvision_detection
 
   model, variables = torchvision_detection.load_torchvision_detector(path, arch)
-  head = "fcos" if isinstance(model, detector.FCOS) else "retinanet"
-  version = getattr(model, "version", "v1")
+  head, version = detector.head_and_version(model)
   if (head, version) != (spec.head, spec.version):
     raise ValueError(
       f"detection.weights={path} is a {head} {version} checkpoint but the config asks for detection.head="

@@ -108,8 +108,8 @@ class Detector:
     from lvm_jax.weights import torchvision_detection
 
     model, variables = torchvision_detection.load_torchvision_detector(path_or_url, arch)
-    head = "fcos" if isinstance(model, detector_lib.FCOS) else "retinanet"
-    spec = DetectorSpec(head=head, version=getattr(model, "version", "v1"), num_classes=model.num_classes)
+    head, version = detector_lib.head_and_version(model)
+    spec = DetectorSpec(head=head, version=version, num_classes=model.num_classes)
     coco = model.num_classes == len(torchvision_detection.COCO_CATEGORIES)
     labels = torchvision_detection.COCO_CATEGORIES if coco else [f"class_{i}" for i in range(model.num_classes)]
     return cls(model, variables, spec, labels, resize=resize)
@@ -120,15 +120,14 @@ class Detector:
 
   def __call__(self, image) -> list[Detection]:
     if self.pp_eval is None:
-      example = torchvision_transform(image, *self.resize)
-      images = jnp.asarray(example["image"])[None]
+      example = torchvision_transform(image, *self.resize)  # normalized floats
     else:
-      example = prepare_image(image, self.pp_eval)
+      example = prepare_image(image, self.pp_eval)  # uint8
       canvas = example["image"].shape[:2]
       example["extent"] = np.minimum(np.round(example["orig_size"] * example["scale"]), canvas)
-      images = jnp.asarray(example["image"])[None]
-      if self.normalize:
-        images = device_batches.normalize(images, *self.normalize)
+    images = jnp.asarray(example["image"])[None]
+    if self.pp_eval is not None and self.normalize:
+      images = device_batches.normalize(images, *self.normalize)
     extent = example["extent"].astype(np.float32)[None]
     found = jax.tree.map(np.asarray, self._forward(self.variables, images.astype(jnp.float32), extent))
     return to_original(found, example, self.labels)
