@@ -338,18 +338,29 @@ def digit_folder(tmp_path_factory):
   return root
 
 
-def test_finetune_folder_runlocal_through_main_from_a_convnext_checkpoint(run_main, digit_folder, tmp_path):
-  # A transformers ConvNeXt (random weights, tests/weights/test_hf_convnext.py's tiny one) as the backbone.
-  from tests.weights.test_hf_convnext import TINY, _reference
+def _convnext_checkpoint(folder: pathlib.Path) -> str:
+  from tests.weights.test_hf_convnext import TINY, _reference  # transformers ConvNeXt, random weights
 
-  checkpoint = tmp_path / "convnext"
-  _reference(TINY).save_pretrained(checkpoint)
+  _reference(TINY).save_pretrained(folder)
+  return "ConvNeXt"
+
+
+# family -> writes a small pretrained checkpoint of it into a folder; returns the model class it loads as
+BACKBONE_CHECKPOINTS = {"convnext": _convnext_checkpoint}
+
+
+@pytest.mark.parametrize("family", sorted(BACKBONE_CHECKPOINTS))
+def test_finetune_folder_runlocal_through_main_from_each_family(family, run_main, digit_folder, tmp_path):
+  checkpoint = tmp_path / family
+  class_name = BACKBONE_CHECKPOINTS[family](checkpoint)
   workdir = tmp_path / "run"
   recipe = f"--config={REPO / 'configs' / 'finetune_folder.py'}:root={digit_folder},runlocal"
   run_main(recipe, f"--workdir={workdir}", f"--config.pretrained={checkpoint}", "--config.progress_bar=False")
   check_run(workdir)
   model = workdir_checkpoint.load(str(workdir)).model
-  assert type(model).__name__ == "ConvNeXt" and model.num_classes == 10 and tuple(model.dims) == (8, 16, 32, 64)
+  assert type(model).__name__ == class_name and model.num_classes == 10
+  pretrained = lvm_jax.load_checkpoint(str(checkpoint)).model
+  assert model.clone(num_classes=0) == pretrained.clone(num_classes=0)  # the checkpoint's architecture, new head
 
 
 def non_head(params: dict) -> dict:
