@@ -26,14 +26,17 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
 import subprocess
+import sys
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared timing module beside this script
 
 import numpy as np  # noqa: E402
+
+from timing import cpu_model, cpu_threads, time_calls  # noqa: E402
 
 NUM_CLASSES = 91
 BOXES_PER_IMAGE = 8
@@ -42,39 +45,6 @@ NMS_BOXES, NMS_IOU, NMS_KEEP = 5_000, 0.5, 300
 # torchvision's detection reference: SGD lr 0.01 (batch 16), momentum 0.9, weight decay 1e-4.
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-4
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def time_calls(call, *, seconds: float, steps, min_repeats: int, warmup: int = 1) -> dict:
-  """Median seconds of one `call()` (which waits for its result) after `warmup` untimed calls: `steps` calls, or
-  as many as fit in `seconds` and at least `min_repeats`."""
-  for _ in range(warmup):
-    call()
-  times, start = [], time.perf_counter()
-  while True:
-    t0 = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - t0)
-    if (steps is not None and len(times) >= steps) or (
-      steps is None and len(times) >= min_repeats and time.perf_counter() - start >= seconds
-    ):
-      return {"median_s": statistics.median(times), "repeats": len(times)}
-
-
-def cpu_threads() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 1
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def make_inputs(sizes, batch: int, seed: int = 0) -> dict:

@@ -32,11 +32,11 @@ import gc
 import json
 import os
 import pathlib
-import statistics
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared timing module beside this script
 
 import numpy as np  # noqa: E402
 import jax  # noqa: E402
@@ -50,9 +50,10 @@ from lvm_jax.parallel.mesh import batch_sharding  # noqa: E402
 from lvm_jax.tasks.classification import Classification  # noqa: E402
 from lvm_jax.train import throughput  # noqa: E402
 from lvm_jax.train.program import TrainProgram  # noqa: E402
+from timing import cpu_model, cpu_threads, time_calls  # noqa: E402
 
 # Published forward MACs per image at 224 (ViT paper / timm / Swin paper tables), in GMACs.
-PUBLISHED_GMACS = {"vit_b16": 17.58, "resnet50": 4.11, "swin_t": 4.51, "convnext_tiny": 4.47}
+PUBLISHED_GMACS = {"vit_b16": 17.58, "resnet50": 4.11, "swin_t": 4.51, "convnext_tiny": 4.47, "efficientnet_b0": 0.39}
 TRAIN_FLOPS_FACTOR = 3.0  # forward + backward (~2x forward)
 NUM_CLASSES = 1000
 PROFILE_STEPS = 3
@@ -65,34 +66,6 @@ OPTIMIZER = {
 
 
 # ------------------------------------------------------------------------------------------------------ timing
-
-
-def time_calls(call, *, seconds: float, steps: int | None, min_repeats: int, warmup: int = 1) -> dict:
-  """Median seconds of one `call()` (which must wait for its result) after `warmup` untimed calls.
-
-  Repeats `steps` times when given, else until `seconds` have passed and at least `min_repeats` calls ran.
-  """
-  for _ in range(warmup):
-    call()
-  times = []
-  start = time.perf_counter()
-  while True:
-    t0 = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - t0)
-    if steps is not None:
-      if len(times) >= steps:
-        break
-    elif len(times) >= min_repeats and time.perf_counter() - start >= seconds:
-      break
-  return {"median_s": statistics.median(times), "repeats": len(times), "min_s": min(times)}
-
-
-def cpu_threads() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------------------------------- lvm_jax
@@ -183,14 +156,8 @@ def torch_model(name: str):
   config = dict(converter.hf_config(model))
   config.pop("model_type")
   architecture = config.pop("architectures")[0]
-  config_cls = {
-    "vit": transformers.ViTConfig,
-    "resnet": transformers.ResNetConfig,
-    "swin": transformers.SwinConfig,
-    "convnext": transformers.ConvNextConfig,
-  }[family]
   cls = getattr(transformers, architecture)
-  return cls(config_cls(**config, num_labels=NUM_CLASSES))
+  return cls(transformers.AutoConfig.for_model(family, **config, num_labels=NUM_CLASSES))
 
 
 def torch_benchmarks(name: str, images: np.ndarray, labels: np.ndarray, args) -> dict:
@@ -457,7 +424,7 @@ def main(argv=None) -> None:
   table = rows(results, peak)
   load = os.getloadavg() if hasattr(os, "getloadavg") else None
   print(
-    f"machine: {device.platform} ({device.device_kind}), {threads} CPU threads; jax {jax.__version__}; "
+    f"machine: {device.platform} ({device.device_kind}), {cpu_model()}, {threads} CPU threads; jax {jax.__version__}; "
     f"{torch_info}" + (f"; load average at the end {load[0]:.2f} (1 min)" if load else "")
   )
   print(

@@ -29,10 +29,16 @@ def _cpu_gradient_bwd(residuals, dy):
   x, kernel = residuals
   rows_x, rows_dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
   if rows_x.shape[1] <= rows_dy.shape[1]:
-    dkernel = jax.lax.optimization_barrier(rows_x.T) @ rows_dy
+    dkernel = _transposed(rows_x) @ rows_dy
   else:
-    dkernel = (jax.lax.optimization_barrier(rows_dy.T) @ rows_x).T
+    dkernel = (_transposed(rows_dy) @ rows_x).T
   return jnp.einsum("...d,cd->...c", dy, kernel), dkernel
+
+
+def _transposed(rows: jax.Array) -> jax.Array:
+  # The first barrier has XLA write `rows` in its own order before the transpose reads it: fused into the transpose,
+  # its producers (a LayerNorm, a depthwise convolution) would be recomputed in the transpose's strided order.
+  return jax.lax.optimization_barrier(jax.lax.optimization_barrier(rows).T)
 
 
 cpu_gradient_matmul.defvjp(_cpu_gradient_fwd, _cpu_gradient_bwd)
