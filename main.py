@@ -104,7 +104,7 @@ def predict() -> None:
     return
   from lvm_jax.weights import torchvision_detection
 
-  if torchvision_detection.is_checkpoint_file(FLAGS.pretrained):
+  if torchvision_detection.is_detector_file(FLAGS.pretrained):
     from lvm_jax.tasks.detection import predict as detection_predict
 
     detector = detection_predict.Detector.from_torchvision(FLAGS.pretrained)

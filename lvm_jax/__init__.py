@@ -1,7 +1,7 @@
 """lvm_jax: large vision models (ViT, ResNet, Swin, ConvNeXt) in JAX/Flax."""
 
 from lvm_jax.kernels import cpu_kernels_enabled, use_cpu_kernels
-from lvm_jax.models import ConvNeXt, ResNet, SwinTransformer, VisionTransformer
+from lvm_jax.models import ConvNeXt, EfficientNet, MobileNetV2, ResNet, ResNetV2, SwinTransformer, VisionTransformer
 from lvm_jax.models.registry import abstract_variables, create_model, list_models
 from lvm_jax.tasks.classify import Classifier, Prediction, classify
 from lvm_jax.weights.mapping import WeightsMismatchError
@@ -12,9 +12,12 @@ __all__ = [
   "Checkpoint",
   "Classifier",
   "ConvNeXt",
+  "EfficientNet",
+  "MobileNetV2",
   "Prediction",
   "Preprocessing",
   "ResNet",
+  "ResNetV2",
   "SwinTransformer",
   "VisionTransformer",
   "WeightsMismatchError",

@@ -10,32 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lvm_jax import kernels
 from lvm_jax.models import layers, param_groups
 
 MLP_RATIO = 4  # the inverted bottleneck's hidden width over the block's width, fixed in every ConvNeXt (v1)
 KERNEL_SIZE = 7  # the depthwise convolution
 _FEATURE_MAP = ("batch", "height", "width", "embed")
 _DOWNSAMPLE = re.compile(r"^downsample_(\d+)$")
-
-
-class DepthwiseConv(nn.Module):
-  """A k x k depthwise convolution, stride 1, k // 2 padding, with bias: nn.Conv's parameters ("kernel" [k, k, 1, C],
-  "bias" [C]), computed by kernels.depthwise_conv."""
-
-  kernel_size: int
-  dtype: Any
-  param_dtype: Any
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    k, channels = self.kernel_size, x.shape[-1]
-    kernel_init = layers.partitioned(layers.trunc_normal_02, (None, None, None, "embed"))
-    kernel = self.param("kernel", kernel_init, (k, k, 1, channels), self.param_dtype)
-    bias = self.param("bias", layers.partitioned(layers.zeros, ("embed",)), (channels,), self.param_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    pad = k // 2
-    return kernels.depthwise_conv(x, kernel, ((pad, pad), (pad, pad))) + bias
 
 
 class ConvNeXtBlock(nn.Module):
@@ -52,7 +32,9 @@ class ConvNeXtBlock(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     channels = x.shape[-1]
-    y = DepthwiseConv(KERNEL_SIZE, name="dwconv", **kw)(x)
+    y = layers.DepthwiseConv(
+      KERNEL_SIZE, use_bias=True, kernel_init=layers.trunc_normal_02, channel_axis="embed", name="dwconv", **kw
+    )(x)
     y = layers.layer_norm(self.layer_norm_eps, name="norm", **kw)(y)
     y = layers.Dense(
       MLP_RATIO * channels,

@@ -28,6 +28,29 @@ trunc_normal_02 = nn.initializers.truncated_normal(stddev=0.02)
 xavier_uniform = nn.initializers.xavier_uniform()
 zeros = nn.initializers.zeros
 ones = nn.initializers.ones
+# He (Kaiming) normal for ReLU-like nets, fan_out: how torchvision, timm, transformers and TF's reference code
+# initialise convolutions (ResNet, ResNetV2, MobileNetV2, EfficientNet).
+he_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: Optional[int] = None) -> int:
+  """A channel count: `value` rounded to the nearest multiple of `divisor`, at least `min_value` (default
+  `divisor`), and one `divisor` more where rounding would lose over 10% of `value`. TF-slim's rule, which
+  torchvision's _make_divisible (MobileNetV2), timm's make_divisible (BiT, EfficientNet) and transformers'
+  round_filters (EfficientNet) share."""
+  min_value = divisor if min_value is None else min_value
+  rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+  return int(rounded + divisor if rounded < 0.9 * value else rounded)
+
+
+def same_padding(size: Sequence[int], kernel_size: int, strides: int) -> tuple[tuple[int, int], ...]:
+  """TensorFlow's "SAME" zero padding of a kernel_size x kernel_size convolution: (before, after) for each axis of
+  `size` (the input's spatial shape), ceil(n / strides) outputs, the odd pixel after."""
+  pads = []
+  for n in size:
+    total = max((-(-n // strides) - 1) * strides + kernel_size - n, 0)
+    pads.append((total // 2, total - total // 2))
+  return tuple(pads)
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -353,12 +376,14 @@ class FrozenBatchNorm(nn.Module):
 class Conv2d(nn.Module):
   """A k x k convolution with torch.nn.Conv2d's symmetric padding (k // 2 on every side; "SAME" would pad a stride-2
   convolution asymmetrically) and an optional bias, computed by kernels.conv. Parameters "kernel" [k, k, in, out]
-  and "bias" [out], named (None, None, "conv_in", "conv_out") and ("conv_out",)."""
+  and "bias" [out], named (None, None, "conv_in", "conv_out") and ("conv_out",). padding: ((top, bottom), (left,
+  right)) instead (e.g. same_padding's); None pads k // 2."""
 
   features: int
   kernel_size: int
   strides: int = 1
   use_bias: bool = True
+  padding: Optional[tuple] = None
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = zeros
   dtype: Dtype = jnp.float32
@@ -373,6 +398,35 @@ class Conv2d(nn.Module):
     if self.use_bias:
       bias = self.param("bias", partitioned(self.bias_init, ("conv_out",)), (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    pad = k // 2
-    y = kernels.conv(x, kernel, (self.strides, self.strides), ((pad, pad), (pad, pad)))
+    padding = self.padding if self.padding is not None else ((k // 2, k // 2),) * 2
+    y = kernels.conv(x, kernel, (self.strides, self.strides), padding)
+    return y if bias is None else y + bias
+
+
+class DepthwiseConv(nn.Module):
+  """A k x k depthwise convolution (torch.nn.Conv2d with groups = channels), computed by kernels.depthwise_conv.
+  Parameters "kernel" [k, k, 1, C] and, with use_bias, "bias" [C] (nn.Conv's with feature_group_count=C), their
+  channel axis named `channel_axis`. padding: ((top, bottom), (left, right)); None pads k // 2 on every side, as
+  torch does."""
+
+  kernel_size: int
+  strides: int = 1
+  padding: Optional[tuple] = None
+  use_bias: bool = False
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  channel_axis: str = "conv_out"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, channels = self.kernel_size, x.shape[-1]
+    kernel_init = partitioned(self.kernel_init, (None, None, None, self.channel_axis))
+    kernel = self.param("kernel", kernel_init, (k, k, 1, channels), self.param_dtype)
+    bias = None
+    if self.use_bias:
+      bias = self.param("bias", partitioned(zeros, (self.channel_axis,)), (channels,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    padding = self.padding if self.padding is not None else ((k // 2, k // 2),) * 2
+    y = kernels.depthwise_conv(x, kernel, padding, self.strides)
     return y if bias is None else y + bias

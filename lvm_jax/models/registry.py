@@ -3,18 +3,22 @@
 import dataclasses
 import difflib
 import fnmatch
+from typing import Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lvm_jax.models import convnext, resnet, swin, vit
+from lvm_jax.models import convnext, efficientnet, mobilenetv2, resnet, resnetv2, swin, vit
 
 FAMILIES = (
   (vit.VisionTransformer, vit.VARIANTS),
   (resnet.ResNet, resnet.VARIANTS),
   (swin.SwinTransformer, swin.VARIANTS),
   (convnext.ConvNeXt, convnext.VARIANTS),
+  (resnetv2.ResNetV2, resnetv2.VARIANTS),
+  (efficientnet.EfficientNet, efficientnet.VARIANTS),
+  (mobilenetv2.MobileNetV2, mobilenetv2.VARIANTS),
 )
 _MODELS = {name: (cls, args) for cls, variants in FAMILIES for name, args in variants.items()}
 
@@ -38,6 +42,23 @@ def model_fields(cls: type) -> list[str]:
   return [f.name for f in _arguments(cls) if not _is_module_class(f.default)]
 
 
+def build(cls: type, args: Mapping, overrides: Mapping, variant: Optional[str] = None) -> nn.Module:
+  """cls(**args) with `overrides` replacing arguments: how create_model and every checkpoint loader build a model.
+
+  Raises:
+    TypeError: an override that is not one of cls's arguments (they are listed); `variant` names the variant in
+      the message.
+  """
+  arguments = [f.name for f in _arguments(cls)]
+  unknown = sorted(set(overrides) - set(arguments))
+  if unknown:
+    what = f"{cls.__name__} ({variant})" if variant else cls.__name__
+    raise TypeError(
+      f"{what} has no argument {', '.join(map(repr, unknown))}; its arguments are: {', '.join(arguments)}."
+    )
+  return cls(**{**args, **overrides})
+
+
 def create_model(name: str, **overrides) -> nn.Module:
   """Builds a registered variant.
 
@@ -57,14 +78,7 @@ def create_model(name: str, **overrides) -> nn.Module:
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ValueError(f"Unknown model {name!r}.{hint} Known models: {', '.join(list_models())}.")
   cls, args = _MODELS[name]
-  arguments = [f.name for f in _arguments(cls)]
-  unknown = sorted(set(overrides) - set(arguments))
-  if unknown:
-    raise TypeError(
-      f"{cls.__name__} ({name}) has no argument {', '.join(map(repr, unknown))}; "
-      f"its arguments are: {', '.join(arguments)}."
-    )
-  return cls(**{**args, **overrides})
+  return build(cls, args, overrides, name)
 
 
 def abstract_variables(model: nn.Module) -> dict:

@@ -12,8 +12,6 @@ import jax.numpy as jnp
 from lvm_jax import kernels
 from lvm_jax.models import layers, param_groups
 
-# torchvision and timm initialise convolutions with He (Kaiming) normal, fan_out, for ReLU.
-_CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 _BLOCKS = ("basic", "bottleneck")
 EXPANSION = {"basic": 1, "bottleneck": 4}  # output channels of a block over its width
 ModuleDef = Callable[..., nn.Module]
@@ -194,7 +192,8 @@ class ResNet(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
     specs = self.block_specs()
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    conv_init = layers.partitioned(_CONV_INIT, (None, None, "conv_in", "conv_out"))
+    # torchvision and timm initialise convolutions with He (Kaiming) normal, fan_out, for ReLU.
+    conv_init = layers.partitioned(layers.he_normal_fan_out, (None, None, "conv_in", "conv_out"))
     conv = functools.partial(self.conv, kernel_init=conv_init, **kw)
     norm = functools.partial(
       self.norm,

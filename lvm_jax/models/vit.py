@@ -1,4 +1,5 @@
-"""Vision Transformer (Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words")."""
+"""Vision Transformer (Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words"), and the paper's hybrids: a ResNet
+(v2, GroupNorm, weight-standardised) turns the image into a feature map that the patch embedding then cuts."""
 
 import functools
 import re
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 
 from lvm_jax import logical_axes
 from lvm_jax.models import layers, param_groups
+from lvm_jax.models.resnetv2 import BOTTLENECK_RATIO, ResNetV2
 
 # name -> (width, depth, mlp_dim, num_heads), from the paper's Table 1 and the AugReg / big_vision releases.
 _SIZES = {
@@ -89,6 +91,11 @@ class VisionTransformer(nn.Module):
   outputs as the per-layer model ("block_0" ... ); stack_blocks / unstack_blocks convert between the two.
   attention_impl: "xla", "cudnn" or None (cuDNN flash attention on NVIDIA GPUs in bfloat16/float16, else XLA;
   layers.attention_implementation).
+  resnet_depths: a hybrid (R50+ViT-B/16: (3, 4, 9)): a ResNetV2 with post-activation units and "SAME" padding
+  (params["resnet"], hybrid_resnet) runs first, with these units per stage after its stride-4 stem (stage i at
+  stride 4 * 2**i; () keeps the stem only), and the patch embedding cuts its last map into patch_size patches
+  (1 for R50+ViT-B/16: one token per stride-16 position). resnet_width: its stem's channels (64 in R50; stage i has
+  4 * resnet_width * 2**i). patch_stride is the pixels per token: patch_size times the ResNet's stride.
   """
 
   num_classes: int = 1000
@@ -112,10 +119,18 @@ class VisionTransformer(nn.Module):
   scan_layers: bool = False
   attention_impl: Optional[str] = None
   dynamic_image_size: bool = False
+  resnet_depths: Optional[Sequence[int]] = None
+  resnet_width: int = 64
+
+  @property
+  def patch_stride(self) -> int:
+    if self.resnet_depths is None:
+      return self.patch_size
+    return self.patch_size * 4 * 2 ** max(len(self.resnet_depths) - 1, 0)
 
   @property
   def grid_size(self) -> int:
-    return self.image_size // self.patch_size
+    return self.image_size // self.patch_stride
 
   @nn.compact
   def __call__(
@@ -135,6 +150,9 @@ class VisionTransformer(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     p = self.patch_size
     self._check_input(x.shape[1], x.shape[2])
+    if self.resnet_depths is not None:
+      resnet = hybrid_resnet(self, name="resnet")
+      x = resnet(x, train=train, return_features=True)[f"stride_{self.patch_stride // p}"]
     x = nn.Conv(
       self.width,
       (p, p),
@@ -221,8 +239,8 @@ class VisionTransformer(nn.Module):
     )(pooled)
 
   def layer_id(self, path: str) -> Optional[int]:
-    """The parameter's layer for layer-wise lr decay (models/param_groups.py): patch_embed, pos_embed and
-    cls_token 0, block_i i + 1, the final norm, fc_norm, pre_logits and head depth + 1."""
+    """The parameter's layer for layer-wise lr decay (models/param_groups.py): a hybrid's resnet, patch_embed,
+    pos_embed and cls_token 0, block_i i + 1, the final norm, fc_norm, pre_logits and head depth + 1."""
     top = param_groups.top_level(path)
     if top == SCANNED_BLOCKS:
       raise ValueError(
@@ -231,7 +249,7 @@ class VisionTransformer(nn.Module):
       )
     if (match := _BLOCK.match(top)) and int(match.group(1)) < self.depth:
       return int(match.group(1)) + 1
-    if top in ("patch_embed", "pos_embed", "cls_token"):
+    if top in ("resnet", "patch_embed", "pos_embed", "cls_token"):
       return 0
     return self.depth + 1 if top in ("norm", "fc_norm", "pre_logits", "head") else None
 
@@ -252,19 +270,26 @@ class VisionTransformer(nn.Module):
 
   def _check_input(self, height: int, width: int) -> None:
     """Raises ValueError when an input of height x width pixels is not one this model takes."""
-    p = self.patch_size
+    p = self.patch_stride
     if self.dynamic_image_size:
       if height % p or width % p or not min(height, width):
         raise ValueError(
-          f"ViT with dynamic_image_size=True takes inputs whose sides are positive multiples of patch_size={p}, "
+          f"ViT with dynamic_image_size=True takes inputs whose sides are positive multiples of "
+          f"{'patch_size' if self.resnet_depths is None else 'patch_stride'}={p}, "
           f"got {height}x{width}."
         )
       return
     h, w = height // p, width // p
+    if self.resnet_depths is not None and (height % p or width % p or self.image_size % p):
+      # the hybrid's SAME-padded ResNet rounds a partial patch up, where a patch embedding drops it
+      raise ValueError(
+        f"A hybrid ViT takes images whose sides are multiples of patch_stride={p}: image_size={self.image_size}, "
+        f"got {height}x{width}."
+      )
     if (h, w) != (self.grid_size, self.grid_size):
       raise ValueError(
         f"ViT built for {self.image_size}x{self.image_size} images (a {self.grid_size}x{self.grid_size} patch "
-        f"grid) got a {h}x{w} grid; build it with image_size={h * self.patch_size} (from_pretrained(..., "
+        f"grid) got a {h}x{w} grid; build it with image_size={h * p} (from_pretrained(..., "
         f"image_size=) resizes the position embeddings), or with dynamic_image_size=True for inputs of any size."
       )
 
@@ -332,6 +357,25 @@ class VisionTransformer(nn.Module):
     return x, {i: outputs[i] if stack_outputs else x for i in taps}
 
 
+def hybrid_resnet(vit: VisionTransformer, name: Optional[str] = None) -> ResNetV2:
+  """The ResNet a hybrid ViT runs before its patch embedding: its submodule when built inside its __call__, an
+  unbound module elsewhere (the weight converters read its units). A function, not a method: flax makes a module
+  built in any method its child."""
+  depths = tuple(vit.resnet_depths)
+  return ResNetV2(
+    num_classes=0,
+    image_size=vit.image_size,
+    depths=depths,
+    widths=tuple(BOTTLENECK_RATIO * vit.resnet_width * 2**i for i in range(len(depths))),
+    stem_width=vit.resnet_width,
+    preact=False,
+    padding="SAME",
+    dtype=vit.dtype,
+    param_dtype=vit.param_dtype,
+    name=name,
+  )
+
+
 def _resize_position_grid(pos: jax.Array, num_prefix: int, grid: int, new_hw: tuple[int, int]) -> jax.Array:
   """[1, num_prefix + grid**2, C] position embeddings with their patch grid resized to new_hw (bicubic, as
   weights/transfer.py resizes them for a new image_size); the prefix (class token) entries are kept."""
@@ -384,3 +428,6 @@ VARIANTS = {
     ("g", 14),
   )
 }
+# R50+ViT-B/16: ResNet-50's first three stages (3, 4, 9 units; the third has 9, not 6) to stride 16, then ViT-B on
+# 1x1 patches.
+VARIANTS["vit_b16_r50"] = dict(vit_args("B/1"), resnet_depths=(3, 4, 9), resnet_width=64)

@@ -1,9 +1,10 @@
-"""ViT checkpoints as .npz files from big_vision and google-research/vision_transformer (incl. AugReg).
+"""Google's .npz checkpoints: ViT from big_vision and google-research/vision_transformer (incl. AugReg and the
+ResNet hybrids, R50+ViT-B/16 ...), and BiT ResNetV2 from google-research/big_transfer (weights/bit.py).
 
-The architecture is read off the tensor shapes, so any released size loads without a config. Both naming
+The architecture is read off the tensor shapes, so any released size loads without a config. Both ViT naming
 generations are understood: vision_transformer's (MultiHeadDotProductAttention_1, MlpBlock_3, LayerNorm_0/2,
 class token inside the position embedding) and big_vision's (..._0, MlpBlock_0, LayerNorm_0/1, position
-embedding for patches only).
+embedding for patches only). A hybrid's ResNet is at the top level: conv_root, gn_root, block1/unit1/conv1 ...
 """
 
 import pathlib
@@ -11,8 +12,8 @@ import re
 
 
 from lvm_jax.models import registry
-from lvm_jax.models.vit import VisionTransformer
-from lvm_jax.weights import files, mapping
+from lvm_jax.models.vit import VisionTransformer, hybrid_resnet
+from lvm_jax.weights import bit, files, mapping
 from lvm_jax.weights.mapping import Tensor
 from lvm_jax.weights.preprocessing import Preprocessing
 
@@ -33,7 +34,10 @@ def _names(tensors: dict) -> tuple[str, str, str, str, str]:
     if prefix + "embedding/kernel" in tensors:
       break
   else:
-    raise ValueError("not a ViT checkpoint: no 'embedding/kernel' (nor 'params/embedding/kernel').")
+    raise ValueError(
+      "neither a ViT checkpoint (no 'embedding/kernel' nor 'params/embedding/kernel') nor a BiT one (no "
+      f"{bit.BIT_NPZ_NAMES.stem_conv + '/kernel'!r})."
+    )
   block = prefix + "Transformer/encoderblock_0/"
   if block + "MultiHeadDotProductAttention_1/query/kernel" in tensors:
     return prefix, "MultiHeadDotProductAttention_1", "MlpBlock_3", "LayerNorm_0", "LayerNorm_2"
@@ -64,8 +68,11 @@ def model_args(tensors: dict) -> dict:
     raise ValueError(f"{pos_name} has {tokens} tokens: not a square patch grid.")
   head = tensors.get(prefix + "head/kernel")
   pre_logits = tensors.get(prefix + "pre_logits/kernel")
+  hybrid = _hybrid_args(tensors, prefix)
+  stride = VisionTransformer(patch_size=patch, **hybrid).patch_stride
   return dict(
-    image_size=grid * patch,
+    **hybrid,
+    image_size=grid * stride,
     patch_size=patch,
     width=width,
     depth=depth,
@@ -78,6 +85,25 @@ def model_args(tensors: dict) -> dict:
     num_classes=0 if head is None else head.shape[1],
     layer_norm_eps=1e-6,
   )
+
+
+_HYBRID_UNIT = r"block(\d+)/unit(\d+)/"
+
+
+def _hybrid_args(tensors: dict, prefix: str) -> dict:
+  """resnet_depths / resnet_width of a hybrid's ResNet (conv_root, block<s>/unit<i>); {} for a plain ViT."""
+  root = tensors.get(prefix + bit.HYBRID_NPZ_NAMES.stem_conv + "/kernel")
+  if root is None:
+    return {}
+  units = {(int(m.group(1)), int(m.group(2))) for n in tensors if (m := re.match(re.escape(prefix) + _HYBRID_UNIT, n))}
+  depths = []
+  while found := sorted(i for s, i in units if s == len(depths) + 1):
+    if found != list(range(1, len(found) + 1)):
+      raise ValueError(f"block{len(depths) + 1} has units {found}; expected unit1 ... unit{len(found)}.")
+    depths.append(len(found))
+  if sum(depths) != len(units):
+    raise ValueError(f"hybrid ResNet blocks are not consecutive from block1: {sorted({s for s, _ in units})}.")
+  return dict(resnet_depths=tuple(depths), resnet_width=int(root.shape[-1]))
 
 
 def table(model: VisionTransformer, tensors: dict) -> list[Tensor]:
@@ -114,17 +140,19 @@ def table(model: VisionTransformer, tensors: dict) -> list[Tensor]:
     rows += [(("pre_logits", "kernel"), "pre_logits/kernel"), (("pre_logits", "bias"), "pre_logits/bias")]
   if model.num_classes:
     rows += [(("head", "kernel"), "head/kernel"), (("head", "bias"), "head/bias")]
-  return [Tensor(p + path, prefix + name) for path, name in rows]
+  resnet = []
+  if model.resnet_depths is not None:
+    resnet = bit.table(hybrid_resnet(model), bit.HYBRID_NPZ_NAMES, p + ("resnet",), prefix)
+  return [Tensor(p + path, prefix + name) for path, name in rows] + resnet
 
 
 def load(path: pathlib.Path, **overrides):
-  """(model, variables) from a big_vision / vision_transformer .npz file."""
+  """(model, variables) from a big_vision / vision_transformer .npz file (ViT or hybrid), or a big_transfer one
+  (BiT ResNetV2), told apart by their names."""
   tensors = files.read_npz(path)
-  try:
-    args = model_args(tensors)
-  except (ValueError, KeyError) as e:
-    raise ValueError(f"{path}: {e}") from None
-  model = VisionTransformer(**{**args, **overrides})
+  if bit.is_npz(tensors):
+    return bit.load_npz(tensors, str(path), **overrides)
+  model = registry.build(VisionTransformer, mapping.read_model_args(model_args, tensors, str(path)), overrides)
   # Optimizer state and other training leftovers in the file are not part of the model.
   prefix = _names(tensors)[0]
   tensors = {k: v for k, v in tensors.items() if k.startswith(prefix) and not k.startswith(prefix + "opt/")}

@@ -1,11 +1,14 @@
 """Finding and reading checkpoint files safely: safetensors, npz without pickle, torch .bin weights only."""
 
 import contextlib
+import hashlib
 import json
 import os
 import pathlib
+import re
 import secrets
 import stat
+import urllib.request
 from typing import Sequence
 
 import numpy as np
@@ -182,3 +185,60 @@ def write_json(data: dict, path: pathlib.Path) -> None:
     with open(tmp, "w") as f:
       json.dump(data, f, indent=2, sort_keys=True)
       f.write("\n")
+
+
+def is_state_dict_file(source) -> bool:
+  """Whether `source` names a single state-dict file (local or http(s)) rather than a folder or hub id."""
+  name = str(source).split("?")[0]
+  return name.endswith((".safetensors", ".pth", ".pt", ".bin")) and not os.path.isdir(name)
+
+
+# torchvision's (and torch.hub's) file names end in the first hex digits of the file's sha256: name-<digits>.pth
+_HASH_PREFIX = re.compile(r"-([0-9a-f]{8,})\.[^.]+$")
+DOWNLOAD_TIMEOUT_S = 60
+
+
+def fetch(url_or_path: str) -> pathlib.Path:
+  """A local copy of a checkpoint file: a path as it is, an http(s) URL (torchvision publishes its weights at
+  download.pytorch.org) downloaded once into $LVM_JAX_CACHE/downloads/<hash of the URL>/ (default
+  ~/.cache/lvm_jax), written to a temporary name and renamed, so an interrupted download is never read. A file
+  name carrying a sha256 prefix (torchvision's) is checked against the downloaded bytes, as torch.hub does."""
+  url = str(url_or_path)
+  if not url.startswith(("http://", "https://")):
+    return pathlib.Path(url_or_path)
+  name = os.path.basename(url.split("?")[0])
+  cache = pathlib.Path(os.environ.get("LVM_JAX_CACHE") or pathlib.Path.home() / ".cache" / "lvm_jax") / "downloads"
+  target = cache / hashlib.sha256(url.encode()).hexdigest()[:16] / name  # one URL, one file: same names may differ
+  if target.exists():
+    return target
+  target.parent.mkdir(parents=True, exist_ok=True)
+  partial = target.with_name(f"{name}.{os.getpid()}.partial")
+  digest = hashlib.sha256()
+  try:
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as out:
+      while chunk := response.read(1 << 20):
+        digest.update(chunk)
+        out.write(chunk)
+  except OSError as e:
+    partial.unlink(missing_ok=True)
+    raise OSError(f"Downloading {url} failed: {e}") from None
+  expected = _HASH_PREFIX.search(name)
+  if expected and not digest.hexdigest().startswith(expected.group(1)):
+    partial.unlink(missing_ok=True)
+    raise OSError(
+      f"Downloading {url}: its sha256 is {digest.hexdigest()}, not the {expected.group(1)}... its name promises; "
+      "the file was not kept."
+    )
+  os.replace(partial, target)
+  return target
+
+
+def read_state_dict(path) -> dict[str, np.ndarray]:
+  """A state dict from a .safetensors file, or a .pth / .pt / .bin file read by torch.load(weights_only=True)
+  (needs torch; nothing is ever unpickled otherwise)."""
+  path = pathlib.Path(path)
+  if path.suffix == ".safetensors":
+    return read_safetensors(path)
+  if path.suffix in (".pth", ".pt", ".bin"):
+    return read_torch_bin(path)
+  raise ValueError(f"{path}: expected a .safetensors file or a PyTorch .pth/.pt/.bin state dict.")

@@ -7,13 +7,17 @@ import jax
 import numpy as np
 
 from lvm_jax.models import registry
+from lvm_jax.weights import bit as bit_weights
 from lvm_jax.weights import convnext as convnext_weights
+from lvm_jax.weights import efficientnet as efficientnet_weights
 from lvm_jax.weights import files, mapping
 from lvm_jax.weights import resnet as resnet_weights
 from lvm_jax.weights import swin as swin_weights
 from lvm_jax.weights import vit as vit_weights
 from lvm_jax.models.convnext import ConvNeXt
+from lvm_jax.models.efficientnet import EfficientNet
 from lvm_jax.models.resnet import ResNet
+from lvm_jax.models.resnetv2 import ResNetV2
 from lvm_jax.models.swin import SwinTransformer
 from lvm_jax.models.vit import VisionTransformer
 
@@ -23,6 +27,8 @@ FAMILIES = {
   "swin": (swin_weights, SwinTransformer, ("SwinForImageClassification", "SwinModel")),
   "resnet": (resnet_weights, ResNet, ("ResNetForImageClassification", "ResNetModel")),
   "convnext": (convnext_weights, ConvNeXt, ("ConvNextForImageClassification", "ConvNextModel")),
+  "bit": (bit_weights, ResNetV2, ("BitForImageClassification", "BitModel")),
+  "efficientnet": (efficientnet_weights, EfficientNet, ("EfficientNetForImageClassification", "EfficientNetModel")),
 }
 WEIGHT_FILES = (files.SAFETENSORS, files.SAFETENSORS_INDEX, "model-*.safetensors", "preprocessor_config.json")
 
@@ -63,7 +69,7 @@ def build_model(config: dict, names: set[str], source: str, **overrides):
     args["num_classes"] = 0
     if converter is vit_weights and "pooler.dense.weight" in names:
       args.update(vit_weights.hf_pooler_args(config))
-  return cls(**{**args, **overrides})
+  return registry.build(cls, args, overrides)
 
 
 def table_for(model, tensors: dict) -> list[mapping.Tensor]:

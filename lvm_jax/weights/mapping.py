@@ -5,7 +5,7 @@ The same table converts both ways, so loading and saving can never disagree.
 """
 
 import dataclasses
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -44,6 +44,18 @@ def norm(ours: Path, theirs: str) -> list[Tensor]:
   return [Tensor(ours + ("scale",), theirs + ".weight"), Tensor(ours + ("bias",), theirs + ".bias")]
 
 
+def conv_bn(ours: Path, conv: str, bn: str, their_conv: str, their_bn: str) -> list[Tensor]:
+  """A bias-free convolution and its BatchNorm under `ours` (our modules `conv`, `bn`), against torch's Conv2d
+  `their_conv` and BatchNorm2d `their_bn`: weights in `params`, running statistics in `batch_stats`."""
+  return [
+    Tensor(("params",) + ours + (conv, "kernel"), their_conv + ".weight", "conv"),
+    Tensor(("params",) + ours + (bn, "scale"), their_bn + ".weight"),
+    Tensor(("params",) + ours + (bn, "bias"), their_bn + ".bias"),
+    Tensor(("batch_stats",) + ours + (bn, "mean"), their_bn + ".running_mean"),
+    Tensor(("batch_stats",) + ours + (bn, "var"), their_bn + ".running_var"),
+  ]
+
+
 def square_size(value, field: str) -> int:
   """A config's image or patch size, an int or a square [h, w] pair."""
   if isinstance(value, (list, tuple)):
@@ -55,6 +67,21 @@ def square_size(value, field: str) -> int:
 
 class WeightsMismatchError(ValueError):
   """Raised when a checkpoint and a model disagree; the message lists every disagreement."""
+
+
+def read_model_args(model_args: Callable[[Mapping], dict], tensors: Mapping, source: str) -> dict:
+  """model_args(tensors): a model's arguments read off a checkpoint's names and shapes (a file without a config),
+  every failure as a ValueError naming `source`: its own ValueErrors, and a tensor it needs that the file lacks as
+  "missing tensor <name>"."""
+  try:
+    return model_args(tensors)
+  except KeyError as e:
+    name = e.args[0] if e.args else None
+    if not isinstance(name, str) or name in tensors:
+      raise
+    raise ValueError(f"{source}: missing tensor {name}") from None
+  except ValueError as e:
+    raise ValueError(f"{source}: {e}") from None
 
 
 def to_ours(t: Tensor, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

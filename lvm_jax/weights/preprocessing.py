@@ -57,6 +57,16 @@ _HF_PROCESSORS = {
     image_mean=OPENAI_CLIP[0],
     image_std=OPENAI_CLIP[1],
   ),
+  "EfficientNetImageProcessor": dict(
+    size={"height": 346, "width": 346},
+    default_to_square=True,
+    resample=3,
+    crop_size={"height": 289, "width": 289},
+    image_mean=IMAGENET_STANDARD[0],
+    image_std=IMAGENET_STANDARD[1],
+    rescale_offset=False,
+    include_top=True,
+  ),
   "CLIPImageProcessor": dict(
     size={"shortest_edge": 224},
     default_to_square=False,
@@ -76,6 +86,8 @@ _HF_PROCESSOR_FOR_MODEL = {
   "SwinTransformer": "ViTImageProcessor",
   "ResNet": "ConvNextImageProcessor",
   "ConvNeXt": "ConvNextImageProcessor",
+  "ResNetV2": "BitImageProcessor",
+  "EfficientNet": "EfficientNetImageProcessor",
 }
 # ConvNextImageProcessor warps instead of cropping from this shortest_edge on.
 _CONVNEXT_NO_CROP_FROM = 384
@@ -160,6 +172,9 @@ class Preprocessing:
       if image_size and _hf_processor_type(config, model) == "ConvNextImageProcessor":
         # As the released ConvNeXt configs give it: a shortest edge, cropped by crop_pct below 384.
         config["size"] = {"shortest_edge": int(image_size)}
+      elif image_size and _hf_processor_type(config, model) == "BitImageProcessor":
+        # Its defaults at the model's size: the shortest edge resized to it, then a center crop of it.
+        config["size"], config["crop_size"] = {"shortest_edge": int(image_size)}, (int(image_size),) * 2
       elif image_size:
         config["size"] = {"height": int(image_size), "width": int(image_size)}
     return cls._from_hf_config(config, _hf_processor_type(config, model), str(path))
@@ -180,6 +195,14 @@ class Preprocessing:
       mean=s["image_mean"] if s["do_normalize"] else 0.0,
       std=s["image_std"] if s["do_normalize"] else 1.0,
     )
+    if processor == "EfficientNetImageProcessor":
+      # rescale_offset subtracts 1 after rescaling; include_top (true in the released configs) divides by image_std
+      # once more after normalizing, as the Keras models did: both fold into the mean and std.
+      offset = 1.0 if s["do_rescale"] and s["rescale_offset"] else 0.0
+      mean, std = np.broadcast_to(np.add(args["mean"], offset, dtype=np.float64), 3), np.broadcast_to(args["std"], 3)
+      if s["include_top"]:
+        std = std * np.broadcast_to(np.asarray(s["image_std"], np.float64), 3)
+      args.update(mean=tuple(mean.tolist()), std=tuple(std.tolist()))
     if set(size) == {"height", "width"}:
       resized = (size["height"], size["width"])
       if crop is None:

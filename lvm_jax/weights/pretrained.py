@@ -11,6 +11,7 @@ import numpy as np
 
 from lvm_jax.models import vit
 from lvm_jax.weights import big_vision, files, hf, timm, transfer
+from lvm_jax.weights import torchvision as torchvision_weights
 from lvm_jax.weights.preprocessing import Preprocessing
 
 
@@ -38,11 +39,17 @@ def load_checkpoint(source: str, **overrides: Any) -> Checkpoint:
 
   Args:
     source: one of
-      - a Hugging Face transformers folder or hub id (config.json with model_type vit / swin / resnet / convnext),
+      - a Hugging Face transformers folder or hub id (config.json with model_type vit / swin / resnet / convnext / bit /
+        efficientnet),
       - a timm folder or hub id such as "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k" (config.json with
         "architecture"),
-      - a big_vision / vision_transformer .npz file (ViT; the architecture is read from the tensor shapes).
+      - a big_vision / vision_transformer .npz file (ViT or a ResNet hybrid such as R50+ViT-B/16), or a
+        big_transfer one (BiT ResNetV2); the architecture is read from the tensor names and shapes.
       Hub ids are downloaded with huggingface_hub, or read from its cache when offline.
+      - a torchvision classifier (MobileNetV2, ResNet): a state dict file (.pth / .pt / .bin read with
+        torch.load(weights_only=True), or .safetensors), its download.pytorch.org URL, or "torchvision/<name>"
+        ("torchvision/mobilenet_v2", "torchvision/resnet50": weights/torchvision.py); the architecture is read
+        off the tensor names.
     **overrides: model arguments that do not change the weights (dtype, drop_path, dropout, ...);
       scan_layers=True (ViT) loads the per-layer checkpoint and stacks its blocks (vit.stack_blocks).
 
@@ -58,6 +65,12 @@ def load_checkpoint(source: str, **overrides: Any) -> Checkpoint:
   scan = overrides.pop("scan_layers", False)
   source = str(source)
   path = pathlib.Path(source).expanduser()
+  if torchvision_weights.is_source(source):
+    model, variables = torchvision_weights.load(source, **overrides)
+    if scan:
+      _scanned(model, variables)  # a ViT option: raises for these
+    variables = jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), variables)
+    return Checkpoint(model, variables, None, torchvision_weights.preprocessing(), source)
   if path.suffix == ".npz":
     if not path.is_file():
       raise FileNotFoundError(f"{source} does not exist.")

@@ -2,7 +2,7 @@
 and timm checkpoints; the transformers names are those on disk, which transformers 5 keeps in memory too."""
 
 from lvm_jax.models.resnet import EXPANSION, ResNet
-from lvm_jax.weights.mapping import Tensor
+from lvm_jax.weights.mapping import Tensor, conv_bn
 
 HF_MODEL_TYPE = "resnet"
 HF_PREFIX = "resnet."
@@ -56,19 +56,8 @@ def hf_model_args(config: dict) -> dict:
   )
 
 
-def _conv_bn(ours: tuple, conv: str, bn: str, their_conv: str, their_bn: str) -> list[Tensor]:
-  """A bias-free convolution and its BatchNorm: weights in `params`, running statistics in `batch_stats`."""
-  return [
-    Tensor(("params",) + ours + (conv, "kernel"), their_conv + ".weight", "conv"),
-    Tensor(("params",) + ours + (bn, "scale"), their_bn + ".weight"),
-    Tensor(("params",) + ours + (bn, "bias"), their_bn + ".bias"),
-    Tensor(("batch_stats",) + ours + (bn, "mean"), their_bn + ".running_mean"),
-    Tensor(("batch_stats",) + ours + (bn, "var"), their_bn + ".running_var"),
-  ]
-
-
 def _hf_conv_bn(ours: tuple, conv: str, bn: str, theirs: str) -> list[Tensor]:
-  return _conv_bn(ours, conv, bn, theirs + "convolution", theirs + "normalization")
+  return conv_bn(ours, conv, bn, theirs + "convolution", theirs + "normalization")
 
 
 def hf_table(model: ResNet) -> list[Tensor]:
@@ -147,14 +136,14 @@ def timm_model_args(architecture: str, model_args: dict, global_pool: str | None
 
 
 def timm_table(model: ResNet) -> list[Tensor]:
-  table = _conv_bn((), "stem_conv", "stem_bn", "conv1", "bn1")
+  table = conv_bn((), "stem_conv", "stem_bn", "conv1", "bn1")
   num_convs = 3 if model.block == "bottleneck" else 2
   for spec in model.block_specs():
     theirs = f"layer{spec.stage + 1}.{spec.index}."
     for k in range(1, num_convs + 1):
-      table += _conv_bn((spec.name,), f"conv{k}", f"bn{k}", f"{theirs}conv{k}", f"{theirs}bn{k}")
+      table += conv_bn((spec.name,), f"conv{k}", f"bn{k}", f"{theirs}conv{k}", f"{theirs}bn{k}")
     if spec.has_shortcut:
-      table += _conv_bn((spec.name,), "shortcut_conv", "shortcut_bn", f"{theirs}downsample.0", f"{theirs}downsample.1")
+      table += conv_bn((spec.name,), "shortcut_conv", "shortcut_bn", f"{theirs}downsample.0", f"{theirs}downsample.1")
   if model.num_classes:
     table += [
       Tensor(("params", "head", "kernel"), "fc.weight", "linear"),

@@ -6,10 +6,14 @@ import numpy as np
 
 from lvm_jax.models import registry
 from lvm_jax.models.convnext import ConvNeXt
+from lvm_jax.models.efficientnet import EfficientNet
 from lvm_jax.models.resnet import ResNet
+from lvm_jax.models.resnetv2 import ResNetV2
 from lvm_jax.models.swin import SwinTransformer
 from lvm_jax.models.vit import VisionTransformer
+from lvm_jax.weights import bit as bit_weights
 from lvm_jax.weights import convnext as convnext_weights
+from lvm_jax.weights import efficientnet as efficientnet_weights
 from lvm_jax.weights import files, mapping
 from lvm_jax.weights import resnet as resnet_weights
 from lvm_jax.weights import swin as swin_weights
@@ -18,9 +22,12 @@ from lvm_jax.weights import vit as vit_weights
 # architecture name prefix -> (converter, model class)
 FAMILIES = {
   "vit_": (vit_weights, VisionTransformer),
+  "resnetv2_": (bit_weights, ResNetV2),  # before "resnet", which would take it
   "resnet": (resnet_weights, ResNet),
   "swin_": (swin_weights, SwinTransformer),
   "convnext_": (convnext_weights, ConvNeXt),
+  "efficientnet_": (efficientnet_weights, EfficientNet),
+  "tf_efficientnet_": (efficientnet_weights, EfficientNet),
 }
 
 
@@ -45,7 +52,7 @@ def build_model(config: dict, source: str, **overrides):
     )
   args = converter.timm_model_args(architecture, dict(config.get("model_args") or {}), config.get("global_pool"))
   args["num_classes"] = int(config.get("num_classes", 1000))
-  return converter, cls(**{**args, **overrides})
+  return converter, registry.build(cls, args, overrides)
 
 
 def split_fused_qkv(tensors: dict) -> dict:

@@ -6,9 +6,6 @@ the ten ids COCO never used ("N/A") are never trained, exactly as in torchvision
 """
 
 import dataclasses
-import os
-import pathlib
-import urllib.request
 from typing import Optional
 
 import flax.linen as nn
@@ -129,37 +126,6 @@ def torchvision_table(model: nn.Module, arch: str) -> list[Tensor]:
   return _backbone_table(model) + _fpn_table() + _head_table(_architecture(arch))
 
 
-def fetch(url_or_path: str) -> pathlib.Path:
-  """A local copy of a checkpoint: a path as it is, an http(s) URL (torchvision publishes its detectors at
-  download.pytorch.org) downloaded once into $LVM_JAX_CACHE/torchvision (default ~/.cache/lvm_jax), written to a
-  temporary name and renamed, so an interrupted download is never read."""
-  if not str(url_or_path).startswith(("http://", "https://")):
-    return pathlib.Path(url_or_path)
-  cache = pathlib.Path(os.environ.get("LVM_JAX_CACHE") or pathlib.Path.home() / ".cache" / "lvm_jax") / "torchvision"
-  target = cache / os.path.basename(str(url_or_path).split("?")[0])
-  if not target.exists():
-    cache.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    try:
-      urllib.request.urlretrieve(str(url_or_path), partial)
-    except OSError as e:
-      partial.unlink(missing_ok=True)
-      raise OSError(f"Downloading {url_or_path} failed: {e}") from None
-    os.replace(partial, target)
-  return target
-
-
-def read_state_dict(path) -> dict[str, np.ndarray]:
-  """A state dict from a .safetensors file, or a .pth / .pt / .bin file read by torch.load(weights_only=True)
-  (needs torch; nothing is ever unpickled otherwise)."""
-  path = pathlib.Path(path)
-  if path.suffix == ".safetensors":
-    return files.read_safetensors(path)
-  if path.suffix in (".pth", ".pt", ".bin"):
-    return files.read_torch_bin(path)
-  raise ValueError(f"{path}: expected a .safetensors file or a PyTorch .pth/.pt/.bin state dict.")
-
-
 def _num_classes(tensors: dict, spec: Architecture, source: str) -> int:
   if CLS_LOGITS not in tensors:
     raise WeightsMismatchError(f"{source} has no {CLS_LOGITS}: it is not a torchvision RetinaNet / FCOS state dict.")
@@ -213,17 +179,17 @@ def infer_architecture(tensors: dict, source: str = "state dict") -> str:
   return "retinanet_resnet50_fpn"
 
 
-def is_checkpoint_file(source) -> bool:
-  """Whether `source` names a single state-dict file (local or http(s)) rather than a folder or hub id."""
-  name = str(source).split("?")[0]
-  return name.endswith((".safetensors", ".pth", ".pt", ".bin")) and not os.path.isdir(name)
+def is_detector_file(source) -> bool:
+  """Whether `source` is one state-dict file (local or http(s)) of a torchvision detector, rather than a classifier's
+  state dict, a folder or a hub id."""
+  return files.is_state_dict_file(source) and CLS_LOGITS in files.read_state_dict(files.fetch(source))
 
 
 def load_torchvision_detector(path, arch: Optional[str] = None, num_classes: Optional[int] = None, **kwargs):
-  """(model, variables) from a torchvision detector checkpoint file or URL (see read_state_dict and fetch), e.g.
-  torchvision's https://download.pytorch.org/models/retinanet_resnet50_fpn_coco-eeacb38b.pth. `arch` (a name in
+  """(model, variables) from a torchvision detector checkpoint file or URL (files.read_state_dict, files.fetch),
+  e.g. torchvision's https://download.pytorch.org/models/retinanet_resnet50_fpn_coco-eeacb38b.pth. `arch` (a name in
   ARCHITECTURES) is read off the state dict when None. kwargs as convert_state_dict."""
-  tensors = read_state_dict(fetch(path))
+  tensors = files.read_state_dict(files.fetch(path))
   arch = arch or infer_architecture(tensors, str(path))
   return convert_state_dict(tensors, arch, num_classes, source=str(path), **kwargs)
 

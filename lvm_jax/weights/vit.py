@@ -1,8 +1,9 @@
-"""ViT tensor names and layouts in Hugging Face transformers and timm checkpoints."""
+"""ViT tensor names and layouts in Hugging Face transformers and timm checkpoints (timm's hybrids too)."""
 
 import re
 
-from lvm_jax.models.vit import VisionTransformer, vit_args
+from lvm_jax.models.vit import VisionTransformer, hybrid_resnet, vit_args
+from lvm_jax.weights import bit
 from lvm_jax.weights.mapping import Tensor, dense, norm, square_size
 
 HF_MODEL_TYPE = "vit"
@@ -76,6 +77,7 @@ _TIMM_NAMES = dict(
   fc2="mlp.fc2",
   pre_logits="pre_logits.fc",
   head="head",
+  backbone="patch_embed.backbone.",
 )
 
 
@@ -102,10 +104,17 @@ def _table(model: VisionTransformer, names: dict) -> list[Tensor]:
     table += dense(p + ("pre_logits",), names["pre_logits"])
   if model.num_classes:
     table += dense(p + ("head",), names["head"])
+  if model.resnet_depths is not None:
+    table += bit.timm_backbone_table(hybrid_resnet(model), p + ("resnet",), names["backbone"])
   return table
 
 
 def hf_table(model: VisionTransformer) -> list[Tensor]:
+  if model.resnet_depths is not None:
+    raise ValueError(
+      "transformers 5 has no ViT hybrid (ViTHybrid was removed): save this model's weights another way, e.g. "
+      "as an Orbax checkpoint."
+    )
   if not model.class_token or model.pooling != "token" or model.fc_norm or model.no_embed_class:
     raise ValueError(
       "Hugging Face ViT has a class token with its own position embedding and no fc_norm; "
@@ -146,19 +155,41 @@ def hf_config(model: VisionTransformer) -> dict:
 # timm: vit_{size}_patch{p}_{image}[.tag]; sizes as timm names them.
 _TIMM_SIZES = {"tiny": "Ti", "small": "S", "base": "B", "large": "L", "huge": "H", "giant": "g"}
 TIMM_IGNORE = ()
+# timm's hybrids from the ViT paper and AugReg (vision_transformer_hybrid.py): vit_{size}_r{depth}_s{stride}
+# [_p{patch}]_{image}; (ResNet depth, stride) -> units per stage of its ResNetV2 ("": the stem alone).
+_TIMM_HYBRIDS = {("", "16"): (), ("26", "32"): (2, 2, 2, 2), ("50", "16"): (3, 4, 9), ("50", "32"): (3, 4, 6, 3)}
+
+
+def _timm_hybrid(architecture: str) -> dict | None:
+  """(size, patch, image, resnet_depths) of a timm hybrid name, None for another name."""
+  match = re.fullmatch(r"vit_(tiny|small|base|large)_r(\d*)_s(\d+)(?:_p(\d+))?_(\d+)", architecture)
+  if not match or (match.group(2), match.group(3)) not in _TIMM_HYBRIDS:
+    return None
+  size, resnet, stride, patch, image = match.groups()
+  return dict(size=size, patch=patch or "1", image=image, resnet_depths=_TIMM_HYBRIDS[resnet, stride])
 
 
 def timm_model_args(architecture: str, model_args: dict, global_pool: str | None = None) -> dict:
   """timm ViT name + model_args -> our kwargs (without num_classes)."""
   match = re.fullmatch(r"vit_(tiny|small|base|large|huge|giant)_patch(\d+)_(?:clip_)?(\d+)", architecture)
-  if not match:
+  hybrid = _timm_hybrid(architecture)
+  if match:
+    size, patch, image = match.groups()
+  elif hybrid:
+    size, patch, image = hybrid["size"], hybrid["patch"], hybrid["image"]
+    if model_args.get("padding_same", True) is not True:
+      raise ValueError(f"timm {architecture} with padding_same=False is not supported (only TF 'SAME' padding).")
+    model_args = {k: v for k, v in model_args.items() if k != "padding_same"}
+  else:
     raise ValueError(
-      f"timm architecture {architecture!r} is not a plain ViT this loader knows "
-      "(vit_{tiny,small,base,large,huge,giant}_patch{P}_{SIZE})."
+      f"timm architecture {architecture!r} is not a ViT this loader knows "
+      "(vit_{tiny,small,base,large,huge,giant}_patch{P}_{SIZE}, or the hybrids vit_{size}_r{26,50,}_s{16,32}"
+      "[_p{P}]_{SIZE})."
     )
-  size, patch, image = match.groups()
   args = vit_args(f"{_TIMM_SIZES[size]}/{patch}")
   args.update(image_size=int(image), layer_norm_eps=1e-6)
+  if not match:  # a hybrid: R50 / R26's stem is 64 channels wide in every release
+    args.update(resnet_depths=hybrid["resnet_depths"], resnet_width=64)
   unsupported = {
     k: v
     for k, v in model_args.items()

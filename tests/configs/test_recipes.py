@@ -345,14 +345,56 @@ def _convnext_checkpoint(folder: pathlib.Path) -> str:
   return "ConvNeXt"
 
 
-# family -> writes a small pretrained checkpoint of it into a folder; returns the model class it loads as
-BACKBONE_CHECKPOINTS = {"convnext": _convnext_checkpoint}
+def _efficientnet_checkpoint(folder: pathlib.Path) -> str:
+  from tests.weights.test_hf_efficientnet import TINY, _reference  # transformers EfficientNet, random weights
+
+  _reference(TINY).save_pretrained(folder)
+  return "EfficientNet"
+
+
+def _mobilenet_checkpoint(folder: pathlib.Path) -> tuple[str, pathlib.Path]:
+  from lvm_jax.weights import files, torchvision
+
+  folder.mkdir()  # torchvision's real ImageNet MobileNetV2 (the packaged .pth) as a safetensors state dict
+  tensors = files.read_state_dict(torchvision.resolve("torchvision/mobilenet_v2"))
+  files.write_safetensors(tensors, folder / "mobilenet_v2.safetensors")
+  return "MobileNetV2", folder / "mobilenet_v2.safetensors"
+
+
+# family -> writes a small pretrained checkpoint of it into a folder; returns the model class it loads as, or
+# (class, path) for a single-file checkpoint written inside the folder
+def _bit_checkpoint(folder: pathlib.Path) -> str:
+  from tests.weights.test_hf_bit import TINY, _reference  # transformers BiT, random weights
+
+  # image_size (config.json keeps it; BitConfig has no field of its own) is the recipe's runlocal size.
+  _reference({**TINY, "depths": [1, 1, 1, 1], "image_size": 32}).save_pretrained(folder)
+  return "ResNetV2"
+
+
+def _vit_hybrid_checkpoint(folder: pathlib.Path) -> tuple[str, pathlib.Path]:
+  # An R50+ViT-B_16.npz-style file (vision_transformer's release format; transformers 5 has no ViT hybrid): a small
+  # two-stage ResNet under a two-block ViT at 32x32, the fixture timm's npz loader reads.
+  folder.mkdir()
+  fixture = REPO / "tests" / "fixtures" / "timm" / "vit_hybrid_npz" / "model.npz"
+  (folder / "model.npz").write_bytes(fixture.read_bytes())
+  return "VisionTransformer", folder / "model.npz"
+
+
+BACKBONE_CHECKPOINTS = {
+  "convnext": _convnext_checkpoint,
+  "efficientnet": _efficientnet_checkpoint,
+  "mobilenet_v2": _mobilenet_checkpoint,
+  "bit": _bit_checkpoint,
+  "vit_hybrid": _vit_hybrid_checkpoint,
+}
 
 
 @pytest.mark.parametrize("family", sorted(BACKBONE_CHECKPOINTS))
 def test_finetune_folder_runlocal_through_main_from_each_family(family, run_main, digit_folder, tmp_path):
   checkpoint = tmp_path / family
   class_name = BACKBONE_CHECKPOINTS[family](checkpoint)
+  if isinstance(class_name, tuple):
+    class_name, checkpoint = class_name
   workdir = tmp_path / "run"
   recipe = f"--config={REPO / 'configs' / 'finetune_folder.py'}:root={digit_folder},runlocal"
   run_main(recipe, f"--workdir={workdir}", f"--config.pretrained={checkpoint}", "--config.progress_bar=False")
@@ -360,6 +402,8 @@ def test_finetune_folder_runlocal_through_main_from_each_family(family, run_main
   model = workdir_checkpoint.load(str(workdir)).model
   assert type(model).__name__ == class_name and model.num_classes == 10
   pretrained = lvm_jax.load_checkpoint(str(checkpoint)).model
+  if hasattr(pretrained, "image_size"):  # the recipe's resolution (runlocal's 32), not the checkpoint's
+    pretrained = pretrained.clone(image_size=model.image_size)
   assert model.clone(num_classes=0) == pretrained.clone(num_classes=0)  # the checkpoint's architecture, new head
 
 

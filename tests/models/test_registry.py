@@ -33,6 +33,22 @@ PUBLISHED_PARAMS = {
   "convnext_small": 50_223_688,
   "convnext_base": 88_591_464,
   "convnext_large": 197_767_336,
+  "bit_r50x1": 25_549_352,  # BiT (timm resnetv2_*_bit, transformers Bit): BiT-M R50x1 ~25.5M
+  "bit_r50x3": 217_319_080,
+  "bit_r101x1": 44_541_480,
+  "bit_r101x3": 387_934_888,
+  "bit_r152x2": 236_335_208,
+  "bit_r152x4": 936_533_224,
+  "vit_b16_r50": 98_659_112,  # timm vit_base_r50_s16_224 (98_950_952 at 384)
+  "efficientnet_b0": 5_288_548,
+  "efficientnet_b1": 7_794_184,
+  "efficientnet_b2": 9_109_994,
+  "efficientnet_b3": 12_233_232,
+  "efficientnet_b4": 19_341_616,
+  "efficientnet_b5": 30_389_784,
+  "efficientnet_b6": 43_040_704,
+  "efficientnet_b7": 66_347_960,
+  "mobilenet_v2": 3_504_872,  # torchvision's num_params
 }
 
 

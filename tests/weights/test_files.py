@@ -2,10 +2,14 @@
 one, and what is refused), and the files save_pretrained writes (atomic, with the usual permissions)."""
 
 import argparse
+import functools
+import hashlib
+import http.server
 import os
 import pathlib
 import shutil
 import stat
+import threading
 
 import numpy as np
 import pytest
@@ -140,3 +144,39 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
   model, variables = lvm_jax.from_pretrained(folder)
   x, logits = reference()
   np.testing.assert_allclose(model.apply(variables, x), logits, atol=1e-4, rtol=0)
+
+
+@pytest.fixture
+def http_server(tmp_path):
+  """A real HTTP server on localhost serving tmp_path/served/: (base URL, folder)."""
+  served = tmp_path / "served"
+  served.mkdir()
+  handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+  handler.log_message = lambda *args: None
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  yield f"http://127.0.0.1:{server.server_address[1]}", served
+  server.shutdown()
+  thread.join()
+
+
+def test_fetch_downloads_once_per_url_and_checks_the_hash_in_the_name(http_server, tmp_path, monkeypatch):
+  base, served = http_server
+  monkeypatch.setenv("LVM_JAX_CACHE", str(tmp_path / "cache"))
+  data = b"weights" * 1000
+  prefix = hashlib.sha256(data).hexdigest()[:8]
+  for folder, content in (("a", data), ("b", data + b"!")):  # two files of one name under different URLs
+    (served / folder).mkdir()
+    (served / folder / f"model-{prefix}.pth").write_bytes(content)
+  first = files.fetch(f"{base}/a/model-{prefix}.pth")
+  assert first.read_bytes() == data and first.name == f"model-{prefix}.pth"
+  (served / "a" / f"model-{prefix}.pth").unlink()  # cached: not asked for again
+  assert files.fetch(f"{base}/a/model-{prefix}.pth") == first
+  # the same name from elsewhere is another file, and its bytes do not match the name's sha256 prefix
+  with pytest.raises(OSError, match=f"sha256 is .*, not the {prefix}... its name promises; the file was not kept"):
+    files.fetch(f"{base}/b/model-{prefix}.pth")
+  assert [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()] == [first.name]  # no partial file left
+  with pytest.raises(OSError, match=r"Downloading .*/missing\.pth failed: HTTP Error 404"):
+    files.fetch(f"{base}/missing.pth")
+  assert files.fetch(str(tmp_path / "local.pth")) == tmp_path / "local.pth"  # a path is used where it is

@@ -6,6 +6,7 @@ import json
 import pathlib
 import shutil
 
+import jax
 import numpy as np
 import PIL.Image
 import pytest
@@ -79,9 +80,9 @@ def test_preprocessing_gives_the_pixels_of_timms_eval_transform(name, photo):
 def test_unknown_timm_architecture_is_a_clear_error(tmp_path):
   shutil.copytree(FIXTURES / "vit_token", tmp_path / "ckpt")
   config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-  config["architecture"] = "efficientnet_b0.ra_in1k"
+  config["architecture"] = "xcit_tiny_12_p16_224.fb_in1k"
   (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
-  with pytest.raises(ValueError, match="timm architecture 'efficientnet_b0.ra_in1k' is not supported"):
+  with pytest.raises(ValueError, match="timm architecture 'xcit_tiny_12_p16_224.fb_in1k' is not supported"):
     lvm_jax.from_pretrained(tmp_path / "ckpt")
 
 
@@ -114,3 +115,37 @@ def test_convnext_logits_and_stage_features_match_timm():
   feats = model.apply(variables, ref["input"], return_features=True)
   for i, stride in enumerate((4, 8, 16, 32)):
     np.testing.assert_allclose(feats[f"stride_{stride}"], ref[f"features_{i}"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+  "name,padding,bn_eps", [("efficientnet", "symmetric", 1e-5), ("tf_efficientnet", "same", 1e-3)]
+)
+def test_efficientnet_logits_and_stage_features_match_timm(name, padding, bn_eps):
+  # efficientnet_b0 (PyTorch-trained: torch's padding, eps 1e-5) and tf_efficientnet_b0 (TF SAME on 35x35 inputs,
+  # eps 1e-3), both with timm's multipliers replaced by 0.2 and 0.3 (recorded in the fixtures' model_args).
+  model, variables = lvm_jax.from_pretrained(FIXTURES / name)
+  assert type(model).__name__ == "EfficientNet"
+  assert (model.width_multiplier, model.depth_multiplier, model.padding, model.bn_eps) == (0.2, 0.3, padding, bn_eps)
+  ref = reference(name)
+  logits, feats = jax.jit(lambda v, x: (model.apply(v, x), model.apply(v, x, return_features=True)))(
+    variables, ref["input"]
+  )
+  # Values reach ~100 in the last stage, and float32 rounding grows with them: timm's own float32 logits differ from
+  # its float64 ones by ~1e-5 of the largest. Compared relative to each array's largest value.
+  close = lambda ours, theirs: np.testing.assert_allclose(ours, theirs, atol=5e-5 * np.abs(theirs).max(), rtol=0)
+  close(logits, ref["logits"])
+  for i, stride in enumerate((4, 8, 16, 32)):
+    close(feats[f"stride_{stride}"], ref[f"features_{i}"])
+
+
+def test_efficientnet_model_args_timm_would_build_differently_are_refused(tmp_path):
+  shutil.copytree(FIXTURES / "efficientnet", tmp_path / "ckpt")
+  config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+  config["model_args"]["act_layer"] = "relu"
+  (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=r"timm EfficientNet model_args not supported .*\{'act_layer': 'relu'\}"):
+    lvm_jax.from_pretrained(tmp_path / "ckpt")
+  config["architecture"] = "efficientnet_b3_pruned"
+  (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match="'efficientnet_b3_pruned' is not an EfficientNet this loader knows"):
+    lvm_jax.from_pretrained(tmp_path / "ckpt")

@@ -29,8 +29,8 @@ from lvm_jax.models.swin import SwinTransformer
 from lvm_jax.models.vit import VisionTransformer
 from lvm_jax.weights import pretrained as pretrained_lib
 
-# detectron2's c2_msra_fill, which ViTDet's pyramid convolutions start from: He normal over fan_out, zero biases.
-_CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# detectron2's c2_msra_fill, which ViTDet's pyramid convolutions start from: He normal over fan_out
+# (layers.he_normal_fan_out), zero biases.
 # torch's default ConvTranspose2d init, U(+-1/sqrt(fan_in)).
 _DECONV_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 SPEC_KEYS = ("model", "pretrained", "model_args", "pyramid")
@@ -77,7 +77,7 @@ class SimpleFeaturePyramid(nn.Module):
       bias_init=layers.partitioned(layers.zeros, ("conv_out",)),
       **kw,
     )
-    conv_kernel = layers.partitioned(_CONV_INIT, (None, None, "conv_in", "conv_out"))
+    conv_kernel = layers.partitioned(layers.he_normal_fan_out, (None, None, "conv_in", "conv_out"))
     features = {}
     for stride, k in self.steps().items():
       name = f"stride_{stride}"
@@ -131,7 +131,7 @@ class ViTBackbone(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = True) -> dict[str, jax.Array]:
     if not return_features:
       raise ValueError("ViTBackbone gives feature maps only: call it with return_features=True.")
-    multiple = max(max(self.strides), self.vit.patch_size)
+    multiple = max(max(self.strides), self.vit.patch_stride)
     if x.shape[1] % multiple or x.shape[2] % multiple:
       raise ValueError(
         f"ViTBackbone with strides {tuple(self.strides)} needs a canvas whose sides are multiples of {multiple}, "
@@ -159,7 +159,7 @@ def _pyramid(backbone: ViTBackbone, name: Optional[str] = None) -> SimpleFeature
   initialise it without the ViT). A function, not a method: flax makes a module built in any method its child."""
   vit = backbone.vit
   kw = dict(dtype=vit.dtype, param_dtype=vit.param_dtype, layer_norm_eps=vit.layer_norm_eps, name=name)
-  return SimpleFeaturePyramid(vit.patch_size, backbone.channels, tuple(backbone.strides), **kw)
+  return SimpleFeaturePyramid(vit.patch_stride, backbone.channels, tuple(backbone.strides), **kw)
 
 
 def feature_channels(backbone: nn.Module) -> dict[str, int]:
@@ -237,8 +237,8 @@ def build_backbone(spec: Mapping[str, Any], *, seed: int = 0) -> Backbone:
   backbone = ViTBackbone(model.clone(dynamic_image_size=True), **pyramid)
   if variables is None:
     return Backbone(backbone, None, None)
-  canvas = max(max(backbone.strides), model.patch_size)  # the smallest the backbone takes
-  grid = jnp.zeros((1, canvas // model.patch_size, canvas // model.patch_size, model.width), model.dtype)
+  canvas = max(max(backbone.strides), model.patch_stride)  # the smallest the backbone takes
+  grid = jnp.zeros((1, canvas // model.patch_stride, canvas // model.patch_stride, model.width), model.dtype)
   fresh = nn.meta.unbox(jax.jit(_pyramid(backbone).init)(jax.random.key(seed), grid))
   loaded = {"params": {"vit": variables["params"], "pyramid": fresh["params"]}}
   return Backbone(backbone, _used_variables(backbone, loaded, canvas), mean_std)

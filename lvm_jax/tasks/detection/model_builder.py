@@ -47,7 +47,7 @@ def _init(model: nn.Module, seed: int) -> dict:
   """Fresh variables of `model`, initialised on a small canvas (parameters do not depend on its size)."""
   size = 64
   if isinstance(model.backbone, backbones.ViTBackbone):
-    size = max(max(model.backbone.strides), model.backbone.vit.patch_size) * 2
+    size = max(max(model.backbone.strides), model.backbone.vit.patch_stride) * 2
   images = jnp.zeros((1, size, size, 3), jnp.float32)
   return nn.meta.unbox(jax.jit(lambda key: model.init(key, images, train=False))(jax.random.key(seed)))
 

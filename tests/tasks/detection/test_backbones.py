@@ -24,6 +24,15 @@ SPECS = {
   },
   "vit": {"model": "vit_ti16", "model_args": TINY_VIT, "pyramid": {"channels": 24}},
   "convnext": {"model": "convnext_tiny", "model_args": dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))},
+  "efficientnet": {"model": "efficientnet_b0", "model_args": dict(width_multiplier=0.25, depth_multiplier=0.3)},
+  "mobilenet_v2": {"model": "mobilenet_v2", "model_args": dict(width_mult=0.25)},
+  "bit": {"model": "bit_r50x1", "model_args": dict(depths=(1, 1, 1, 1), widths=(128, 128, 256, 256), stem_width=32)},
+  # the ResNet of the hybrid at stride 8, two-pixel patches: a stride-16 grid, as R50+ViT-B/16's
+  "vit_hybrid": {
+    "model": "vit_b16_r50",
+    "model_args": dict(TINY_VIT, patch_size=2, resnet_depths=(1, 1), resnet_width=32),
+    "pyramid": {"channels": 24},
+  },
 }
 CANVAS = (2, 64, 96, 3)  # non-square: 8x12 at stride 8, 4x6 at 16, 2x3 at 32
 
@@ -43,7 +52,10 @@ def test_every_family_gives_stride_8_16_32_maps_at_a_non_square_canvas(family):
   for stride in (8, 16, 32):
     key = f"stride_{stride}"
     assert out[key].shape == (2, 64 // stride, 96 // stride, channels[key]), key
-  expected = {"resnet": (16, 32, 64), "swin": (32, 64, 128), "vit": (24, 24, 24), "convnext": (16, 32, 64)}[family]
+  expected = {"resnet": (16, 32, 64), "swin": (32, 64, 128), "vit": (24, 24, 24), "convnext": (16, 32, 64)}
+  expected["efficientnet"] = (16, 32, 80)
+  expected.update(mobilenet_v2=(8, 24, 1280), bit=(128, 256, 256), vit_hybrid=(24, 24, 24))
+  expected = expected[family]
   assert [channels[f"stride_{s}"] for s in (8, 16, 32)] == list(expected)
 
 

@@ -14,6 +14,7 @@ from lvm_jax import WeightsMismatchError
 from lvm_jax.models import registry
 from lvm_jax.tasks.detection import anchors as anchor_ops
 from lvm_jax.tasks.detection import postprocess
+from lvm_jax.weights import files
 from lvm_jax.weights import torchvision_detection as tvd
 from tests.fixtures.torchvision.random_state_dict import random_state_dict
 
@@ -113,8 +114,8 @@ def test_architecture_is_read_off_the_names():
     assert tvd.infer_architecture(MANIFEST[arch]["state_dict"]) == arch
   with pytest.raises(WeightsMismatchError, match="resnet.pth has no head.classification_head.cls_logits.weight"):
     tvd.infer_architecture({"fc.weight": np.zeros((2, 2))}, "resnet.pth")
-  assert tvd.is_checkpoint_file("https://download.pytorch.org/models/fcos_resnet50_fpn_coco-99b0c9b7.pth")
-  assert tvd.is_checkpoint_file("model.safetensors") and not tvd.is_checkpoint_file("google/vit-base-patch16-224")
+  assert files.is_state_dict_file("https://download.pytorch.org/models/fcos_resnet50_fpn_coco-99b0c9b7.pth")
+  assert files.is_state_dict_file("model.safetensors") and not files.is_state_dict_file("google/vit-base-patch16-224")
 
 
 def test_mismatches_are_named():
@@ -150,9 +151,9 @@ def test_state_dict_files(tmp_path):
   torch = pytest.importorskip("torch")
   tensors = {"a.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a.bias": torch.ones(2)}
   torch.save(tensors, tmp_path / "model.pth")
-  read = tvd.read_state_dict(tmp_path / "model.pth")
+  read = files.read_state_dict(tmp_path / "model.pth")
   np.testing.assert_array_equal(read["a.weight"], np.arange(6, dtype=np.float32).reshape(2, 3))
   with pytest.raises(ValueError, match="expected a .safetensors file"):
-    tvd.read_state_dict(tmp_path / "model.ckpt")
+    files.read_state_dict(tmp_path / "model.ckpt")
   with pytest.raises(ValueError, match="Unknown torchvision detector 'retinanet_resnet101_fpn'"):
     tvd.build_detector("retinanet_resnet101_fpn")
