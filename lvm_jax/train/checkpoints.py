@@ -60,11 +60,12 @@ class _BestByMetric:
 
 
 def _state_handler() -> ocp.StandardCheckpointHandler:
-  """Orbax's standard handler (its files and args unchanged). On CPU devices, which share one host's memory, each
-  replicated array is written whole from one replica: Orbax otherwise has every replica write a slice of it, which
-  compiles a slicing program per array shape and device and writes no faster there."""
+  """Orbax's standard handler (its files and args unchanged). In a single process on CPU devices, which share one
+  host's memory, each replicated array is written whole from one replica: Orbax otherwise has every replica write a
+  slice of it, which compiles a slicing program per array shape and device and writes no faster there. Several
+  processes keep Orbax's default: each host writes its part."""
   handler = ocp.StandardCheckpointHandler()
-  if jax.default_backend() == "cpu":
+  if jax.default_backend() == "cpu" and jax.process_count() == 1:
     array_handler = ocp.type_handlers.get_type_handler(jax.Array)
     one_replica = ocp.type_handlers.ArrayHandler(
       use_replica_parallel=False, array_metadata_store=array_handler._array_metadata_store

@@ -45,11 +45,11 @@ def load_checkpoint(source: str, **overrides: Any) -> Checkpoint:
         "architecture"),
       - a big_vision / vision_transformer .npz file (ViT or a ResNet hybrid such as R50+ViT-B/16), or a
         big_transfer one (BiT ResNetV2); the architecture is read from the tensor names and shapes.
-      Hub ids are downloaded with huggingface_hub, or read from its cache when offline.
       - a torchvision classifier (MobileNetV2, ResNet): a state dict file (.pth / .pt / .bin read with
         torch.load(weights_only=True), or .safetensors), its download.pytorch.org URL, or "torchvision/<name>"
         ("torchvision/mobilenet_v2", "torchvision/resnet50": weights/torchvision.py); the architecture is read
         off the tensor names.
+      Hub ids are downloaded with huggingface_hub, or read from its cache when offline.
     **overrides: model arguments that do not change the weights (dtype, drop_path, dropout, ...);
       scan_layers=True (ViT) loads the per-layer checkpoint and stacks its blocks (vit.stack_blocks).
 
@@ -67,11 +67,8 @@ def load_checkpoint(source: str, **overrides: Any) -> Checkpoint:
   path = pathlib.Path(source).expanduser()
   if torchvision_weights.is_source(source):
     model, variables = torchvision_weights.load(source, **overrides)
-    if scan:
-      _scanned(model, variables)  # a ViT option: raises for these
-    variables = jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), variables)
-    return Checkpoint(model, variables, None, torchvision_weights.preprocessing(), source)
-  if path.suffix == ".npz":
+    labels, read_preprocessing = None, torchvision_weights.preprocessing
+  elif path.suffix == ".npz":
     if not path.is_file():
       raise FileNotFoundError(f"{source} does not exist.")
     model, variables = big_vision.load(path, **overrides)
